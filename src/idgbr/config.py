@@ -1,0 +1,179 @@
+"""One configuration for the refiner, and the three presets that share all code: ``sd15``, ``lite`` and ``tiny``.
+
+A run or checkpoint directory stores it as ``config.json``; :meth:`RefinerConfig.load` rebuilds it, and unknown
+keys (typos) are refused with the list of valid ones. Reference-behaviour switches (see
+``docs/reference-idgbr.md`` in the shared docs) are plain fields: ``guidance_attention="reference"``,
+``cond_dropout=0``, ``beta_schedule="scaled_linear"``, ``image_normalization="imagenet"``, ``lr_schedule="cosine"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import IdgbrError, check_unknown_keys, file_error
+
+PRESETS = ("sd15", "lite", "tiny")
+
+
+@dataclass
+class RefinerConfig:
+    preset: Literal["sd15", "lite", "tiny"] = "lite"
+    num_classes: int = 6
+    image_channels: int = 3  # bands of the input imagery (lite/tiny accept any number)
+
+    # --- latent codec -------------------------------------------------------------------------------------------
+    codec: Literal["vae", "space_to_depth"] = "space_to_depth"
+    latent_factor: int = 4  # spatial downsampling of the codec (the SD VAE is 8)
+    latent_channels: int = 4  # only for the VAE codec; space_to_depth derives channels from bands x factor^2
+    vae_scaling_factor: float = 0.18215
+    image_normalization: Literal["minus_one_one", "imagenet"] = "minus_one_one"  # reference: imagenet (§10.10)
+    pretrained: str | None = None  # SD-1.5 diffusers folder or single .safetensors/.ckpt (sd15 only)
+
+    # --- label embedding (E_e, D_e) ------------------------------------------------------------------------------
+    embed_dim: int = 3
+    embed_hidden: int = 128
+    embed_noise_std: float = 0.15
+    embed_steps: int = 2000  # steps of `train-embed` run before refiner training when no embedding is given
+    label_embed: str | None = None  # folder with a trained/released label embedding (e.g. the authors' files)
+
+    # --- denoiser UNet (diffusers UNet2DConditionModel; ignored for sd15, which loads its own) ---------------------
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 4
+    norm_num_groups: int = 16
+    context_tokens: int = 1  # length of the learned (empty-prompt) context; sd15 uses CLIP("") with 77 tokens
+
+    # --- conditional guidance ------------------------------------------------------------------------------------
+    guidance_attention: Literal["live", "reference", "none"] = "live"  # reference: all-zero init, never trains (§3.5)
+    guidance_attention_width: int = 64  # 512 in the paper's model
+    guidance_heads: int = 4  # 8 in the paper's model
+    freeze_guidance_encoder: bool = False  # True for sd15 (a frozen pretrained copy); trained in lite/tiny
+    use_coarse: bool = True  # False: image only (the paper's Experiment A)
+
+    # --- diffusion -----------------------------------------------------------------------------------------------
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["linear", "scaled_linear"] = "linear"  # paper: linear; authors' code: scaled_linear
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "sample"
+    objective: Literal["diffusion", "deterministic"] = "diffusion"  # deterministic: same net, CE, no noise
+    cubic_timesteps: bool = True  # t' = (1 - (t/T)^3) T, clamped to T-1
+    cond_dropout: float = 0.1  # conditioning dropout for CFG; the reference trains with 0 (§3.7)
+
+    # --- REPA (DINOv2 alignment) ---------------------------------------------------------------------------------
+    dinov2: str | None = None  # local Hugging Face folder or official .pth; REPA is off without it
+    repa_weight: float = 0.5
+    repa_steps: int = 200
+    repa_hidden: int = 2048
+
+    # --- training ------------------------------------------------------------------------------------------------
+    steps: int = 300
+    batch_size: int = 4
+    crop_size: int = 256
+    lr: float = 2e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # paper: fixed; authors' code: cosine + warm-up
+    lr_warmup: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = 100
+    seed: int = 0
+    coarse_corruption: float = 0.5  # share of training samples whose coarse map is a synthetic degradation of GT
+
+    # --- inference defaults --------------------------------------------------------------------------------------
+    tile_size: int = 256
+    tile_overlap: int = 32
+    sample_steps: int = 25
+    guidance_scale: float = 3.0
+    strength: float = 1.0
+
+    # ------------------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if self.preset not in PRESETS:
+            raise IdgbrError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.num_classes < 2:
+            raise IdgbrError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.tile_size % self.size_multiple:
+            raise IdgbrError(f"tile_size {self.tile_size} must be a multiple of {self.size_multiple} for this model")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes the model accepts directly are multiples of this (codec factor x UNet downsampling)."""
+        return self.latent_factor * 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> "RefinerConfig":
+        if name not in PRESETS:
+            raise IdgbrError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        values = dict(_PRESET_VALUES[name])
+        check_unknown_keys(overrides, _field_names(), f"overrides for preset {name!r}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(preset=name, **values)
+
+    def replace(self, **changes: Any) -> "RefinerConfig":
+        check_unknown_keys(changes, _field_names(), "config overrides")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> "RefinerConfig":
+        check_unknown_keys(values, _field_names(), where)
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RefinerConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise file_error(path, "config.json not found", "point --model at a run or checkpoint directory written by 'idgbr train'")
+        try:
+            values = json.loads(path.read_text())
+        except ValueError as exc:
+            raise file_error(path, f"not valid JSON ({exc})", "restore the file from the run") from None
+        return cls.from_dict(values, str(path))
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(RefinerConfig)}
+
+
+_PRESET_VALUES: dict[str, dict[str, Any]] = {
+    # The paper's model: SD-1.5 UNet + VAE (frozen encoder copy), DINOv2 REPA, epsilon, 80k steps at lr 1e-5.
+    "sd15": dict(
+        codec="vae", latent_factor=8, latent_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, context_tokens=77,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        guidance_attention_width=512, guidance_heads=8, freeze_guidance_encoder=True,
+        prediction_type="epsilon", lr=1e-5, steps=80000, batch_size=4, crop_size=512, tile_size=512,
+        tile_overlap=64, mixed_precision="fp16", checkpoint_every=5000, coarse_corruption=0.0, embed_steps=20000,
+    ),
+    # Trains from scratch on 2 CPU cores in minutes: weight-free codec, small UNet, trainable guidance encoder.
+    "lite": dict(),
+    # For tests: well under a second per step.
+    "tiny": dict(
+        block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
+        norm_num_groups=4, guidance_attention_width=8, guidance_heads=2, embed_hidden=16, embed_steps=50,
+        repa_hidden=16, steps=4, batch_size=2, crop_size=32, tile_size=32, tile_overlap=8, sample_steps=2,
+        checkpoint_every=2,
+    ),
+}
