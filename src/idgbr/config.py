@@ -177,3 +177,25 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         checkpoint_every=2,
     ),
 }
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parse ``--set key=value`` items into typed RefinerConfig overrides (JSON values, else strings).
+
+    Unknown keys and malformed items raise a one-line IdgbrError listing the valid keys.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise IdgbrError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=1e-4")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if value == "null" or raw.lower() in ("none", "null"):
+            value = None
+        out[key] = value
+    check_unknown_keys(out, _field_names(), "--set")
+    return out
