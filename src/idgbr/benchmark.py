@@ -1,0 +1,181 @@
+"""The full protocol on any canonical dataset (issue 4 §3), with the two controls a reviewer asks for.
+
+For each coarse architecture A:
+1. train A on ``train``; 2. predict coarse maps on ``train`` and ``test``;
+3. train the refiner on ``train`` with A's coarse maps of its own training images;
+4. refine ``test``; 5. evaluate coarse and refined maps.
+Controls: (a) *image only* (no coarse guidance, the paper's Experiment A; trained once), and (b) the
+*deterministic refiner*: the same network and inputs trained with cross-entropy instead of diffusion.
+
+Every stage writes ``<stage dir>/stage.json`` with its parameters when it finishes; a rerun into the same RUN
+reuses finished stages whose parameters match.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import IdgbrError
+
+
+@dataclass
+class BenchmarkSettings:
+    coarse_archs: Sequence[str] = ("deeplabv3plus", "unet")
+    preset: str = "lite"
+    coarse_iters: int = 300
+    coarse_crop: int = 256
+    coarse_batch: int = 8
+    refiner_steps: int | None = None  # training steps (None: the preset's)
+    sample_steps: int | None = None  # inference (None: the preset's defaults)
+    guidance: float | None = None
+    strength: float | None = None
+    controls: bool = True
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)  # RefinerConfig fields
+
+
+class Stages:
+    """Run-once stages recorded by ``stage.json`` files (parameters + seconds)."""
+
+    def __init__(self, run: Path, log: Callable[[str], None] = print):
+        self.run = run
+        self.log = log
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, folder: Path, params: dict, fn: Callable[[], Any]) -> float:
+        marker = folder / "stage.json"
+        params = json.loads(json.dumps(params, default=str))
+        if marker.exists():
+            done = json.loads(marker.read_text())
+            if done.get("params") == params:
+                self.log(f"[reuse] {name} ({folder})")
+                self.seconds[name] = done.get("seconds", 0.0)
+                return self.seconds[name]
+        self.log(f"[stage] {name}")
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        folder.mkdir(parents=True, exist_ok=True)
+        from .io import atomic_path
+
+        with atomic_path(marker) as tmp:
+            tmp.write_text(json.dumps({"params": params, "seconds": seconds}, indent=2))
+        self.seconds[name] = seconds
+        return seconds
+
+
+def refiner_config(data_root: Path, preset: str, steps: int | None, seed: int, overrides: dict[str, Any]):
+    """A RefinerConfig whose classes and bands come from the dataset."""
+    from .config import RefinerConfig
+    from .data import SegmentationDataset
+
+    dataset = SegmentationDataset(data_root, "train", load_mask=False)
+    bands = dataset[0]["image"].shape[-1]
+    values = dict(num_classes=dataset.classes.num_classes, image_channels=bands, seed=seed)
+    if steps is not None:
+        values["steps"] = steps
+    values.update(overrides)
+    return RefinerConfig.preset_config(preset, **values)
+
+
+def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, config, coarse: str | None,
+                     settings: BenchmarkSettings) -> dict:
+    """Train one refiner, refine the test split with it, evaluate; returns the evaluation result."""
+    from .evaluate import evaluate_folder
+    from .pipeline import Refiner
+    from .train import train_refiner
+
+    model_dir = run / "refiners" / name
+    stages(f"train refiner {name}", model_dir, {"config": config.to_dict(), "coarse": coarse},
+           lambda: train_refiner(config, data_root, coarse, model_dir, resume=True))
+    pred_dir = run / "refined" / name
+    infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength}
+    stages(f"refine test with {name}", pred_dir, {"model": str(model_dir), "coarse": coarse, **infer},
+           lambda: Refiner.from_pretrained(model_dir).refine_folder(data_root, "test", coarse, pred_dir, **infer))
+    coarse_dir = data_root / "coarse" / coarse if coarse else None
+    return evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir)
+
+
+def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSettings,
+                  log: Callable[[str], None] = print) -> dict:
+    """Run the protocol and write ``RUN/report.json`` and ``RUN/report.md``; returns the report dict."""
+    from .coarse import predict_coarse, train_coarse
+    from .evaluate import evaluate_folder
+
+    data_root, run = Path(data_root), Path(run)
+    if not (data_root / "classes.json").exists():
+        raise IdgbrError(f"{data_root}: not a prepared dataset (no classes.json); run 'idgbr prepare' first")
+    run.mkdir(parents=True, exist_ok=True)
+    stages = Stages(run, log)
+    results = []
+    image_only = None
+    if settings.controls:
+        config = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed,
+                                {**settings.overrides, "use_coarse": False})
+        image_only = train_and_refine(stages, data_root, run, "image_only", config, None, settings)
+    for arch in settings.coarse_archs:
+        tag = f"bench_{arch}"
+        coarse_dir = run / "coarse_models" / arch
+        coarse_params = {"arch": arch, "iters": settings.coarse_iters, "crop": settings.coarse_crop,
+                         "batch": settings.coarse_batch, "seed": settings.seed}
+        stages(f"train coarse {arch}", coarse_dir, coarse_params,
+               lambda: train_coarse(data_root, arch, coarse_dir, iters=settings.coarse_iters,
+                                    batch=settings.coarse_batch, crop=settings.coarse_crop, seed=settings.seed))
+        for split in ("train", "test"):
+            stages(f"predict coarse {arch} {split}", run / "coarse_pred" / f"{arch}_{split}",
+                   {**coarse_params, "split": split},
+                   lambda: predict_coarse(coarse_dir, data_root, split, tag))
+        coarse_eval = evaluate_folder(data_root, data_root / "coarse" / tag, "test")
+        config = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
+        refined = train_and_refine(stages, data_root, run, f"diffusion_{arch}", config, tag, settings)
+        entry: dict[str, Any] = {"coarse_arch": arch, "coarse": _strip(coarse_eval), "refined": _strip(refined),
+                                 "repair": refined.get("repair", {})}
+        if settings.controls:
+            det = train_and_refine(stages, data_root, run, f"deterministic_{arch}",
+                                   config.replace(objective="deterministic"), tag, settings)
+            entry["controls"] = {"image_only": _strip(image_only), "deterministic": _strip(det)}
+        entry["seconds"] = {k: round(v, 1) for k, v in stages.seconds.items() if arch in k or "image_only" in k}
+        entry["settings"] = {"preset": settings.preset, "sample_steps": settings.sample_steps,
+                             "guidance": settings.guidance, "strength": settings.strength}
+        results.append(entry)
+    report = {"results": results}
+    write_reports(run, report)
+    return report
+
+
+def _strip(result: dict | None) -> dict:
+    if result is None:
+        return {}
+    return {k: v for k, v in result.items() if k != "repair"}
+
+
+def write_reports(run: Path, report: dict) -> None:
+    from .io import atomic_path
+    from .report import bar_chart, flat_metrics, metrics_table
+
+    with atomic_path(run / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    lines = ["# Benchmark", ""]
+    for entry in report["results"]:
+        arch = entry["coarse_arch"]
+        rows = {f"coarse ({arch})": entry["coarse"], "IDGBR refined": entry["refined"]}
+        for name, result in entry.get("controls", {}).items():
+            rows[f"control: {name.replace('_', ' ')}"] = result
+        lines += [f"## Coarse model: {arch}", "", metrics_table(rows), ""]
+        gain = entry["refined"]["wfm"]["3"] - entry["coarse"]["wfm"]["3"]
+        dmiou = entry["refined"]["miou"] - entry["coarse"]["miou"]
+        verdict = "beats" if gain > 0 else "does NOT beat"
+        lines.append(f"Refinement {verdict} the coarse map on WFm(3px): {100 * gain:+.2f} points; "
+                     f"mIoU {100 * dmiou:+.2f} points.")
+        if entry.get("repair"):
+            lines.append(f"\nRepair analysis: `{json.dumps(entry['repair'])[:600]}`")
+        chart = bar_chart(run / f"bench_{arch}.png", {k: flat_metrics(v) for k, v in rows.items()},
+                          ["miou", "mf1", "wfm1", "wfm3", "wfm5"], f"coarse = {arch}")
+        lines += ["", f"![{arch}]({chart.name})", "", "Seconds per stage: " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in entry.get("seconds", {}).items()), ""]
+    with atomic_path(run / "report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
