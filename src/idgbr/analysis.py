@@ -68,19 +68,22 @@ def band_split(field: np.ndarray, cutoff: float = 0.1) -> tuple[np.ndarray, np.n
 
 
 def label_spectrum(labels: Iterable[np.ndarray], num_classes: int, bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Mean radial power spectrum of one-hot label maps (ignore pixels count as no class)."""
+    """Mean radial power spectrum of label maps as +-1 one-hot fields, per channel and per pixel.
+
+    Normalised by the pixel count (Parseval), so unit-variance white noise has power 1 at every frequency: the
+    scale in which the forward process adds noise of power 1 - a_t.
+    """
     profiles = []
     for label in labels:
-        onehot = np.stack([(label == k).astype(np.float64) for k in range(num_classes)])
-        freq, profile = radial_profile(power_spectrum(onehot), bins)
-        profiles.append(profile / profile.sum())
+        onehot = np.stack([(label == k).astype(np.float64) * 2 - 1 for k in range(num_classes)])
+        freq, profile = radial_profile(power_spectrum(onehot) / (label.size * num_classes), bins)
+        profiles.append(profile)
     return freq, np.mean(profiles, axis=0)
 
 
 def wiener_curves(alphas_cumprod: np.ndarray, timesteps: Sequence[int], freq: np.ndarray, spectrum: np.ndarray
                   ) -> dict[int, np.ndarray]:
     """|H*_t(f)| / max_f |H*_t(f)| for each t (see the module docstring)."""
-    spectrum = spectrum / spectrum.max()
     curves = {}
     for t in timesteps:
         a = float(alphas_cumprod[t])
@@ -153,3 +156,60 @@ def plot_trajectory(path: str | Path, timesteps: Sequence[int], energies: dict[s
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+def frequency_report(model_dir: str | Path, data_root: str | Path, split: str, coarse: str, out: Path,
+                     samples: int = 2, steps: int = 25, size: int = 256, cutoff: float = 0.1, seed: int = 0) -> dict:
+    """Run the refiner from pure noise on centre crops, record the predicted clean map at every step, and write
+    ``frequency.png`` / ``frequency.json``: low/high-frequency energy along the trajectory for the refiner's
+    prediction and for the coarse map, and the fraction of each band's change made in the stages
+    z_T -> z_~500 -> z_0."""
+    import json
+
+    import torch
+
+    from .data import SegmentationDataset
+    from .io import atomic_path
+    from .pipeline import Refiner
+
+    refiner = Refiner.from_pretrained(model_dir)
+    model = refiner.model
+    dataset = SegmentationDataset(data_root, split, coarse=coarse)
+    num_classes = dataset.classes.num_classes
+    energies: dict[str, list[tuple[float, float]]] = {}
+    fractions = []
+    timesteps: list[int] = []
+    for index in range(min(samples, len(dataset))):
+        sample = dataset[index]
+        h, w = sample["mask"].shape
+        side = min(size, h, w) // model.config.size_multiple * model.config.size_multiple
+        top, left = (h - side) // 2, (w - side) // 2
+        crop = (slice(top, top + side), slice(left, left + side))
+        states: list[np.ndarray] = []
+        steps_seen: list[int] = []
+
+        def record(step: int, t: int, x0: torch.Tensor) -> None:
+            with torch.no_grad():
+                probs = model.decode_logits(x0).softmax(1)[0].numpy()
+            states.append(probs * 2 - 1)
+            steps_seen.append(int(t))
+
+        generator = torch.Generator().manual_seed(seed)
+        refiner.refine(sample["image"][crop], sample["coarse"][crop], steps=steps, guidance=1.0, strength=1.0,
+                       generator=generator, callback=record)
+        timesteps = steps_seen
+        coarse_onehot = np.stack([(sample["coarse"][crop] == k) * 2.0 - 1 for k in range(num_classes)])
+        energies.setdefault(f"refiner (sample {index})", []).extend(band_energy(s, cutoff) for s in states)
+        energies[f"coarse map (sample {index})"] = [band_energy(coarse_onehot, cutoff)] * len(states)
+        middle = int(np.argmin([abs(t - 500) for t in steps_seen]))
+        fractions.append(change_fractions([states[0], states[middle], states[-1]], cutoff))
+    stage_share = {band: np.mean([f[band] for f in fractions], axis=0).tolist() for band in ("low", "high")}
+    png = plot_trajectory(out / "frequency.png", timesteps, energies,
+                          f"predicted map along the trajectory ({steps} DDIM steps, cutoff {cutoff} Nyquist)")
+    result = {"timesteps": timesteps, "energies": energies, "change_fraction_T_to_500_to_0": stage_share}
+    with atomic_path(out / "frequency.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    result["summary"] = (f"wrote {png}; share of change in z_T->z_500 vs z_500->z_0: low "
+                         f"{stage_share['low'][0]:.2f}/{stage_share['low'][1]:.2f}, high "
+                         f"{stage_share['high'][0]:.2f}/{stage_share['high'][1]:.2f}")
+    return result
