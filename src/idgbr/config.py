@@ -86,6 +86,7 @@ class RefinerConfig:
     checkpoint_every: int = 100
     seed: int = 0
     coarse_corruption: float = 0.5  # share of training samples whose coarse map is a synthetic degradation of GT
+    ce_weight: float = 0.0  # extra cross-entropy on the decoded predicted x0 (pixel space, ignore masked)
 
     # --- inference defaults --------------------------------------------------------------------------------------
     tile_size: int = 256

@@ -1,0 +1,54 @@
+"""``idgbr train``: train a refiner (see :mod:`idgbr.train`); the number of classes and bands come from the data."""
+
+from __future__ import annotations
+
+import argparse
+
+PRESET_NAMES = ("sd15", "lite", "tiny")  # listed, not imported, so `idgbr --help` stays light
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "train", help="train an IDGBR refiner on DATA's train split",
+        description="Train an IDGBR refiner. Works under `accelerate launch` (multi-GPU, or --cpu --num_processes N). "
+                    "The run folder ends up holding the final model for `idgbr refine --model RUN`.")
+    parser.add_argument("--preset", default="lite", choices=PRESET_NAMES, help="model size (default: lite)")
+    parser.add_argument("--data", required=True, help="canonical dataset folder")
+    parser.add_argument("--coarse", default=None, metavar="NAME",
+                        help="coarse maps of the training images in DATA/coarse/NAME/ (default: synthetic degradations)")
+    parser.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size per process (default: the preset's)")
+    parser.add_argument("--crop", type=int, default=None, help="training crop size (default: the preset's)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval in steps")
+    parser.add_argument("--pretrained", default=None, metavar="PATH", help="SD-1.5 folder or .safetensors (sd15)")
+    parser.add_argument("--dinov2", default=None, metavar="PATH", help="DINOv2 weights for REPA (off without)")
+    parser.add_argument("--label-embed", default=None, metavar="DIR", help="trained label embedding (else trained first)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set prediction_type=epsilon (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in RUN")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    """The preset, then the named flags, then ``--set`` overrides."""
+    from ..config import RefinerConfig, parse_overrides
+
+    overrides = {"steps": args.steps, "batch_size": args.batch, "crop_size": args.crop, "lr": args.lr,
+                 "checkpoint_every": args.checkpoint_every, "pretrained": args.pretrained, "dinov2": args.dinov2,
+                 "label_embed": args.label_embed}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides.update(parse_overrides(args.set))
+    return RefinerConfig.preset_config(args.preset, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    from ..train import check_paths, train_refiner
+
+    check_paths(config)  # before importing torch-heavy modules: a bad path fails within seconds
+    out = train_refiner(config, args.data, args.coarse, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"saved {out}")
+    return 0

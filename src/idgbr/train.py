@@ -1,0 +1,485 @@
+"""Training loop for the refiner (accelerate): data, objective, checkpoints, resume.
+
+    >>> from idgbr.config import RefinerConfig
+    >>> from idgbr.train import train_refiner
+    >>> run = train_refiner(RefinerConfig.preset_config("lite"), "data/dubai", "c1", "runs/lite")
+
+The loop follows the authors' ``tools/train.py`` (reference doc §1, §5, §7) with their defects fixed:
+conditioning dropout is applied (so the CFG unconditional branch is trained, §3.7), the LR schedule is stepped
+once per optimiser step whatever the number of processes (§7), and checkpoints are complete or absent (each is
+written to a temporary folder and renamed into place, so ``kill -9`` never leaves a half-checkpoint that
+``--resume`` would take).
+
+Run layout::
+
+    RUN/config.json, *.safetensors      the final model (``Refiner.from_pretrained(RUN)``)
+    RUN/train_config.json               the resolved training config (+ data root and coarse source)
+    RUN/label_embed/                    the label embedding trained before the refiner (when none was given)
+    RUN/checkpoints/step-000100/        model + training_state.pt (optimiser, LR schedule) + rng-<rank>.json
+    RUN/logs/                           TensorBoard scalars (loss, lr, repa)
+    RUN/train.log                       the text log (resumed from step N, REPA off, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RefinerConfig
+from .data import IGNORE_INDEX, SegmentationDataset
+from .errors import IdgbrError, file_error
+from .io import atomic_path
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+TRAINING_STATE = "training_state.pt"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The objective: one nn.Module whose forward returns the losses, so accelerate/DDP wrap a single forward.
+# --------------------------------------------------------------------------------------------------------------
+class RefinerObjective(nn.Module):
+    """Wraps an ``IDGBRModel``; ``forward`` draws t, noise and dropout from ``generator`` and returns the losses."""
+
+    def __init__(self, model: nn.Module, config: RefinerConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.scheduler = model.make_scheduler()
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, generator: torch.Generator,
+                teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Losses for one batch.
+
+        Args:
+            image: (B, C, H, W) uint8 imagery.
+            mask: (B, H, W) long target with ``IGNORE_INDEX``.
+            coarse: (B, H, W) long coarse map (no ignore values).
+            generator: CPU generator for t, noise and dropout.
+            teacher: (B, N, D) REPA teacher tokens, or None.
+        Returns:
+            ``{"loss", "main", "ce", "repa"}`` scalar tensors.
+        """
+        cfg, model = self.config, self.model
+        batch = image.shape[0]
+        target = torch.where(mask == IGNORE_INDEX, coarse, mask)  # ignore -> coarse label for the embedding
+        with torch.no_grad():  # the label embedding and the codecs are frozen
+            z0 = model.encode_labels(target)
+            z_img = model.encode_image(model.normalize_image(image))
+            z_c = model.encode_labels(coarse) if cfg.use_coarse else torch.zeros_like(z0)
+        cond = model.condition(z_img, z_c)
+        zero = z0.new_zeros(())
+        losses = {"main": zero, "ce": zero, "repa": zero}
+        want_aux = teacher is not None
+        last = cfg.num_train_timesteps - 1
+        if cfg.objective == "deterministic":  # same network and inputs, no noise, cross-entropy on x0
+            t = torch.full((batch,), last, dtype=torch.long, device=z0.device)
+            out = model(torch.zeros_like(z0), t, cond, drop=None, return_aux=want_aux)
+            x0_hat, aux = out if want_aux else (out, {})
+            losses["main"] = F.cross_entropy(model.decode_logits(x0_hat).float(), mask, ignore_index=IGNORE_INDEX)
+        else:
+            t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=generator)
+            if cfg.cubic_timesteps:  # t' = (1 - (t/T)^3) T, clamped to T-1 (reference §5)
+                t = ((1 - (t.float() / cfg.num_train_timesteps) ** 3) * cfg.num_train_timesteps).clamp(max=last).long()
+            noise = torch.randn(z0.shape, generator=generator).to(z0)
+            drop = torch.rand(batch, generator=generator) < cfg.cond_dropout  # trains the CFG uncond branch (§3.7)
+            t, drop = t.to(z0.device), drop.to(z0.device)
+            z_t = self.scheduler.add_noise(z0, noise, t)
+            out = model(z_t, t, cond, drop=drop, return_aux=want_aux)
+            pred, aux = out if want_aux else (out, {})
+            if cfg.prediction_type == "epsilon":
+                goal = noise
+            elif cfg.prediction_type == "sample":
+                goal = z0
+            else:
+                goal = self.scheduler.get_velocity(z0, noise, t)
+            losses["main"] = F.mse_loss(pred.float(), goal.float())
+            if cfg.ce_weight > 0:
+                x0_hat = predicted_x0(self.scheduler, cfg.prediction_type, z_t, t, pred)
+                losses["ce"] = F.cross_entropy(model.decode_logits(x0_hat).float(), mask, ignore_index=IGNORE_INDEX)
+        if want_aux:
+            from .repa import repa_loss
+
+            losses["repa"] = repa_loss(aux["repa"], teacher)
+        losses["loss"] = losses["main"] + cfg.ce_weight * losses["ce"] + cfg.repa_weight * losses["repa"]
+        return losses
+
+
+def predicted_x0(scheduler: Any, prediction_type: str, z_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The clean latent implied by a network output ``pred`` at timesteps ``t`` (B,); all tensors (B, C, h, w)."""
+    if prediction_type == "sample":
+        return pred
+    alpha = scheduler.alphas_cumprod.to(z_t.device)[t].view(-1, 1, 1, 1).to(z_t.dtype)
+    if prediction_type == "epsilon":
+        return (z_t - (1 - alpha).sqrt() * pred) / alpha.sqrt()
+    return alpha.sqrt() * z_t - (1 - alpha).sqrt() * pred  # v-prediction
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: decoded samples cached in memory, random crops, paper augmentations, synthetic coarse maps.
+# --------------------------------------------------------------------------------------------------------------
+class CropSampler:
+    """Draws training batches of random crops from samples cached in memory.
+
+    Each sample: ``image`` (H, W, C), ``mask`` (H, W) uint8 with ``IGNORE_INDEX``, ``coarse`` (H, W) or absent.
+    With probability ``config.coarse_corruption`` (always, without coarse maps) the coarse crop is replaced by
+    ``synthetic.degrade_mask`` of the target: coarse models fit their own training images too well, so their
+    training-set maps are cleaner than the test-time ones; this mixes in realistic errors.
+    """
+
+    def __init__(self, samples: list[dict[str, Any]], config: RefinerConfig):
+        self.samples = samples
+        self.config = config
+        self.crop = config.crop_size
+        try:
+            from .augment import paper_train_transform
+
+            self.transform = paper_train_transform(self.crop)
+        except ImportError:  # augment.py not installed yet: plain crop + flips + 90° rotations
+            self.transform = None
+
+    def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long."""
+        images, masks, coarses = [], [], []
+        for _ in range(self.config.batch_size):
+            sample = self.samples[int(rng.integers(len(self.samples)))]
+            image, mask, coarse = self._crop(sample, rng)
+            if coarse is None or rng.random() < self.config.coarse_corruption:
+                from .synthetic import degrade_mask
+
+                coarse = degrade_mask(mask, rng, self.config.num_classes)
+            coarse = np.where(coarse == IGNORE_INDEX, np.where(mask == IGNORE_INDEX, 0, mask), coarse)
+            images.append(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            masks.append(mask)
+            coarses.append(coarse)
+        return {
+            "image": torch.from_numpy(np.stack(images)),
+            "mask": torch.from_numpy(np.stack(masks).astype(np.int64)),
+            "coarse": torch.from_numpy(np.stack(coarses).astype(np.int64)),
+        }
+
+    def _crop(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        image, mask, coarse = _pad_to(sample, self.crop)
+        if self.transform is not None:
+            out = self.transform({"image": image, "mask": mask, **({"coarse": coarse} if coarse is not None else {})}, rng)
+            return out["image"], out["mask"], out.get("coarse")
+        h, w = mask.shape
+        y, x = int(rng.integers(h - self.crop + 1)), int(rng.integers(w - self.crop + 1))
+        crops = [a[y:y + self.crop, x:x + self.crop] if a is not None else None for a in (image, mask, coarse)]
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        crops = [None if a is None else np.rot90(a[:, ::-1] if flip else a, k) for a in crops]
+        return tuple(np.ascontiguousarray(a) if a is not None else None for a in crops)  # type: ignore[return-value]
+
+
+def _pad_to(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Pad image (reflect), mask (ignore) and coarse (edge) so both sides are at least ``size``."""
+    image, mask, coarse = sample["image"], sample["mask"], sample.get("coarse")
+    ph, pw = max(0, size - mask.shape[0]), max(0, size - mask.shape[1])
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+        coarse = None if coarse is None else np.pad(coarse, ((0, ph), (0, pw)), mode="edge")
+    return image, mask, coarse
+
+
+def load_training_samples(data_root: str | Path, coarse: str | None) -> tuple[list[dict[str, Any]], SegmentationDataset]:
+    """Decode the whole training split once (the datasets this targets fit in memory)."""
+    dataset = SegmentationDataset(data_root, "train", coarse=coarse)
+    samples = [{k: v for k, v in dataset[i].items() if k in ("image", "mask", "coarse")} for i in range(len(dataset))]
+    return samples, dataset
+
+
+def resolve_config(config: RefinerConfig, dataset: SegmentationDataset, samples: list[dict[str, Any]]) -> RefinerConfig:
+    """Take the number of classes and bands from the dataset; check the crop size."""
+    bands = {int(s["image"].shape[-1]) for s in samples}
+    if len(bands) != 1:
+        raise file_error(dataset.root / "images", f"images have different band counts {sorted(bands)}", "give all images the same bands")
+    config = config.replace(num_classes=dataset.classes.num_classes, image_channels=bands.pop())
+    if config.crop_size % config.size_multiple:
+        raise IdgbrError(f"crop_size {config.crop_size} must be a multiple of {config.size_multiple} for this model; "
+                         "change --crop")
+    if config.preset == "sd15" and config.image_channels != 3:
+        raise file_error(dataset.root / "images", f"{config.image_channels}-band images", "the sd15 preset needs RGB; use lite")
+    return config
+
+
+def check_paths(config: RefinerConfig) -> None:
+    """Fail within seconds on missing weight paths (before any training starts)."""
+    if config.preset == "sd15" and not config.pretrained:
+        raise IdgbrError("the sd15 preset needs --pretrained PATH (a Stable Diffusion 1.5 diffusers folder or .safetensors)")
+    for name, value in (("--pretrained", config.pretrained), ("--dinov2", config.dinov2), ("--label-embed", config.label_embed)):
+        if value and not Path(value).exists():
+            raise file_error(value, f"{name} path not found", "give a local folder or file (nothing is downloaded)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, renamed into place; only complete ones are ever resumed from.
+# --------------------------------------------------------------------------------------------------------------
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, path)``, oldest first; partial (temporary) folders are ignored."""
+    folder = Path(run_dir) / "checkpoints"
+    found = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = CHECKPOINT_RE.match(path.name)
+            if match and path.is_dir() and (path / TRAINING_STATE).exists() and (path / "config.json").exists():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _rng_state(rng: np.random.Generator, gen: torch.Generator) -> dict[str, Any]:
+    return {"numpy": rng.bit_generator.state, "torch": gen.get_state().tolist()}
+
+
+def _set_rng_state(state: dict[str, Any], rng: np.random.Generator, gen: torch.Generator) -> None:
+    rng.bit_generator.state = state["numpy"]
+    gen.set_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def save_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, lr_schedule: Any, step: int, run_dir: Path,
+                    rng: np.random.Generator, gen: torch.Generator) -> Path:
+    """Write ``checkpoints/step-N`` atomically: every rank writes its RNG state, the main rank the rest, then rename."""
+    final = run_dir / "checkpoints" / f"step-{step:06d}"
+    tmp = run_dir / "checkpoints" / f".step-{step:06d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(_rng_state(rng, gen)))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model.save_pretrained(tmp)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}
+        if getattr(accelerator, "scaler", None) is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, tmp / TRAINING_STATE)
+        if final.exists():  # only after a crash between two saves of the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(path: Path, accelerator: Any, optimizer: Any, lr_schedule: Any,
+                        rng: np.random.Generator, gen: torch.Generator) -> int:
+    """Restore optimiser, LR schedule and this rank's RNG from a checkpoint; returns its step."""
+    try:
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or pickle-bearing file
+        raise file_error(path / TRAINING_STATE, f"unreadable training state ({type(exc).__name__})",
+                         "delete this checkpoint folder to resume from the previous one") from None
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    if "scaler" in state and getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng-{accelerator.process_index}.json"
+    if rng_file.exists():
+        _set_rng_state(json.loads(rng_file.read_text()), rng, gen)
+    return int(state["step"])
+
+
+def lr_lambda(config: RefinerConfig):
+    """Multiplier of ``config.lr`` at an optimiser step: linear warm-up, then constant or half-cosine to 0."""
+    def factor(step: int) -> float:
+        if config.lr_warmup and step < config.lr_warmup:
+            return (step + 1) / config.lr_warmup
+        if config.lr_schedule == "cosine":
+            progress = (step - config.lr_warmup) / max(1, config.steps - config.lr_warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------------------------
+class _Log:
+    """Prints on the main process (above the progress bar) and appends to ``RUN/train.log``."""
+
+    def __init__(self, path: Path, active: bool):
+        self.path, self.active = path, active
+
+    def __call__(self, message: str) -> None:
+        if not self.active:
+            return
+        from tqdm import tqdm
+
+        tqdm.write(f"idgbr train: {message}", file=sys.stderr)
+        with open(self.path, "a") as fh:
+            fh.write(message + "\n")
+
+
+def _label_embedding(config: RefinerConfig, out_dir: Path, accelerator: Any, log: _Log) -> nn.Module:
+    """Load ``config.label_embed`` or ``RUN/label_embed``, else train one on the main process and save it."""
+    from .labelembed import LabelEmbedding, train_label_embedding
+
+    saved = out_dir / "label_embed"
+    source = Path(config.label_embed) if config.label_embed else saved
+    if not config.label_embed and not (saved / "config.json").exists():
+        if accelerator.is_main_process:
+            log(f"training the label embedding ({config.embed_steps} steps, noise std {config.embed_noise_std})")
+            embed = train_label_embedding(config.num_classes, config.embed_steps, config.embed_noise_std,
+                                          hidden=config.embed_hidden, seed=config.seed, progress=False)
+            tmp = out_dir / ".label_embed.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            embed.save_pretrained(tmp)
+            os.replace(tmp, saved)
+        accelerator.wait_for_everyone()
+    embed = LabelEmbedding.from_pretrained(source)
+    if getattr(embed, "num_classes", config.num_classes) != config.num_classes:
+        raise file_error(source, f"label embedding has {embed.num_classes} classes, the dataset {config.num_classes}",
+                         "give a matching --label-embed or leave it out to train one")
+    return embed
+
+
+def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | None, out_dir: str | Path,
+                  resume: bool = False, progress: bool = True, log_every: int = 10) -> Path:
+    """Train an IDGBR refiner on ``data_root``'s train split; returns ``out_dir`` holding the final model.
+
+    Args:
+        config: the resolved configuration (``num_classes``/``image_channels`` are taken from the dataset).
+        data_root: a canonical dataset folder (see :mod:`idgbr.data`).
+        coarse: name of ``coarse/<name>/`` maps predicted on the training images, or None (synthetic coarse only).
+        out_dir: the run folder.
+        resume: continue from the latest complete checkpoint in ``out_dir/checkpoints``.
+        progress: show a tqdm bar.
+        log_every: TensorBoard logging interval in steps.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm import tqdm
+
+    from .model import IDGBRModel
+
+    out_dir = Path(out_dir)
+    check_paths(config)
+    if not resume and list_checkpoints(out_dir):
+        raise file_error(out_dir, "already holds checkpoints", "pass --resume to continue or choose another --out")
+    mixed = config.mixed_precision if torch.cuda.is_available() or config.mixed_precision == "bf16" else "no"
+    accelerator = Accelerator(
+        mixed_precision=mixed, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    log = _Log(out_dir / "train.log", main)
+    if mixed != config.mixed_precision:
+        log(f"mixed precision {config.mixed_precision} needs a GPU; training in fp32")
+
+    samples, dataset = load_training_samples(data_root, coarse)
+    config = resolve_config(config, dataset, samples)
+    if coarse is None and config.use_coarse:
+        log("no --coarse maps: every training coarse map is a synthetic degradation of the ground truth")
+    if main:
+        resolved = {**config.to_dict(), "data": str(Path(data_root).resolve()), "coarse": coarse,
+                    "num_processes": accelerator.num_processes}
+        with atomic_path(out_dir / "train_config.json") as tmp:
+            tmp.write_text(json.dumps(resolved, indent=2) + "\n")
+
+    set_seed(config.seed)
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        log("no complete checkpoint to resume from; starting at step 0")
+    model = IDGBRModel.from_pretrained(checkpoint) if checkpoint else IDGBRModel(config)  # fails fast on bad paths
+    if checkpoint is None:
+        model.label_embed.load_state_dict(_label_embedding(config, out_dir, accelerator, log).state_dict())
+    model.label_embed.requires_grad_(False)
+    objective = RefinerObjective(model, config)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))  # stepped once per step, not per process
+
+    rank = accelerator.process_index
+    rng = np.random.default_rng([config.seed, rank])
+    gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    start = 0
+    if checkpoint is not None:
+        start = load_training_state(checkpoint, accelerator, optimizer, lr_schedule, rng, gen)
+        log(f"resumed from step {start} ({checkpoint})")
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    unwrapped = accelerator.unwrap_model(objective).model
+
+    teacher = None
+    if config.dinov2 and start < config.repa_steps:
+        from .repa import load_teacher
+
+        teacher = load_teacher(config.dinov2).to(accelerator.device)
+        log(f"REPA on for steps < {config.repa_steps} (weight {config.repa_weight}) with {config.dinov2}")
+    elif not config.dinov2:
+        log("REPA off: no --dinov2 weights")
+
+    if main:
+        accelerator.init_trackers("tb")
+    sampler = CropSampler(samples, config)
+    bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), desc="train", dynamic_ncols=True)
+    objective.train()
+    for step in range(start, config.steps):
+        batch = {k: v.to(accelerator.device) for k, v in sampler(rng).items()}
+        tokens = None
+        if teacher is not None and step < config.repa_steps:
+            with torch.no_grad():
+                tokens = teacher(batch["image"])
+        elif teacher is not None:
+            teacher = None  # free the DINOv2 teacher once REPA is over
+            log(f"REPA finished at step {step}; teacher freed")
+        losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens)
+        if not torch.isfinite(losses["loss"]):
+            raise IdgbrError(f"non-finite loss at step {step}; lower --lr or check the data in {data_root}")
+        accelerator.backward(losses["loss"])
+        if accelerator.sync_gradients and config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(unwrapped.trainable_parameters(), config.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+        if done % log_every == 0 or done == config.steps:
+            scalars = {"loss": losses["loss"].item(), "lr": lr_schedule.get_last_lr()[0], "main": losses["main"].item()}
+            if tokens is not None:
+                scalars["repa"] = losses["repa"].item()
+            if config.ce_weight > 0:
+                scalars["ce"] = losses["ce"].item()
+            accelerator.log(scalars, step=done)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            path = save_checkpoint(accelerator, unwrapped, optimizer, lr_schedule, done, out_dir, rng, gen)
+            log(f"checkpoint {path.name} (loss {losses['loss'].item():.4f})")
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if main:
+        _save_final(unwrapped, out_dir)
+        log(f"finished {config.steps} steps; model saved to {out_dir}")
+    accelerator.end_training()
+    return out_dir
+
+
+def _save_final(model: nn.Module, out_dir: Path) -> None:
+    """``model.save_pretrained(out_dir)`` file by file through a temporary folder (each file lands atomically)."""
+    tmp = out_dir / ".final.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            target = out_dir / path.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(tmp, ignore_errors=True)
