@@ -56,6 +56,7 @@ class RefinerConfig:
     guidance_heads: int = 4  # 8 in the paper's model
     freeze_guidance_encoder: bool = False  # True for sd15 (a frozen pretrained copy); trained in lite/tiny
     use_coarse: bool = True  # False: image only (the paper's Experiment A)
+    guidance_kv_grid: int = 16  # CG keys/values avg-pooled to at most this grid side (CPU cost); 0 = full (reference)
 
     # --- diffusion -----------------------------------------------------------------------------------------------
     num_train_timesteps: int = 1000
@@ -163,7 +164,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
         layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, context_tokens=77,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        guidance_attention_width=512, guidance_heads=8, freeze_guidance_encoder=True,
+        guidance_attention_width=512, guidance_heads=8, freeze_guidance_encoder=True, guidance_kv_grid=0,
         prediction_type="epsilon", lr=1e-5, steps=80000, batch_size=4, crop_size=512, tile_size=512,
         tile_overlap=64, mixed_precision="fp16", checkpoint_every=5000, coarse_corruption=0.0, embed_steps=20000,
     ),
