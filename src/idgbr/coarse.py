@@ -1,0 +1,429 @@
+"""The discriminative (coarse) stage: segmentation-models-pytorch models, ``train-coarse`` and ``predict-coarse``.
+
+IDGBR refines coarse maps from *any* model; this module gives users one that works out of the box. Models are
+built through segmentation-models-pytorch (smp) from a small registry (:data:`ARCHS`); nothing is downloaded:
+encoders start from random weights unless the user gives a local weights file (``--encoder-weights``).
+
+A run directory holds ``config.json`` (architecture, encoder, classes, bands and the per-band normalisation
+computed from the training images) and ``model.safetensors``; :meth:`CoarseModel.load` rebuilds the model from
+it alone. Coarse maps are written to ``DATA/coarse/<name>/<stem>.png`` at full image size with blended sliding
+windows (:func:`idgbr.tiling.sliding_window`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, SegmentationDataset
+from .errors import IdgbrError, check_unknown_keys, file_error
+from .io import atomic_path, write_array, write_label
+from .tiling import sliding_window
+
+__all__ = ["ARCHS", "ArchSpec", "CoarseConfig", "CoarseModel", "train_coarse", "predict_coarse", "load_weights_file"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINING_FILE = "training.json"
+INPUT_MULTIPLE = 32  # every registered encoder down-samples by at most 32: inputs are padded to a multiple of it
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build one architecture with smp."""
+
+    smp_name: str
+    default_encoder: str
+    default_lr: float
+    note: str
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "deeplabv3plus": ArchSpec("deeplabv3plus", "resnet18", 1e-3, "DeepLabV3+ (resnet18 default; --encoder resnet50)"),
+    "unet": ArchSpec("unet", "resnet18", 1e-3, "U-Net (resnet18)"),
+    "segformer": ArchSpec("segformer", "mit_b0", 6e-4, "SegFormer (MiT-B0 default; mit_b1..mit_b5)"),
+}
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The registry entry for ``name``; an unknown name lists the valid ones."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in ARCHS:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(ARCHS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise IdgbrError(f"unknown --arch {name!r}{hint}; valid: {', '.join(ARCHS)}")
+    return ARCHS[key]
+
+
+@dataclass
+class CoarseConfig:
+    """Everything needed to rebuild a :class:`CoarseModel` (stored as ``config.json``)."""
+
+    arch: str = "deeplabv3plus"
+    encoder: str = "resnet18"
+    num_classes: int = 6
+    in_channels: int = 3
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # per band, in the images' raw units
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise IdgbrError(f"normalisation has {len(self.mean)} means / {len(self.std)} stds for "
+                             f"{self.in_channels} bands; give one per band")
+
+
+def _build_smp(config: CoarseConfig) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    spec = get_arch(config.arch)
+    names = smp.encoders.get_encoder_names()
+    if config.encoder not in names:
+        import difflib
+
+        close = difflib.get_close_matches(config.encoder, names, n=3)
+        raise IdgbrError(f"unknown --encoder {config.encoder!r}" + (f" (close: {', '.join(close)})" if close else "")
+                         + f"; e.g. {spec.default_encoder}, resnet50, mit_b0 (any smp encoder name)")
+    try:
+        return smp.create_model(spec.smp_name, encoder_name=config.encoder, encoder_weights=None,
+                                in_channels=config.in_channels, classes=config.num_classes)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise IdgbrError(f"cannot build {config.arch} with encoder {config.encoder!r}: {str(exc).splitlines()[0]}; "
+                         "choose another --encoder") from None
+
+
+class CoarseModel(nn.Module):
+    """An smp segmentation network plus its configuration and input normalisation.
+
+    ``forward`` takes normalised images (B, C, H, W) with H, W multiples of 32 and returns logits (B, K, H, W);
+    :meth:`predict_probs` takes a raw (H, W, C) image of any size and returns (K, H, W) probabilities.
+    """
+
+    def __init__(self, config: CoarseConfig):
+        super().__init__()
+        self.config = config
+        self.net = _build_smp(config)
+        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, C, H, W) -> logits (B, K, H, W)."""
+        return self.net(x)
+
+    def normalize(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw image (H, W, C) of any dtype -> normalised float32 (C, H, W) on the model's device."""
+        tensor = torch.from_numpy(np.array(image, dtype=np.float32)) if isinstance(image, np.ndarray) else image
+        if tensor.ndim != 3 or tensor.shape[-1] != self.config.in_channels:
+            raise IdgbrError(f"image has shape {tuple(tensor.shape)}; this model expects (H, W, {self.config.in_channels})")
+        tensor = tensor.to(device=self.mean.device, dtype=torch.float32).permute(2, 0, 1)
+        return (tensor - self.mean) / self.std
+
+    @torch.no_grad()
+    def predict_probs(self, image: np.ndarray, tile: int = 512, overlap: int = 64, batch: int = 4,
+                      progress: bool = False) -> np.ndarray:
+        """Class probabilities (K, H, W) float32 of a raw (H, W, C) image, by blended sliding windows."""
+        was_training = self.training
+        self.eval()
+        try:
+            return sliding_window(lambda x: torch.softmax(self(x), dim=1), self.normalize(image), self.config.num_classes,
+                                  tile=tile, overlap=overlap, batch_size=batch, multiple=INPUT_MULTIPLE, progress=progress)
+        finally:
+            self.train(was_training)
+
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically); ``extra`` goes to ``training.json``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        state = {key: value.detach().cpu().contiguous() for key, value in self.net.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "arch": self.config.arch})
+        with atomic_path(directory / CONFIG_FILE) as tmp:
+            tmp.write_text(json.dumps({"kind": "idgbr-coarse", **asdict(self.config)}, indent=2) + "\n")
+        if extra is not None:
+            with atomic_path(directory / TRAINING_FILE) as tmp:
+                tmp.write_text(json.dumps(extra, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CoarseModel":
+        """Rebuild a model from a run directory (``config.json`` + ``model.safetensors``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise file_error(directory, "model folder not found", "give the --out folder of 'idgbr train-coarse'")
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.exists():
+                raise file_error(path, "missing", "give the --out folder of a finished 'idgbr train-coarse' run")
+        try:
+            raw = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise file_error(config_path, f"not valid JSON ({exc})", "re-run 'idgbr train-coarse'") from None
+        if not isinstance(raw, dict) or raw.pop("kind", None) != "idgbr-coarse":
+            raise file_error(config_path, "not a coarse-model config", "give a folder written by 'idgbr train-coarse'")
+        check_unknown_keys(raw, CoarseConfig.__dataclass_fields__, str(config_path))
+        model = cls(CoarseConfig(**raw))
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise file_error(weights_path, f"unreadable weights ({str(exc)[:100]})", "re-run 'idgbr train-coarse'") from None
+        try:
+            model.net.load_state_dict(state)
+        except RuntimeError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise file_error(weights_path, f"weights do not match config.json ({lines[-1][:120]})",
+                             "keep config.json and model.safetensors from the same run") from None
+        return model.to(device).eval()
+
+
+# --- user weights for the encoder -------------------------------------------------------------------------------
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise file_error(path, "weights file not found", "give a local .safetensors or .pth file to --encoder-weights")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise file_error(path, f"cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})",
+                         "give a .safetensors file or a plain torch state dict") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise file_error(path, "not a state dict of tensors", "save the encoder's state_dict()")
+    return state
+
+
+def load_encoder_weights(model: CoarseModel, path: str | Path) -> None:
+    """Load a user's weights into ``model.net.encoder``.
+
+    Accepts plain encoder keys or keys prefixed with ``module.`` / ``encoder.``; classifier heads (``fc.``,
+    ``head.``, ``classifier.``) are ignored. A first convolution saved for another band count is adapted as smp's
+    ``patch_first_conv`` does (bands repeated cyclically, rescaled). Anything else that does not fit is an error.
+    """
+    state = load_weights_file(path)
+    for prefix in ("module.", "net.", "encoder."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    if any(k.startswith("encoder.") for k in state):  # a whole smp model: keep its encoder part
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    target = model.net.encoder.state_dict()
+    heads = ("fc.", "head.", "classifier.")
+    unexpected = [k for k in state if k not in target and not k.startswith(heads)]
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    adapted, wrong = {}, []
+    for key, value in state.items():
+        if key not in target:
+            continue
+        want = target[key].shape
+        if value.shape == want:
+            adapted[key] = value
+        elif value.ndim == 4 and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
+            old, new = value.shape[1], want[1]
+            adapted[key] = value[:, [i % old for i in range(new)]] * (old / new)
+        else:
+            wrong.append(f"{key} {tuple(value.shape)} vs {tuple(want)}")
+    if missing or unexpected or wrong:
+        parts = [f"{name} {len(keys)} (e.g. {keys[0]})" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise file_error(path, f"does not fit encoder {model.config.encoder!r}: {'; '.join(parts)}",
+                         f"give weights saved from an {model.config.encoder} encoder or change --encoder")
+    model.net.encoder.load_state_dict(adapted, strict=False)
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+class _CachedTrainSet(torch.utils.data.Dataset):
+    """Decoded training samples kept in memory; item ``(index, draw)`` applies the transform with its own seed."""
+
+    def __init__(self, samples: list[dict[str, Any]], transform: Callable, mean: np.ndarray, std: np.ndarray, seed: int):
+        self.samples, self.transform, self.seed = samples, transform, seed
+        self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, draw = key
+        sample = dict(self.samples[index])
+        sample = self.transform(sample, np.random.default_rng([self.seed, draw]))
+        image = (np.asarray(sample["image"], dtype=np.float32) - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(
+            np.ascontiguousarray(sample["mask"]).astype(np.int64))
+
+
+class _DrawSampler(torch.utils.data.Sampler):
+    """Endless shuffled passes over the dataset, yielding ``(index, draw)`` with a unique ``draw`` per item."""
+
+    def __init__(self, size: int, seed: int, total: int):
+        self.size, self.seed, self.total = size, seed, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        draw = 0
+        while draw < self.total:
+            for index in rng.permutation(self.size):
+                if draw >= self.total:
+                    return
+                yield int(index), draw
+                draw += 1
+
+
+def band_statistics(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std (C,) over all pixels of (H, W, C) images (float64 sums; std floored at 1e-6)."""
+    count = sum(im.shape[0] * im.shape[1] for im in images)
+    total = sum(im.reshape(-1, im.shape[-1]).astype(np.float64).sum(0) for im in images)
+    mean = total / count
+    sq = sum(((im.reshape(-1, im.shape[-1]).astype(np.float64) - mean) ** 2).sum(0) for im in images)
+    return mean, np.maximum(np.sqrt(sq / count), 1e-6)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int = 20000, batch: int = 8,
+                 crop: int = 512, lr: float | None = None, encoder: str | None = None,
+                 encoder_weights: str | Path | None = None, seed: int = 0, progress: bool = True, num_workers: int = 0,
+                 checkpoint_every: int = 1000, transform: Callable | None = None,
+                 device: str | torch.device | None = None) -> CoarseModel:
+    """Train a coarse segmentation model on ``DATA``'s train split and save it to the run directory ``out``.
+
+    Paper defaults: batch 8, 20k iterations, 512 crops with the paper's augmentations
+    (:func:`idgbr.augment.paper_train_transform`). Cross-entropy ignoring 255, AdamW (weight decay 1e-2) with a
+    poly (power 0.9) learning-rate decay. The run directory is rewritten atomically every ``checkpoint_every``
+    iterations and at the end, so an interrupted run leaves a usable model.
+    """
+    spec = get_arch(arch)
+    if iters < 1 or batch < 2:
+        raise IdgbrError(f"need --iters >= 1 and --batch >= 2 (batch-norm layers), got {iters} and {batch}")
+    if crop < INPUT_MULTIPLE or crop % INPUT_MULTIPLE:
+        raise IdgbrError(f"--crop {crop} must be a positive multiple of {INPUT_MULTIPLE}")
+    device = torch.device(device) if device is not None else _default_device()
+    dataset = SegmentationDataset(data_root, "train")
+    samples = []
+    for i in range(len(dataset)):  # decode once: the paper's datasets are small, CPU steps should not wait on I/O
+        sample = dataset[i]
+        samples.append({"image": sample["image"], "mask": sample["mask"], "stem": sample["stem"]})
+    bands = {s["image"].shape[-1] for s in samples}
+    if len(bands) != 1:
+        raise file_error(dataset.root / "images", f"training images have different band counts {sorted(bands)}",
+                         "give every image the same bands")
+    mean, std = band_statistics([s["image"] for s in samples])
+    config = CoarseConfig(arch=arch.lower(), encoder=encoder or spec.default_encoder, num_classes=dataset.classes.num_classes,
+                          in_channels=bands.pop(), mean=mean.tolist(), std=std.tolist(), class_names=dataset.classes.names)
+    torch.manual_seed(seed)  # network initialisation only; augmentation draws use their own generators
+    model = CoarseModel(config)
+    if encoder_weights is not None:
+        load_encoder_weights(model, encoder_weights)
+    model.to(device).train()
+
+    if transform is None:
+        from .augment import paper_train_transform
+
+        transform = paper_train_transform(crop)
+    train_set = _CachedTrainSet(samples, transform, mean, std, seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=_DrawSampler(len(samples), seed, iters * batch),
+                                         num_workers=num_workers, drop_last=True, pin_memory=device.type == "cuda",
+                                         persistent_workers=num_workers > 0)
+    lr = spec.default_lr if lr is None else lr
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / iters) ** 0.9)  # mmseg poly
+    record: dict[str, Any] = {"data": str(data_root), "arch": config.arch, "encoder": config.encoder, "iters": iters,
+                              "batch": batch, "crop": crop, "lr": lr, "seed": seed, "encoder_weights":
+                              str(encoder_weights) if encoder_weights else None, "train_images": len(samples)}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iters, desc=f"train-coarse {config.arch}", unit="it")
+    smoothed, start, step = math.nan, time.perf_counter(), 0
+    for images, masks in loader:
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        logits = model(images)
+        valid = (masks != IGNORE_INDEX).sum().clamp(min=1)
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum") / valid
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        value = float(loss.detach())
+        smoothed = value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * value
+        if bar is not None:
+            bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            bar.update(1)
+        if checkpoint_every and step % checkpoint_every == 0 and step < iters:
+            model.save(out, {**record, "done_iters": step, "loss": smoothed})
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    model.eval().save(out, {**record, "done_iters": step, "loss": smoothed, "seconds": round(seconds, 2),
+                            "seconds_per_iter": round(seconds / max(step, 1), 4), "device": str(device)})
+    return model
+
+
+# --- prediction ----------------------------------------------------------------------------------------------------
+
+def predict_coarse(model_dir: str | Path, data_root: str | Path, split: str | None = "test", name: str | None = None,
+                   probs: Literal["npy", "tif"] | None = None, tile: int = 512, overlap: int = 64, batch: int = 4,
+                   progress: bool = True, device: str | torch.device | None = None) -> Path:
+    """Write ``DATA/coarse/<name>/<stem>.png`` (class indices, full image size) for every image of ``split``.
+
+    With ``probs`` the blended class probabilities are also written as float32 (K, H, W) ``.npy`` or as a K-band
+    GeoTIFF (keeping the image's CRS/transform) under ``DATA/coarse/<name>_probs/``. Returns the map folder.
+    """
+    if probs not in (None, "npy", "tif"):
+        raise IdgbrError(f"unknown --probs {probs!r}; choose npy or tif")
+    if tile < INPUT_MULTIPLE or not 0 <= overlap < tile:
+        raise IdgbrError(f"need --tile >= {INPUT_MULTIPLE} and 0 <= --overlap < --tile, got {tile} and {overlap}")
+    model = CoarseModel.load(model_dir, device=device if device is not None else _default_device())
+    dataset = SegmentationDataset(data_root, split, load_mask=False)
+    if dataset.classes.num_classes != model.config.num_classes:
+        raise file_error(dataset.root / "classes.json", f"{dataset.classes.num_classes} classes, but the model in "
+                         f"{model_dir} predicts {model.config.num_classes}", "use a model trained on this dataset")
+    name = name or Path(model_dir).resolve().name
+    if not name or "/" in name or name.startswith("."):
+        raise IdgbrError(f"invalid --name {name!r}; use a plain folder name")
+    out_dir = dataset.root / "coarse" / name
+    probs_dir = dataset.root / "coarse" / f"{name}_probs"
+    stems = dataset.stems
+    if progress:
+        from tqdm.auto import tqdm
+
+        stems = tqdm(stems, desc=f"predict-coarse {name}", unit="img")
+    for index, stem in enumerate(stems):
+        sample = dataset[index]
+        image = sample["image"]
+        if image.shape[-1] != model.config.in_channels:
+            raise file_error(dataset.image_path(stem), f"{image.shape[-1]} bands, the model expects "
+                             f"{model.config.in_channels}", "predict with a model trained on the same bands")
+        prob = model.predict_probs(image, tile=tile, overlap=overlap, batch=batch)
+        write_label(out_dir / f"{stem}.png", prob.argmax(0).astype(np.uint8))
+        if probs is not None:
+            write_array(probs_dir / f"{stem}.{probs}", prob, sample.get("geo"))
+    return out_dir

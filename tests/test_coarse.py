@@ -1,0 +1,189 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from idgbr.cli import main
+from idgbr.coarse import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights, predict_coarse, train_coarse
+from idgbr.commands.coarse import ARCH_NAMES
+from idgbr.errors import IdgbrError
+
+SIZES = {"a1": (70, 53), "a2": (64, 80), "a3": (53, 70), "b1": (70, 53), "b2": (45, 97)}  # (H, W)
+NUM_CLASSES = 3
+
+
+def _write_dataset(root: Path, bands: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "splits").mkdir()
+    for stem, (height, width) in SIZES.items():
+        mask = np.zeros((height, width), np.uint8)
+        mask[:, width // 2:] = 1
+        mask[height // 2:, : width // 3] = 2
+        mask[:3, :3] = 255
+        image = (rng.random((height, width, bands)) * 60 + mask[..., None] * 60).astype(np.uint8)
+        if bands == 3:
+            Image.fromarray(image).save(root / "images" / f"{stem}.png")
+        else:
+            import rasterio
+            from rasterio.transform import from_origin
+
+            with rasterio.open(root / "images" / f"{stem}.tif", "w", driver="GTiff", height=height, width=width,
+                               count=bands, dtype="uint8", crs="EPSG:32633",
+                               transform=from_origin(500000, 4000000, 0.5, 0.5)) as dst:
+                dst.write(np.moveaxis(image, -1, 0))
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+    (root / "classes.json").write_text(json.dumps(
+        {"classes": [{"name": n, "value": i} for i, n in enumerate("abc")], "ignore": [255]}))
+    (root / "splits" / "train.txt").write_text("a1\na2\na3\n")
+    (root / "splits" / "test.txt").write_text("b1\nb2\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return _write_dataset(tmp_path_factory.mktemp("data") / "d")
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "r1"
+    train_coarse(data, "deeplabv3plus", out, iters=2, batch=2, crop=32, progress=False)
+    return out
+
+
+def test_cli_arch_names_match_registry():
+    assert set(ARCH_NAMES) == set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("bands", [3, 4])
+def test_every_arch_builds_for_n_bands(arch, bands):
+    config = CoarseConfig(arch=arch, encoder=get_arch(arch).default_encoder, num_classes=5, in_channels=bands,
+                          mean=[0.0] * bands, std=[1.0] * bands)
+    model = CoarseModel(config).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, bands, 64, 64)).shape == (1, 5, 64, 64)
+    probs = model.predict_probs(np.zeros((45, 37, bands), np.uint8), tile=32, overlap=8)
+    assert probs.shape == (5, 45, 37)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+
+
+def test_unknown_arch_and_encoder_are_user_errors():
+    with pytest.raises(IdgbrError, match="deeplabv3plus, unet, segformer"):
+        get_arch("deeplab3")
+    with pytest.raises(IdgbrError, match="unknown --encoder"):
+        CoarseModel(CoarseConfig(encoder="resnet_18"))
+
+
+def test_train_writes_a_run_that_rebuilds_alone(run, data):
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors", "training.json"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["in_channels"] == 3 and config["num_classes"] == NUM_CLASSES and config["class_names"] == list("abc")
+    assert 0 < config["mean"][0] < 255 and config["std"][0] > 1  # computed from the training images
+    assert json.loads((run / "training.json").read_text())["done_iters"] == 2
+    model = CoarseModel.load(run)
+    again = CoarseModel.load(run)
+    image = np.asarray(Image.open(data / "images" / "b2.png"))
+    a = model.predict_probs(image, tile=32, overlap=8)
+    b = again.predict_probs(image, tile=32, overlap=8)
+    np.testing.assert_array_equal(a, b)
+    # the loaded weights are the trained ones, not a fresh initialisation
+    fresh = CoarseModel(model.config).eval()
+    assert not np.array_equal(fresh.predict_probs(image, tile=32, overlap=8), a)
+
+
+def test_training_changes_the_weights_and_is_seeded(data, tmp_path):
+    def weights(out, iters):
+        train_coarse(data, "unet", out, iters=iters, batch=2, crop=32, progress=False, seed=3)
+        return CoarseModel.load(out).net.segmentation_head[0].weight
+
+    w2a, w2b = weights(tmp_path / "a", 2), weights(tmp_path / "b", 2)
+    assert torch.equal(w2a, w2b)
+    torch.manual_seed(3)
+    init = CoarseModel(CoarseModel.load(tmp_path / "a").config).net.segmentation_head[0].weight
+    assert not torch.equal(init, w2a)
+
+
+def test_predict_writes_full_size_maps_and_probs(run, data):
+    out = predict_coarse(run, data, "test", name="c", probs="npy", tile=32, overlap=8, progress=False)
+    assert out == data / "coarse" / "c"
+    for stem in ("b1", "b2"):
+        label = np.asarray(Image.open(out / f"{stem}.png"))
+        assert label.shape == SIZES[stem] and label.dtype == np.uint8 and label.max() < NUM_CLASSES
+        probs = np.load(data / "coarse" / "c_probs" / f"{stem}.npy")
+        assert probs.shape == (NUM_CLASSES, *SIZES[stem]) and probs.dtype == np.float32
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(probs.argmax(0), label)
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_multiband_geotiff_probs_keep_crs(tmp_path):
+    import rasterio
+
+    data = _write_dataset(tmp_path / "d4", bands=4)
+    train_coarse(data, "segformer", tmp_path / "run", iters=1, batch=2, crop=32, progress=False)
+    predict_coarse(tmp_path / "run", data, "test", name="s", probs="tif", tile=64, overlap=16, progress=False)
+    with rasterio.open(data / "coarse" / "s_probs" / "b2.tif") as src:
+        assert src.count == NUM_CLASSES and (src.height, src.width) == SIZES["b2"]
+        assert src.crs.to_epsg() == 32633 and src.transform.a == 0.5
+    assert np.asarray(Image.open(data / "coarse" / "s" / "b2.png")).shape == SIZES["b2"]
+
+
+def test_encoder_weights_from_a_local_file(tmp_path, data):
+    from safetensors.torch import save_file
+
+    source = CoarseModel(CoarseConfig(arch="unet", encoder="resnet18", num_classes=3))
+    state = {k: v.clone() for k, v in source.net.encoder.state_dict().items()}
+    state["fc.weight"] = torch.zeros(10, 512)  # a classifier head is ignored
+    save_file(state, str(tmp_path / "enc.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "enc.pth")
+    for path in (tmp_path / "enc.safetensors", tmp_path / "enc.pth"):
+        target = CoarseModel(CoarseConfig(arch="deeplabv3plus", encoder="resnet18", num_classes=3))
+        load_encoder_weights(target, path)
+        assert torch.equal(target.net.encoder.conv1.weight, source.net.encoder.conv1.weight)
+    # 3-band weights adapt to 4 bands
+    four = CoarseModel(CoarseConfig(encoder="resnet18", in_channels=4, mean=[0.0] * 4, std=[1.0] * 4))
+    load_encoder_weights(four, tmp_path / "enc.safetensors")
+    assert four.net.encoder.conv1.weight.shape[1] == 4
+    # weights of another encoder are refused with a one-line error naming the file
+    save_file({"conv1.weight": torch.zeros(64, 3, 3, 3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(IdgbrError, match="bad.safetensors.*does not fit encoder 'resnet18'"):
+        load_encoder_weights(CoarseModel(CoarseConfig()), tmp_path / "bad.safetensors")
+
+
+def test_load_errors_name_the_file(run, tmp_path):
+    with pytest.raises(IdgbrError, match="model folder not found"):
+        CoarseModel.load(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((run / "config.json").read_text())
+    with pytest.raises(IdgbrError, match="model.safetensors: missing"):
+        CoarseModel.load(broken)
+
+
+def test_cli_train_and_predict(data, tmp_path, capsys):
+    out = tmp_path / "cli_run"
+    assert main(["train-coarse", "--data", str(data), "--arch", "unet", "--out", str(out), "--iters", "1",
+                 "--crop", "32", "--batch", "2", "--no-progress"]) == 0
+    assert main(["predict-coarse", "--model", str(out), "--data", str(data), "--split", "test", "--tile", "32",
+                 "--overlap", "8", "--no-progress"]) == 0
+    assert sorted(p.name for p in (data / "coarse" / "cli_run").iterdir()) == ["b1.png", "b2.png"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["predict-coarse", "--model", "{tmp}/missing", "--data", "{data}"], "model folder not found"),
+    (["train-coarse", "--data", "{data}", "--arch", "deeplab", "--out", "{tmp}/x"], "unknown --arch 'deeplab'"),
+    (["train-coarse", "--data", "{data}", "--arch", "unet", "--out", "{tmp}/x", "--crop", "33"], "multiple of 32"),
+    (["train-coarse", "--data", "{data}", "--arch", "unet", "--out", "{tmp}/x", "--encoder-weights", "{tmp}/w.pth"],
+     "weights file not found"),
+])
+def test_cli_user_errors_are_one_line(argv, message, data, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, data=data) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
