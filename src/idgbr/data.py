@@ -68,8 +68,12 @@ class ClassMap:
         return cls(list(names), list(range(len(names))), list(ignore))
 
     def save(self, path: str | Path) -> None:
+        """Write classes.json atomically."""
+        from .io import atomic_path
+
         spec = {"classes": [{"name": n, "value": v} for n, v in zip(self.names, self.values)], "ignore": self.ignore}
-        Path(path).write_text(json.dumps(spec, indent=2) + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(spec, indent=2) + "\n")
 
     def encode(self, raw: np.ndarray, path: str | Path = "<mask>") -> np.ndarray:
         """Map a raw mask (H, W) or (H, W, 3) to (H, W) uint8 class indices; ignored values become IGNORE_INDEX.
@@ -145,6 +149,36 @@ def default_split(stems: Sequence[str], split: str, fraction: float = 0.8) -> li
     if split == "test":
         return [s for s in stems if bucket(s) >= fraction]
     return []
+
+
+def split_stems(stems: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, list[str]]:
+    """Seeded, deterministic random split into train/val/test (e.g. 8:1:1); each list is sorted.
+
+    The result depends only on the set of stems, ``fractions`` and ``seed`` (not on the input order).
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    ordered = sorted(set(stems))
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    total = float(sum(fractions))
+    n_train = int(round(len(ordered) * fractions[0] / total))
+    n_val = min(len(ordered) - n_train, int(round(len(ordered) * fractions[1] / total)))
+    picked = [ordered[i] for i in order]
+    return {"train": sorted(picked[:n_train]), "val": sorted(picked[n_train:n_train + n_val]),
+            "test": sorted(picked[n_train + n_val:])}
+
+
+def write_splits(root: str | Path, splits: dict[str, Sequence[str]]) -> None:
+    """Write ``root/splits/{train,val,test}.txt`` (one stem per line) atomically; missing splits are empty."""
+    from .io import atomic_path
+
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split names {sorted(unknown)}")
+    for split in SPLITS:
+        stems = list(splits.get(split, []))
+        with atomic_path(Path(root) / "splits" / f"{split}.txt") as tmp:
+            tmp.write_text("".join(f"{stem}\n" for stem in stems))
 
 
 class SegmentationDataset:
@@ -224,7 +258,7 @@ class SegmentationDataset:
 
     def read_mask(self, stem: str) -> np.ndarray:
         path = self.mask_path(stem)
-        raw, _ = read_label(path)
+        raw, _ = read_label(path, expand_palette=self.classes.colour_coded)
         return self.classes.encode(raw, path)
 
     def read_coarse(self, stem: str, shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -117,15 +117,43 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None]:
     return array, geo
 
 
-def read_label(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None]:
-    """Read a label raster without interpretation: (H, W) for single-band/palette files, (H, W, C) for colour."""
+def read_label(path: str | Path, expand_palette: bool = False) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """Read a label raster without interpretation: (H, W) for single-band/palette files, (H, W, C) for colour.
+
+    With ``expand_palette`` a palette PNG (or a GeoTIFF with a colour map) becomes its (H, W, 3) RGB colours,
+    for colour-coded masks; otherwise palette files give their indices.
+    """
     path = Path(path)
     array, geo = _read_raster(path)
+    if expand_palette and (array.ndim == 2 or array.shape[-1] == 1):
+        array = _expand_palette(path, array)
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise file_error(path, f"label map has zero size {array.shape[:2]}", "give a non-empty map")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     return array, geo
+
+
+def _expand_palette(path: Path, array: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB colours of a palette label file, or ``array`` unchanged when the file has no palette."""
+    if is_geotiff(path):
+        import rasterio
+
+        with rasterio.open(path) as src:
+            try:
+                cmap = src.colormap(1)
+            except ValueError:
+                return array
+        lut = np.zeros((max(256, max(cmap) + 1), 3), dtype=np.uint8)
+        for index, rgba in cmap.items():
+            lut[index] = rgba[:3]
+        return lut[array.reshape(array.shape[:2])]
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode != "P":
+            return array
+        return np.asarray(im.convert("RGB"))
 
 
 def write_label(path: str | Path, label: np.ndarray, geo: dict[str, Any] | None = None, nodata: int | None = None) -> None:
