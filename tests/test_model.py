@@ -1,0 +1,115 @@
+"""IDGBRModel contract on the tiny preset: shapes, save/load, drop, fast failure for a missing SD-1.5 path."""
+
+import time
+
+import pytest
+import torch
+
+from idgbr.config import RefinerConfig
+from idgbr.errors import IdgbrError
+from idgbr.model import IDGBRModel
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = RefinerConfig.preset_config("tiny", num_classes=4)
+    model = IDGBRModel(config).eval()
+    # make the CG modules non-trivial so drop / save-load comparisons mean something
+    with torch.no_grad():
+        for module in model.guidance.cg:
+            module.fuse.weight.normal_(0, 0.1)
+            module.proj.weight.normal_(0, 0.1)
+    return model
+
+
+def _inputs(model, batch=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, model.config.num_classes, (batch, size, size), generator=g)
+    coarse = torch.randint(0, model.config.num_classes, (batch, size, size), generator=g)
+    return image, labels, coarse
+
+
+def test_contract_shapes(tiny):
+    image, labels, coarse = _inputs(tiny)
+    x = tiny.normalize_image(image)
+    assert x.min() >= -1 and x.max() <= 1
+    z_img = tiny.encode_image(x)
+    z_lbl = tiny.encode_labels(labels)
+    assert z_img.shape == (2, 3 * 16, 8, 8) and z_lbl.shape == (2, 48, 8, 8)
+    cond = tiny.condition(z_img, tiny.encode_labels(coarse))
+    t = torch.tensor([10, 900])
+    pred, aux = tiny(z_lbl, t, cond, return_aux=True)
+    assert pred.shape == z_lbl.shape
+    assert aux["repa"].shape == (2, 16, 4, 4)
+    logits = tiny.decode_logits(pred)
+    assert logits.shape == (2, 4, 32, 32)
+    # soft labels (one-hot) give the same latent as hard labels
+    onehot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(tiny.encode_labels(onehot), z_lbl)
+    # batch-1 condition broadcasts
+    pred1 = tiny(z_lbl, t, cond[:1])
+    pred_ref = tiny(z_lbl, t, type(cond)([f[:1].expand(2, -1, -1, -1) for f in cond.levels]))
+    torch.testing.assert_close(pred1, pred_ref)
+    sched = tiny.make_scheduler()
+    assert sched.config.prediction_type == tiny.config.prediction_type and sched.config.steps_offset == 1
+
+
+def test_drop_equals_zero_residuals(tiny):
+    image, labels, coarse = _inputs(tiny)
+    z_lbl = tiny.encode_labels(labels)
+    cond = tiny.condition(tiny.encode_image(tiny.normalize_image(image)), tiny.encode_labels(coarse))
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        dropped = tiny(z_lbl, t, cond, drop=torch.tensor([True, True]))
+        kept = tiny(z_lbl, t, cond)
+        plain = tiny.unet(z_lbl, t, tiny.context.expand(2, -1, -1)).sample  # no residuals at all
+        half = tiny(z_lbl, t, cond, drop=torch.tensor([True, False]))
+    torch.testing.assert_close(dropped, plain, atol=1e-5, rtol=1e-5)
+    assert (dropped - kept).abs().max() > 1e-4
+    torch.testing.assert_close(half[0], dropped[0])
+    torch.testing.assert_close(half[1], kept[1])
+
+
+def test_save_load_identical(tiny, tmp_path):
+    image, labels, coarse = _inputs(tiny)
+    tiny.save_pretrained(tmp_path / "run")
+    loaded = IDGBRModel.from_pretrained(tmp_path / "run").eval()
+    assert not list(tmp_path.glob("run/*.bin")) and not list(tmp_path.glob("run/*.pt"))
+    with torch.no_grad():
+        outs = []
+        for m in (tiny, loaded):
+            z = m.encode_labels(labels)
+            cond = m.condition(m.encode_image(m.normalize_image(image)), m.encode_labels(coarse))
+            outs.append(m.decode_logits(m(z, torch.tensor([3, 700]), cond)))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_from_pretrained_missing_files(tmp_path):
+    with pytest.raises(IdgbrError, match="model.safetensors"):
+        IDGBRModel.from_pretrained(tmp_path)
+
+
+def test_sd15_missing_path_fails_fast():
+    start = time.perf_counter()
+    with pytest.raises(IdgbrError, match="/nonexistent/sd15"):
+        IDGBRModel(RefinerConfig.preset_config("sd15", pretrained="/nonexistent/sd15"))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_sd15_incomplete_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    with pytest.raises(IdgbrError, match="vae/config.json"):
+        IDGBRModel(RefinerConfig.preset_config("sd15", pretrained=str(tmp_path)))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "lite"])
+def test_parameter_counts(preset):
+    model = IDGBRModel(RefinerConfig.preset_config(preset))
+    counts = model.parameter_counts()
+    print(preset, counts)
+    assert counts["label_embed"][1] == 0 and counts["codec"] == (0, 0)
+    assert counts["guidance_encoder"][1] == counts["guidance_encoder"][0] > 0  # trainable in lite/tiny
+    assert counts["total"][1] == sum(p.numel() for p in model.trainable_parameters())
