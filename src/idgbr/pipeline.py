@@ -17,6 +17,7 @@ and any image size work; the output is returned at the input size.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,8 @@ def _repeat_batch(tree: Any) -> Any:
     """Concatenate every tensor of a (nested) conditioning structure with itself along the batch axis (CFG)."""
     if isinstance(tree, torch.Tensor):
         return torch.cat([tree, tree])
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # e.g. guidance.GuidanceFeatures
+        return dataclasses.replace(tree, **{f.name: _repeat_batch(getattr(tree, f.name)) for f in dataclasses.fields(tree)})
     if isinstance(tree, dict):
         return {key: _repeat_batch(value) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -168,7 +171,7 @@ class Refiner:
         bands = image.shape[-1]
         stacked = np.concatenate([np.moveaxis(image, -1, 0).astype(np.float32), coarse.astype(np.float32)])
         soft = coarse.shape[0] > 1
-        dtype = torch.from_numpy(image[:1, :1]).dtype
+        dtype = torch.from_numpy(np.empty(0, dtype=image.dtype)).dtype  # tiles go back to the input dtype
 
         def predict(batch: torch.Tensor) -> torch.Tensor:  # (B, C + 1 or C + K, h, w) -> (B, K, h, w)
             tiles = batch[:, :bands].to(dtype).to(self.device)

@@ -326,12 +326,12 @@ class _Log:
 
 
 def _label_embedding(config: RefinerConfig, out_dir: Path, accelerator: Any, log: _Log) -> nn.Module:
-    """Load ``config.label_embed`` or ``RUN/label_embed``, else train one on the main process and save it."""
-    from .labelembed import LabelEmbedding, train_label_embedding
+    """``RUN/label_embed`` if there, else one trained on the main process (and saved there) before the refiner."""
+    from .labelembed import train_label_embedding
+    from .model import load_label_embedding
 
     saved = out_dir / "label_embed"
-    source = Path(config.label_embed) if config.label_embed else saved
-    if not config.label_embed and not (saved / "config.json").exists():
+    if not (saved / "config.json").exists():
         if accelerator.is_main_process:
             log(f"training the label embedding ({config.embed_steps} steps, noise std {config.embed_noise_std})")
             embed = train_label_embedding(config.num_classes, config.embed_steps, config.embed_noise_std,
@@ -341,11 +341,9 @@ def _label_embedding(config: RefinerConfig, out_dir: Path, accelerator: Any, log
             embed.save_pretrained(tmp)
             os.replace(tmp, saved)
         accelerator.wait_for_everyone()
-    embed = LabelEmbedding.from_pretrained(source)
-    if getattr(embed, "num_classes", config.num_classes) != config.num_classes:
-        raise file_error(source, f"label embedding has {embed.num_classes} classes, the dataset {config.num_classes}",
-                         "give a matching --label-embed or leave it out to train one")
-    return embed
+    else:
+        log(f"using the label embedding in {saved}")
+    return load_label_embedding(saved)
 
 
 def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | None, out_dir: str | Path,
@@ -400,9 +398,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     if resume and checkpoint is None:
         log("no complete checkpoint to resume from; starting at step 0")
     model = IDGBRModel.from_pretrained(checkpoint) if checkpoint else IDGBRModel(config)  # fails fast on bad paths
-    if checkpoint is None:
-        model.label_embed.load_state_dict(_label_embedding(config, out_dir, accelerator, log).state_dict())
-    model.label_embed.requires_grad_(False)
+    if checkpoint is None and not config.label_embed:  # a given --label-embed is loaded by IDGBRModel
+        model.set_label_embedding(_label_embedding(config, out_dir, accelerator, log))
     objective = RefinerObjective(model, config)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))  # stepped once per step, not per process
