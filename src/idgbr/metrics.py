@@ -1,0 +1,498 @@
+"""The paper's metrics: confusion-matrix scores, boundary WFm and the repair analysis.
+
+Everything follows ``reference-idgbr.md`` §9 (the authors' ``evaluation/`` package), with three deliberate
+differences, each documented where it happens:
+
+* a prediction outside the class set (a value >= K, including 255 nodata) counts as an error; the authors'
+  code silently drops such pixels (§9.2), which flatters a model that predicts e.g. Potsdam clutter;
+* mIoU / mF1 average over the classes present in the split's ground truth (the authors average over all K);
+* a perfect prediction has Kappa 1 even when a single class fills the split (the raw formula gives 0 there).
+
+All accumulators are streaming: ``update`` one image at a time, ``compute`` / ``result`` at the end.
+:func:`evaluate_maps` wires them together and returns the JSON-ready dict used by ``idgbr evaluate``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Literal, Sequence
+
+import cv2
+import numpy as np
+
+IGNORE_INDEX = 255
+EPS = float(np.finfo(np.float64).eps)  # MATLAB's eps, as in Margolin's code
+_WFM_SIGMA = 5.0
+_WFM_RADIUS = 3  # 7x7 Gaussian (scipy truncate = 3 / sigma)
+_WFM_KERNEL = cv2.getGaussianKernel(2 * _WFM_RADIUS + 1, _WFM_SIGMA, cv2.CV_64F)  # normalised; separable = fspecial
+_WFM_KERNEL_2D = (_WFM_KERNEL @ _WFM_KERNEL.T).ravel()
+_B_SLOPE = math.log(0.5) / 5.0
+# Offsets (dy, dx) to search for a non-GT pixel's nearest GT pixel, in the order scipy's exact feature transform
+# (Maurer et al. 2003, used by pysodmetrics) resolves ties: nearest first, then smallest column, then smallest row.
+# Pixels within Chebyshev distance 3 of the GT (all that the 7x7 Gaussian can reach) have it within sqrt(18).
+_NEAR_OFFSETS = sorted(((dy, dx) for dy in range(-4, 5) for dx in range(-4, 5) if 0 < dy * dy + dx * dx <= 18),
+                       key=lambda o: (o[0] ** 2 + o[1] ** 2, o[1], o[0]))
+# Offsets by increasing distance, to find the distance to the GT of false positives near it without a full EDT.
+_DIST_RADIUS = 6
+_DIST_OFFSETS = sorted(((dy, dx) for dy in range(-_DIST_RADIUS, _DIST_RADIUS + 1)
+                        for dx in range(-_DIST_RADIUS, _DIST_RADIUS + 1) if 0 < dy * dy + dx * dx <= _DIST_RADIUS ** 2),
+                       key=lambda o: o[0] ** 2 + o[1] ** 2)
+_PAD = _DIST_RADIUS
+
+
+# ----------------------------------------------------------------------------------------------- confusion matrix
+class ConfusionMatrix:
+    """A dataset-level (micro) confusion matrix, rows = ground truth, columns = prediction (§9.3).
+
+    The matrix has ``num_classes + 1`` columns: the last one counts pixels whose prediction is not a class index
+    (>= ``num_classes``, including 255 nodata). Those pixels are errors: they add to the ground-truth total of
+    their class (a false negative) but to no class's prediction total. **The authors' code drops such pixels
+    instead** (§9.2), which scores e.g. Potsdam pixels predicted as clutter as if they did not exist.
+    Pixels whose ground truth is ``ignore_index`` are excluded.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+
+    def update(self, gt: np.ndarray, pred: np.ndarray) -> None:
+        """Add one image: ``gt`` and ``pred`` are (H, W) integer index maps of the same shape."""
+        gt, pred = np.asarray(gt), np.asarray(pred)
+        if gt.shape != pred.shape:
+            raise ValueError(f"gt {gt.shape} and pred {pred.shape} differ in shape")
+        k = self.num_classes
+        gt = gt.ravel().astype(np.int64)
+        pred = pred.ravel().astype(np.int64)
+        valid = gt != self.ignore_index
+        if not valid.all():
+            gt, pred = gt[valid], pred[valid]
+        if gt.size and (gt.min() < 0 or gt.max() >= k):
+            raise ValueError(f"ground-truth values must be 0..{k - 1} or {self.ignore_index}")
+        pred = np.where((pred < 0) | (pred >= k), k, pred)
+        self.matrix += np.bincount(gt * (k + 1) + pred, minlength=k * (k + 1)).reshape(k, k + 1)
+
+    def compute(self) -> dict[str, Any]:
+        """Per-class IoU/precision/recall/F1 (lists), and OA, Kappa, FW-IoU, mIoU, mF1 (floats).
+
+        A zero denominator gives 0. Classes absent from the ground truth are reported (``present`` False) but
+        left out of mIoU and mF1; with no labelled pixel at all every score is 0.
+        """
+        m = self.matrix.astype(np.float64)
+        tp = np.diag(m[:, : self.num_classes])
+        gt_sum = m.sum(axis=1)
+        pred_sum = m[:, : self.num_classes].sum(axis=0)
+        total = float(m.sum())
+        iou = _safe_div(tp, gt_sum + pred_sum - tp)
+        precision = _safe_div(tp, pred_sum)
+        recall = _safe_div(tp, gt_sum)
+        f1 = _safe_div(2 * tp, gt_sum + pred_sum)  # == 2PR / (P + R)
+        present = gt_sum > 0
+        oa = float(tp.sum() / total) if total else 0.0
+        if total and tp.sum() == total:
+            kappa = 1.0  # perfect agreement; the raw formula gives 0 when one class fills the split (pe = 1)
+        elif total:
+            pe = float((pred_sum * gt_sum).sum() / total**2)
+            kappa = (oa - pe) / (1.0 - pe + 1e-10)
+        else:
+            kappa = 0.0
+        fwiou = float((gt_sum / total * iou).sum()) if total else 0.0
+        return {
+            "iou": iou.tolist(), "precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+            "present": present.tolist(), "gt_pixels": gt_sum.astype(np.int64).tolist(),
+            "pred_pixels": pred_sum.astype(np.int64).tolist(),
+            "miou": float(iou[present].mean()) if present.any() else 0.0,
+            "mf1": float(f1[present].mean()) if present.any() else 0.0,
+            "oa": oa, "kappa": float(kappa), "fwiou": fwiou,
+            "num_pixels": int(total), "invalid_pred_pixels": int(self.matrix[:, -1].sum()),
+        }
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(num, dtype=np.float64)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- boundary WFm
+def _edges(label: np.ndarray) -> np.ndarray:
+    """Sobel-magnitude > 0 on the uint8 map (ksize 3, float64, BORDER_REFLECT_101): §9.4 step 1.1-1.2."""
+    image = np.ascontiguousarray(np.asarray(label).astype(np.uint8))
+    gx = cv2.Sobel(image, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT_101)
+    gy = cv2.Sobel(image, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT_101)
+    return ((gx != 0) | (gy != 0)).astype(np.uint8)  # sqrt(gx^2 + gy^2) > 0
+
+
+def _band_from_edges(edges: np.ndarray, label_u8: np.ndarray, tolerance: int) -> np.ndarray:
+    if tolerance < 1:
+        raise ValueError("tolerance must be >= 1 pixel")
+    band = cv2.dilate(edges, np.ones((tolerance, tolerance), np.uint8), iterations=1) if tolerance > 1 else edges
+    return (band > 0) & (label_u8 != 255)  # binarise 'lt255'
+
+
+def boundary_band(label: np.ndarray, tolerance: int) -> np.ndarray:
+    """The binarised boundary band of an index map, (H, W) bool, exactly as §9.4 steps 1-2.
+
+    The map is cast to uint8, Sobel x/y (ksize 3) mark every pixel with a label change in its 3x3
+    neighbourhood, the edge map is dilated once with ``ones((tolerance, tolerance))`` and binarised with the
+    reference's ``lt255`` rule. As in the reference, ignore pixels (255) take part: their borders with labelled
+    pixels are boundaries, and a 255 pixel inside the band is read as outside it.
+    """
+    label_u8 = np.asarray(label).astype(np.uint8)
+    return _band_from_edges(_edges(label_u8), label_u8, tolerance)
+
+
+def _rings(offsets: list[tuple[int, int]]) -> list[list[int]]:
+    """Group positions in ``offsets`` (already in priority order) by equal squared distance."""
+    rings: dict[int, list[int]] = {}
+    for position, (dy, dx) in enumerate(offsets):
+        rings.setdefault(dy * dy + dx * dx, []).append(position)
+    return [rings[key] for key in sorted(rings)]
+
+
+_NEAR_RINGS, _DIST_RINGS = _rings(_NEAR_OFFSETS), _rings(_DIST_OFFSETS)
+
+
+def _first_hit(mask_flat: np.ndarray, flat: np.ndarray, offsets: list[tuple[int, int]], rings: list[list[int]],
+               width: int) -> np.ndarray:
+    """For each flat index, the position in ``offsets`` of the first offset landing on a True pixel (-1: none).
+
+    Offsets are tried ring by ring (equal distance), all offsets of a ring at once; within a ring the first hit
+    in ``offsets`` order wins.
+    """
+    steps = np.asarray([dy * width + dx for dy, dx in offsets], dtype=np.int32)
+    found = np.full(flat.size, -1, dtype=np.intp)
+    todo = np.arange(flat.size, dtype=np.int32)
+    todo_flat = flat.astype(np.int32)
+    for ring in rings:
+        ring_positions = np.asarray(ring)
+        hits = mask_flat[todo_flat[:, None] + steps[ring_positions][None, :]]
+        first = hits.argmax(axis=1)
+        hit = np.take_along_axis(hits, first[:, None], axis=1)[:, 0]
+        done = np.flatnonzero(hit)
+        found[todo[done]] = ring_positions[first[done]]
+        left = np.flatnonzero(~hit)
+        if not left.size:
+            break
+        todo, todo_flat = todo[left], todo_flat[left]
+    return found
+
+
+def _crop_distances(gt: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Exact distance to the GT at pixels (ys, xs), from an exact EDT (cv2, Felzenszwalb) on as small a crop
+    as proves exact: a distance <= margin inside the crop (bbox + margin) is the true one."""
+    height, width = gt.shape
+    dist = np.full(ys.size, np.inf)
+    todo = np.arange(ys.size)
+    for margin in (16, 64, max(height, width)):
+        y0, y1 = max(int(ys[todo].min()) - margin, 0), min(int(ys[todo].max()) + margin + 1, height)
+        x0, x1 = max(int(xs[todo].min()) - margin, 0), min(int(xs[todo].max()) + margin + 1, width)
+        crop = np.ascontiguousarray(~gt[y0:y1, x0:x1]).view(np.uint8)
+        local = cv2.distanceTransform(crop, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[ys[todo] - y0, xs[todo] - x0]
+        exact = (local <= margin) | ((y0, x0, y1, x1) == (0, 0, height, width))
+        dist[todo[exact]] = local[exact]
+        todo = todo[~exact]
+        if not todo.size:
+            break
+    return dist
+
+
+def _fp_distances(gt: np.ndarray, gt_flat: np.ndarray, flat: np.ndarray, width: int) -> np.ndarray:
+    """Exact Euclidean distance to the GT of the given (padded flat) non-GT pixels."""
+    squared = np.asarray([dy * dy + dx * dx for dy, dx in _DIST_OFFSETS], dtype=np.float64)
+    position = _first_hit(gt_flat, flat, _DIST_OFFSETS, _DIST_RINGS, width)
+    dist = np.sqrt(np.take(squared, position))
+    far = position < 0
+    if far.any():  # farther than the search radius
+        ys, xs = np.divmod(flat[far], width)
+        dist[far] = _crop_distances(gt, ys - _PAD, xs - _PAD)
+    return dist
+
+
+def weighted_fmeasure(pred: np.ndarray, gt: np.ndarray, beta: float = 1.0) -> float:
+    """Margolin et al.'s weighted F-beta (CVPR 2014) of a map ``pred`` in [0, 1] against a binary ``gt``.
+
+    Follows §9.4 (and pysodmetrics' ``WeightedFmeasure``) exactly: E = |D - G|; off G, E is replaced by E at
+    the nearest G pixel (Euclidean, scipy's tie order); a normalised 7x7 Gaussian (sigma 5, zero padding);
+    min(E, EA) on G; weights 2 - exp(ln(0.5)/5 * dist) off G; Q = (1 + beta^2) R P / (eps + R + beta P), the
+    authors' ``beta * P`` (identical for beta = 1). Only the pixels that can change the result are computed:
+    the nearest-GT search runs only around G pixels with E > 0, distances only where E > 0 off G.
+
+    An empty ``gt`` returns 0, as pysodmetrics and the MATLAB original do; the band metric never asks for it
+    (a class absent from an image's ground truth is not scored there).
+    """
+    gt = np.ascontiguousarray(np.asarray(gt).astype(bool))
+    pred = np.asarray(pred)
+    if pred.shape != gt.shape or gt.ndim != 2:
+        raise ValueError(f"pred {pred.shape} and gt {gt.shape} must be equal (H, W) shapes")
+    num_gt = int(np.count_nonzero(gt))
+    if num_gt == 0:
+        return 0.0
+    gt_pad = cv2.copyMakeBorder(gt.view(np.uint8), _PAD, _PAD, _PAD, _PAD, cv2.BORDER_CONSTANT, value=0).view(bool)
+    width = gt_pad.shape[1]
+    gt_flat = gt_pad.ravel()
+    if pred.dtype == bool:
+        err = (pred != gt).view(np.uint8)
+    else:
+        pred = pred.astype(np.float64)
+        if pred.size and (pred.min() < 0 or pred.max() > 1):
+            raise ValueError("pred values must lie in [0, 1]")
+        err = np.abs(pred - gt)
+    err_pad = cv2.copyMakeBorder(err, _PAD, _PAD, _PAD, _PAD, cv2.BORDER_CONSTANT, value=0)
+    err_flat = err_pad.ravel()
+    wrong_pad = err_pad > 0
+
+    def err_value(index: np.ndarray) -> np.ndarray:
+        return np.take(err_flat, index).astype(np.float64, copy=False)
+
+    missed_pad = wrong_pad & gt_pad  # G pixels where min(E, EA) can be non-zero
+    sum_gt_weighted = 0.0
+    missed = np.flatnonzero(missed_pad)
+    if missed.size:
+        # Et: E on G and, off G within reach of the 7x7 Gaussian of a missed pixel, E at the nearest G pixel.
+        err_t = np.zeros(err_flat.shape, err_flat.dtype)
+        err_t[missed] = err_flat[missed]
+        region = cv2.dilate(missed_pad.view(np.uint8), np.ones((7, 7), np.uint8)).view(bool) & ~gt_pad
+        region[:_PAD], region[-_PAD:], region[:, :_PAD], region[:, -_PAD:] = False, False, False, False  # E = 0 outside
+        near = np.flatnonzero(region)
+        if near.size:
+            position = _first_hit(gt_flat, near, _NEAR_OFFSETS, _NEAR_RINGS, width)
+            steps = np.asarray([dy * width + dx for dy, dx in _NEAR_OFFSETS], dtype=np.intp)
+            err_t[near] = err_flat[near + steps[position]]
+        # EA = Gaussian(Et), zero padding; only its values on the missed pixels are needed.
+        if missed.size * 49 < err_t.size * 4:
+            window = np.asarray([dy * width + dx for dy in range(-_WFM_RADIUS, _WFM_RADIUS + 1)
+                                 for dx in range(-_WFM_RADIUS, _WFM_RADIUS + 1)], dtype=np.intp)
+            err_a = np.take(err_t, missed[:, None] + window[None, :]) @ _WFM_KERNEL_2D
+        else:
+            err_a = cv2.sepFilter2D(err_t.reshape(gt_pad.shape).astype(np.float64), cv2.CV_64F, _WFM_KERNEL,
+                                    _WFM_KERNEL, borderType=cv2.BORDER_CONSTANT).ravel()[missed]
+        sum_gt_weighted = float(np.minimum(err_value(missed), err_a).sum())
+    false_pos = np.flatnonzero(wrong_pad & ~gt_pad)
+    fp_weighted = 0.0
+    if false_pos.size:
+        weight = 2.0 - np.exp(_B_SLOPE * _fp_distances(gt, gt_flat, false_pos, width))
+        fp_weighted = float((err_value(false_pos) * weight).sum())
+    tp_weighted = num_gt - sum_gt_weighted
+    recall = 1.0 - sum_gt_weighted / num_gt
+    precision = tp_weighted / (EPS + tp_weighted + fp_weighted)
+    return float((1 + beta**2) * recall * precision / (EPS + recall + beta * precision))
+
+
+def wfm_band_scores(pred: np.ndarray, gt: np.ndarray, tolerance: int) -> dict[int, float]:
+    """Per-image ``MultiClassWFmeasure`` of the boundary bands (§9.4 step 3).
+
+    Returns {class: Q} for the band classes present in the GT band map (0 = non-band, 1 = band); an image
+    without a true boundary has only class 0.
+    """
+    return _band_scores(boundary_band(pred, tolerance), boundary_band(gt, tolerance))
+
+
+def _band_scores(pred_band: np.ndarray, gt_band: np.ndarray) -> dict[int, float]:
+    scores: dict[int, float] = {}
+    num_band = int(np.count_nonzero(gt_band))
+    if num_band < gt_band.size:
+        scores[0] = weighted_fmeasure(~pred_band, ~gt_band)
+    if num_band:
+        scores[1] = weighted_fmeasure(pred_band, gt_band)
+    return scores
+
+
+class BoundaryWFm:
+    """Streaming boundary WFm at several tolerances (§9.4 steps 3-4).
+
+    ``aggregate='min'`` (the paper's "WFm (e px B)"): per band class the mean of Q over the images in which it
+    occurs in the GT band, class means <= 0 discarded, then the minimum (``'mean'``: their mean; 0 when none
+    is left). ``result()['band']`` also gives the plain mean of the band-class score over images that have a
+    true boundary, which is what the min normally reduces to.
+    """
+
+    def __init__(self, tolerances: Sequence[int] = (1, 3, 5), aggregate: Literal["min", "mean"] = "min"):
+        if aggregate not in ("min", "mean"):
+            raise ValueError("aggregate must be 'min' or 'mean'")
+        self.tolerances = tuple(int(t) for t in tolerances)
+        for t in self.tolerances:
+            if t < 1:
+                raise ValueError("tolerances must be >= 1 pixel")
+        self.aggregate = aggregate
+        self.sums = {t: np.zeros(2) for t in self.tolerances}
+        self.counts = {t: np.zeros(2, dtype=np.int64) for t in self.tolerances}
+
+    def update(self, gt: np.ndarray, pred: np.ndarray) -> None:
+        """Add one image pair of (H, W) index maps. Sobel runs once per map, the dilation once per tolerance."""
+        gt_u8, pred_u8 = np.asarray(gt).astype(np.uint8), np.asarray(pred).astype(np.uint8)
+        if gt_u8.shape != pred_u8.shape:
+            raise ValueError(f"gt {gt_u8.shape} and pred {pred_u8.shape} differ in shape")
+        gt_edges, pred_edges = _edges(gt_u8), _edges(pred_u8)
+        for t in self.tolerances:
+            scores = _band_scores(_band_from_edges(pred_edges, pred_u8, t), _band_from_edges(gt_edges, gt_u8, t))
+            for cls, q in scores.items():
+                self.sums[t][cls] += q
+                self.counts[t][cls] += 1
+
+    def result(self) -> dict[str, dict[str, float]]:
+        """{'wfm': {tol: aggregate}, 'band': {tol: band-class mean}, 'classes': {tol: [non-band, band]}}."""
+        out: dict[str, dict[str, Any]] = {"wfm": {}, "band": {}, "classes": {}}
+        for t in self.tolerances:
+            means = _safe_div(self.sums[t], self.counts[t].astype(np.float64))
+            kept = means[(self.counts[t] > 0) & (means > 0)]
+            value = 0.0 if not kept.size else float(kept.min() if self.aggregate == "min" else kept.mean())
+            out["wfm"][str(t)] = value
+            out["band"][str(t)] = float(means[1])
+            out["classes"][str(t)] = [float(v) for v in means]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- repair analysis
+class RepairAnalysis:
+    """Repair capability of a refinement (README of the reference, §9.6; the authors never implemented it).
+
+    Per class c, with M_t = (gt == c), M_r = (coarse == c), M_re = (refined == c) over labelled pixels:
+    IoU_RTm = |M_re ∩ M_RTm| / |M_RTm| with M_RTm = M_t ∩ M_r (coarse true positives kept),
+    IoU_RFm = |M_t ∩ M_re ∩ M_RFm| / |(M_t ∪ M_re) ∩ M_RFm| with M_RFm = M_t xor M_r (IoU inside the coarse
+    errors), IoU_imp = IoU_RFm - k (1 - IoU_RTm). An empty denominator gives NaN, skipped in every mean (so a
+    class the coarse map already got right is not scored). ``classes`` defaults to [1] for binary data (the
+    README's binary masks) and to every class otherwise. Split-level values pool pixel counts over images;
+    the buckets use each image's IoU_imp (mean over its scored classes): complete >= 0.8, partial [0, 0.8),
+    error < 0.
+    """
+
+    def __init__(self, num_classes: int, k: float = 1.0, classes: Sequence[int] | None = None,
+                 ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.k = float(k)
+        self.classes = list(classes) if classes is not None else ([1] if num_classes == 2 else list(range(num_classes)))
+        self.ignore_index = ignore_index
+        self.counts = np.zeros((len(self.classes), 4), dtype=np.int64)  # rt_num, rt_den, rf_num, rf_den
+        self.image_scores: list[float] = []
+
+    def update(self, gt: np.ndarray, coarse: np.ndarray, refined: np.ndarray) -> float:
+        """Add one image; returns its IoU_imp (NaN when no class can be scored)."""
+        gt, coarse, refined = np.asarray(gt), np.asarray(coarse), np.asarray(refined)
+        if not gt.shape == coarse.shape == refined.shape:
+            raise ValueError(f"gt {gt.shape}, coarse {coarse.shape} and refined {refined.shape} differ in shape")
+        valid = gt != self.ignore_index
+        per_image = np.zeros((len(self.classes), 4), dtype=np.int64)
+        for row, c in enumerate(self.classes):
+            m_t, m_r, m_re = gt == c, (coarse == c) & valid, (refined == c) & valid
+            true_kept = m_t & m_r
+            wrong = (m_t ^ m_r)
+            per_image[row] = (np.count_nonzero(true_kept & m_re), np.count_nonzero(true_kept),
+                              np.count_nonzero(wrong & m_t & m_re), np.count_nonzero(wrong & (m_t | m_re)))
+        self.counts += per_image
+        scores = self._imp(per_image)
+        finite = scores[np.isfinite(scores)]
+        value = float(finite.mean()) if finite.size else float("nan")
+        self.image_scores.append(value)
+        return value
+
+    def _imp(self, counts: np.ndarray) -> np.ndarray:
+        rt, rf = _nan_div(counts[:, 0], counts[:, 1]), _nan_div(counts[:, 2], counts[:, 3])
+        return rf - self.k * (1.0 - rt)
+
+    def result(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Per-class and mean IoU_RTm / IoU_RFm / IoU_imp, and the per-image repair buckets."""
+        rt, rf = _nan_div(self.counts[:, 0], self.counts[:, 1]), _nan_div(self.counts[:, 2], self.counts[:, 3])
+        imp = rf - self.k * (1.0 - rt)
+        names = class_names or [str(c) for c in range(self.num_classes)]
+        scores = np.asarray(self.image_scores, dtype=np.float64)
+        scored = scores[np.isfinite(scores)]
+        buckets = {"complete": int((scored >= 0.8).sum()), "partial": int(((scored >= 0) & (scored < 0.8)).sum()),
+                   "error": int((scored < 0).sum())}
+        n = max(int(scored.size), 1)
+        return {
+            "k": self.k,
+            "iou_rtm": _nan_mean(rt), "iou_rfm": _nan_mean(rf), "iou_imp": _nan_mean(imp),
+            "per_class": [{"name": names[c], "index": c, "iou_rtm": _json_float(a), "iou_rfm": _json_float(b),
+                           "iou_imp": _json_float(d)} for c, a, b, d in zip(self.classes, rt, rf, imp)],
+            "buckets": buckets,
+            "bucket_fractions": {key: value / n if scored.size else 0.0 for key, value in buckets.items()},
+            "num_scored_images": int(scored.size),
+            "num_unscored_images": int(scores.size - scored.size),
+        }
+
+
+def _nan_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _nan_mean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------------- the whole set
+class MapEvaluator:
+    """Confusion matrix + boundary WFm for one set of predictions (streaming)."""
+
+    def __init__(self, num_classes: int, tolerances: Sequence[int] = (1, 3, 5), ignore_index: int = IGNORE_INDEX,
+                 aggregate: Literal["min", "mean"] = "min"):
+        self.confusion = ConfusionMatrix(num_classes, ignore_index)
+        self.boundary = BoundaryWFm(tolerances, aggregate)
+        self.num_images = 0
+
+    def update(self, gt: np.ndarray, pred: np.ndarray) -> None:
+        self.confusion.update(gt, pred)
+        self.boundary.update(gt, pred)
+        self.num_images += 1
+
+    def result(self, class_names: Sequence[str]) -> dict[str, Any]:
+        cm = self.confusion.compute()
+        wfm = self.boundary.result()
+        per_class = [{"name": name, "index": i, "iou": cm["iou"][i], "precision": cm["precision"][i],
+                      "recall": cm["recall"][i], "f1": cm["f1"][i], "present": cm["present"][i],
+                      "gt_pixels": cm["gt_pixels"][i], "pred_pixels": cm["pred_pixels"][i]}
+                     for i, name in enumerate(class_names)]
+        return {"miou": cm["miou"], "mf1": cm["mf1"], "oa": cm["oa"], "kappa": cm["kappa"], "fwiou": cm["fwiou"],
+                "wfm": wfm["wfm"], "wfm_band": wfm["band"], "wfm_classes": wfm["classes"],
+                "wfm_aggregate": self.boundary.aggregate, "per_class": per_class,
+                "num_pixels": cm["num_pixels"], "invalid_pred_pixels": cm["invalid_pred_pixels"],
+                "num_images": self.num_images}
+
+
+def evaluate_maps(pairs: Iterable[tuple[np.ndarray, ...]], num_classes: int, tolerances: Sequence[int] = (1, 3, 5),
+                  k: float = 1.0, class_names: Sequence[str] | None = None, ignore_index: int = IGNORE_INDEX,
+                  aggregate: Literal["min", "mean"] = "min") -> dict[str, Any]:
+    """Score (gt, pred) or (gt, pred, coarse) index maps, one image at a time.
+
+    Returns ``miou``, ``mf1``, ``oa``, ``kappa``, ``fwiou``, ``wfm`` ({"1": .., "3": .., "5": ..}), ``wfm_band``,
+    ``per_class`` (name, iou, precision, recall, f1, present, pixel counts), ``num_images``, ``num_classes``,
+    ``class_names``; with coarse maps also ``coarse`` (the same scores for the coarse maps) and ``repair``
+    (:class:`RepairAnalysis`). Scores are fractions in [0, 1], except Kappa (in [-1, 1]; negative only for a
+    prediction worse than chance) and IoU_imp (which can be negative; ``None`` when undefined).
+    """
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    refined = MapEvaluator(num_classes, tolerances, ignore_index, aggregate)
+    coarse_eval: MapEvaluator | None = None
+    repair: RepairAnalysis | None = None
+    for item in pairs:
+        if len(item) not in (2, 3):
+            raise ValueError("each item must be (gt, pred) or (gt, pred, coarse)")
+        gt, pred = item[0], item[1]
+        refined.update(gt, pred)
+        if len(item) == 3:
+            if coarse_eval is None:
+                if refined.num_images > 1:
+                    raise ValueError("give a coarse map for every image or for none")
+                coarse_eval = MapEvaluator(num_classes, tolerances, ignore_index, aggregate)
+                repair = RepairAnalysis(num_classes, k, ignore_index=ignore_index)
+            coarse_eval.update(gt, item[2])
+            repair.update(gt, item[2], pred)
+        elif coarse_eval is not None:
+            raise ValueError("give a coarse map for every image or for none")
+    result = refined.result(names)
+    result.update(num_classes=num_classes, class_names=names, tolerances=[int(t) for t in tolerances])
+    if coarse_eval is not None and repair is not None:
+        result["coarse"] = coarse_eval.result(names)
+        result["repair"] = repair.result(names)
+    return result
