@@ -318,3 +318,14 @@ def test_folder_index_masks_default_split_and_errors(tmp_path):
     with pytest.raises(IdgbrError, match=r"q5\.png.*mask size \(9, 8\) differs"):
         prepare("folder", raw, tmp_path / "o2")
     assert not (tmp_path / "o2").exists()
+
+
+def test_truncated_geotiff(tmp_path):
+    raw = tmp_path / "whu"
+    _tif(raw / "2012" / "image.tif", np.ones((64, 64, 3), np.uint8))
+    _tif(raw / "2012" / "label.tif", np.zeros((64, 64), np.uint8))
+    data = (raw / "2012" / "image.tif").read_bytes()
+    (raw / "2012" / "image.tif").write_bytes(data[:200])
+    with pytest.raises(IdgbrError, match=r"image\.tif.*(unreadable|truncated|read failed)"):
+        prepare("whu-building", raw, tmp_path / "o", phase="2012", patch_size=32)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
