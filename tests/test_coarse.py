@@ -74,7 +74,8 @@ def test_every_arch_builds_for_n_bands(arch, bands):
 
 
 def test_unknown_arch_and_encoder_are_user_errors():
-    with pytest.raises(IdgbrError, match="deeplabv3plus, unet, segformer"):
+    assert get_arch("DeepLab_V3Plus") is ARCHS["deeplabv3plus"]
+    with pytest.raises(IdgbrError, match="did you mean 'deeplabv3plus'.*deeplabv3plus, unet, segformer"):
         get_arch("deeplab3")
     with pytest.raises(IdgbrError, match="unknown --encoder"):
         CoarseModel(CoarseConfig(encoder="resnet_18"))

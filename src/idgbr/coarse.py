@@ -29,7 +29,8 @@ from .errors import IdgbrError, check_unknown_keys, file_error
 from .io import atomic_path, write_array, write_label
 from .tiling import sliding_window
 
-__all__ = ["ARCHS", "ArchSpec", "CoarseConfig", "CoarseModel", "train_coarse", "predict_coarse", "load_weights_file"]
+__all__ = ["ARCHS", "ArchSpec", "CoarseConfig", "CoarseModel", "canonical_arch", "get_arch", "train_coarse", "predict_coarse",
+           "load_encoder_weights", "load_weights_file", "band_statistics"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -54,8 +55,8 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-def get_arch(name: str) -> ArchSpec:
-    """The registry entry for ``name``; an unknown name lists the valid ones."""
+def canonical_arch(name: str) -> str:
+    """The registry key for ``name`` (case, '-' and '_' ignored); an unknown name lists the valid ones."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in ARCHS:
         import difflib
@@ -63,7 +64,12 @@ def get_arch(name: str) -> ArchSpec:
         close = difflib.get_close_matches(key, list(ARCHS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise IdgbrError(f"unknown --arch {name!r}{hint}; valid: {', '.join(ARCHS)}")
-    return ARCHS[key]
+    return key
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The registry entry for ``name``; an unknown name lists the valid ones."""
+    return ARCHS[canonical_arch(name)]
 
 
 @dataclass
@@ -122,12 +128,12 @@ class CoarseModel(nn.Module):
         return self.net(x)
 
     def normalize(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Raw image (H, W, C) of any dtype -> normalised float32 (C, H, W) on the model's device."""
+        """Raw image (H, W, C) of any dtype -> normalised float32 (C, H, W), on the CPU for arrays."""
         tensor = torch.from_numpy(np.array(image, dtype=np.float32)) if isinstance(image, np.ndarray) else image
         if tensor.ndim != 3 or tensor.shape[-1] != self.config.in_channels:
             raise IdgbrError(f"image has shape {tuple(tensor.shape)}; this model expects (H, W, {self.config.in_channels})")
-        tensor = tensor.to(device=self.mean.device, dtype=torch.float32).permute(2, 0, 1)
-        return (tensor - self.mean) / self.std
+        tensor = tensor.to(dtype=torch.float32).permute(2, 0, 1)
+        return (tensor - self.mean.to(tensor.device)) / self.std.to(tensor.device)
 
     @torch.no_grad()
     def predict_probs(self, image: np.ndarray, tile: int = 512, overlap: int = 64, batch: int = 4,
@@ -136,7 +142,12 @@ class CoarseModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return sliding_window(lambda x: torch.softmax(self(x), dim=1), self.normalize(image), self.config.num_classes,
+            device = self.mean.device  # the image stays on the CPU; only one batch of windows visits the device
+
+            def predict(batch: torch.Tensor) -> torch.Tensor:
+                return torch.softmax(self(batch.to(device)), dim=1)
+
+            return sliding_window(predict, self.normalize(image), self.config.num_classes,
                                   tile=tile, overlap=overlap, batch_size=batch, multiple=INPUT_MULTIPLE, progress=progress)
         finally:
             self.train(was_training)
@@ -333,7 +344,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         raise file_error(dataset.root / "images", f"training images have different band counts {sorted(bands)}",
                          "give every image the same bands")
     mean, std = band_statistics([s["image"] for s in samples])
-    config = CoarseConfig(arch=arch.lower(), encoder=encoder or spec.default_encoder, num_classes=dataset.classes.num_classes,
+    config = CoarseConfig(arch=canonical_arch(arch), encoder=encoder or spec.default_encoder, num_classes=dataset.classes.num_classes,
                           in_channels=bands.pop(), mean=mean.tolist(), std=std.tolist(), class_names=dataset.classes.names)
     torch.manual_seed(seed)  # network initialisation only; augmentation draws use their own generators
     model = CoarseModel(config)
