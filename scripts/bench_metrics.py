@@ -11,6 +11,7 @@ prediction's do. Map generation is not timed.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import cv2
@@ -48,12 +49,17 @@ def main() -> None:
             items.append((gt, pred, synthetic_pair(rng, args.size, args.classes)[1]))
         else:
             items.append((gt, pred))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = evaluate_maps(items, args.classes, tolerances=(1, 3, 5))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     wfm = ", ".join(f"{t}px {v:.4f}" for t, v in result["wfm"].items())
     print(f"{args.n} maps of {args.size}x{args.size}, {args.classes} classes, WFm at 1/3/5 px"
-          f"{' + coarse + repair' if args.coarse else ''}: {elapsed:.2f} s ({elapsed / args.n * 1000:.1f} ms/map)")
+          f"{' + coarse + repair' if args.coarse else ''}: {elapsed:.2f} s wall ({elapsed / args.n * 1000:.1f} ms/map), "
+          f"{cpu:.2f} s CPU")
+    try:
+        print(f"load average while running: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    except OSError:
+        pass
     print(f"mIoU {result['miou']:.4f}  mF1 {result['mf1']:.4f}  OA {result['oa']:.4f}  Kappa {result['kappa']:.4f}  "
           f"WFm {wfm}")
 

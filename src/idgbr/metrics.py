@@ -265,7 +265,7 @@ def weighted_fmeasure(pred: np.ndarray, gt: np.ndarray, beta: float = 1.0) -> fl
         if missed.size * 49 < err_t.size * 4:
             window = np.asarray([dy * width + dx for dy in range(-_WFM_RADIUS, _WFM_RADIUS + 1)
                                  for dx in range(-_WFM_RADIUS, _WFM_RADIUS + 1)], dtype=np.intp)
-            err_a = np.take(err_t, missed[:, None] + window[None, :]) @ _WFM_KERNEL_2D
+            err_a = (np.take(err_t, missed[:, None] + window[None, :]) * _WFM_KERNEL_2D).sum(axis=1)  # no BLAS: deterministic
         else:
             err_a = cv2.sepFilter2D(err_t.reshape(gt_pad.shape).astype(np.float64), cv2.CV_64F, _WFM_KERNEL,
                                     _WFM_KERNEL, borderType=cv2.BORDER_CONSTANT).ravel()[missed]
