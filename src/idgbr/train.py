@@ -110,7 +110,7 @@ class RefinerObjective(nn.Module):
         if want_aux:
             from .repa import repa_loss
 
-            losses["repa"] = repa_loss(aux["repa"], teacher)
+            losses["repa"] = repa_loss(aux["repa"], teacher, model.projector)
         losses["loss"] = losses["main"] + cfg.ce_weight * losses["ce"] + cfg.repa_weight * losses["repa"]
         return losses
 
@@ -346,6 +346,29 @@ def _label_embedding(config: RefinerConfig, out_dir: Path, accelerator: Any, log
     return load_label_embedding(saved)
 
 
+def _checkpoint_step(path: Path | None) -> int:
+    return int(CHECKPOINT_RE.match(path.name).group(1)) if path is not None else 0  # type: ignore[union-attr]
+
+
+def _repa_teacher(config: RefinerConfig, model: nn.Module, start: int, log: _Log) -> nn.Module | None:
+    """The frozen DINOv2 teacher (and the model's projector) while REPA is active, else None (reference §4)."""
+    if not config.dinov2 or config.repa_steps <= 0 or config.repa_weight == 0:
+        log("REPA off: no --dinov2 weights" if not config.dinov2 else "REPA off: repa_steps or repa_weight is 0")
+        return None
+    if start >= config.repa_steps:
+        log(f"REPA already finished (step {start} >= repa_steps {config.repa_steps})")
+        return None
+    if config.image_channels < 3:
+        log(f"REPA off: DINOv2 needs RGB, the images have {config.image_channels} band(s)")
+        return None
+    from .repa import load_dinov2
+
+    dinov2 = load_dinov2(config.dinov2)
+    model.build_projector(dinov2.config.hidden_size)
+    log(f"REPA on for steps < {config.repa_steps} (weight {config.repa_weight}) with {config.dinov2}")
+    return dinov2
+
+
 def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | None, out_dir: str | Path,
                   resume: bool = False, progress: bool = True, log_every: int = 10) -> Path:
     """Train an IDGBR refiner on ``data_root``'s train split; returns ``out_dir`` holding the final model.
@@ -400,8 +423,13 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     model = IDGBRModel.from_pretrained(checkpoint) if checkpoint else IDGBRModel(config)  # fails fast on bad paths
     if checkpoint is None and not config.label_embed:  # a given --label-embed is loaded by IDGBRModel
         model.set_label_embedding(_label_embedding(config, out_dir, accelerator, log))
+    dinov2 = _repa_teacher(config, model, start=_checkpoint_step(checkpoint), log=log)
+    projector = list(model.projector.parameters()) if model.projector is not None else []
+    main_params = [p for p in model.trainable_parameters() if all(p is not q for q in projector)]
     objective = RefinerObjective(model, config)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(main_params, lr=config.lr, weight_decay=config.weight_decay)
+    # The REPA projector is never saved (reference §4), so it gets its own optimiser, left out of checkpoints.
+    repa_optimizer = torch.optim.AdamW(projector, lr=config.lr, weight_decay=config.weight_decay) if projector else None
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))  # stepped once per step, not per process
 
     rank = accelerator.process_index
@@ -413,15 +441,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
         log(f"resumed from step {start} ({checkpoint})")
     objective, optimizer = accelerator.prepare(objective, optimizer)
     unwrapped = accelerator.unwrap_model(objective).model
-
-    teacher = None
-    if config.dinov2 and start < config.repa_steps:
-        from .repa import load_teacher
-
-        teacher = load_teacher(config.dinov2).to(accelerator.device)
-        log(f"REPA on for steps < {config.repa_steps} (weight {config.repa_weight}) with {config.dinov2}")
-    elif not config.dinov2:
-        log("REPA off: no --dinov2 weights")
+    if dinov2 is not None:
+        dinov2.to(accelerator.device)
 
     if main:
         accelerator.init_trackers("tb")
@@ -431,11 +452,14 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     for step in range(start, config.steps):
         batch = {k: v.to(accelerator.device) for k, v in sampler(rng).items()}
         tokens = None
-        if teacher is not None and step < config.repa_steps:
+        if dinov2 is not None and step < config.repa_steps:
+            from .repa import teacher_tokens, to_imagenet
+
             with torch.no_grad():
-                tokens = teacher(batch["image"])
-        elif teacher is not None:
-            teacher = None  # free the DINOv2 teacher once REPA is over
+                x = to_imagenet(unwrapped.normalize_image(batch["image"]), config.image_normalization)
+                tokens = teacher_tokens(dinov2, x)
+        elif dinov2 is not None:
+            dinov2 = None  # free the DINOv2 teacher once REPA is over
             log(f"REPA finished at step {step}; teacher freed")
         losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens)
         if not torch.isfinite(losses["loss"]):
@@ -446,6 +470,10 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if repa_optimizer is not None:
+            if tokens is not None:
+                repa_optimizer.step()
+            repa_optimizer.zero_grad(set_to_none=True)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{losses['loss'].item():.4f}")

@@ -1,0 +1,221 @@
+"""Training loop: steps, checkpoints, resume (also after kill -9), objectives, CLI errors. Tiny preset only."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from idgbr.cli import main
+from idgbr.config import RefinerConfig
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # the test machines are shared; oversubscribed threads only slow things down
+
+from idgbr.train import latest_checkpoint, list_checkpoints, train_refiner  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(root: Path, n: int = 4, size: tuple[int, int] = (40, 48), classes: int = 3, seed: int = 0) -> Path:
+    """A canonical dataset: images/, masks/ (with a few ignore pixels), classes.json, splits/, coarse/c1/."""
+    rng = np.random.default_rng(seed)
+    for folder in ("images", "masks", "splits", "coarse/c1"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    stems = [f"s{i}" for i in range(n)]
+    for stem in stems:
+        h, w = size
+        mask = np.zeros((h, w), np.uint8)
+        for cls in range(1, classes):
+            y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+            mask[y:y + rng.integers(8, 20), x:x + rng.integers(8, 20)] = cls
+        coarse = np.roll(mask, 2, axis=1)
+        mask[0, :3] = 255
+        palette = rng.integers(0, 255, (classes, 3))
+        image = (palette[np.minimum(mask, classes - 1)] + rng.normal(0, 10, (h, w, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+        Image.fromarray(coarse).save(root / "coarse" / "c1" / f"{stem}.png")
+    (root / "classes.json").write_text(json.dumps({"classes": [{"name": f"c{i}", "value": i} for i in range(classes)],
+                                                   "ignore": [255]}))
+    (root / "splits" / "train.txt").write_text("\n".join(stems[:-1]) + "\n")
+    (root / "splits" / "test.txt").write_text(stems[-1] + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def embed(tmp_path_factory) -> Path:
+    """A label embedding shared by the tests (skips retraining it in every run)."""
+    from idgbr.labelembed import train_label_embedding
+
+    path = tmp_path_factory.mktemp("embed") / "label_embed"
+    train_label_embedding(3, 30, 0.15, hidden=16, progress=False).save_pretrained(path)
+    return path
+
+
+def tiny(**overrides) -> RefinerConfig:
+    return RefinerConfig.preset_config("tiny", **overrides)
+
+
+def logged_losses(run: Path) -> list[float]:
+    return [float(x) for x in re.findall(r"\(loss ([-\w.]+)\)", (run / "train.log").read_text())]
+
+
+def test_train_checkpoint_resume(data: Path, embed: Path, tmp_path: Path) -> None:
+    """Checkpoints appear; 2 steps + resume to 4 equals 4 straight steps (model, optimiser and RNG come back);
+    a checkpoint interrupted while being written (temporary folder, or files missing) is never resumed from."""
+    from safetensors.torch import load_file
+
+    from idgbr.errors import IdgbrError
+
+    config = tiny(steps=4, checkpoint_every=2, label_embed=str(embed))
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train_refiner(config, data, "c1", straight, progress=False)
+    assert [s for s, _ in list_checkpoints(straight)] == [2, 4]
+    assert (straight / "config.json").exists() and (straight / "model.safetensors").exists()
+    assert any((straight / "logs").rglob("events.out.tfevents*"))
+    losses = logged_losses(straight)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    saved = json.loads((straight / "train_config.json").read_text())
+    assert saved["num_classes"] == 3 and saved["image_channels"] == 3 and saved["coarse"] == "c1"
+
+    train_refiner(config.replace(steps=2), data, "c1", resumed, progress=False)
+    with pytest.raises(IdgbrError, match="--resume"):
+        train_refiner(config, data, "c1", resumed, progress=False)
+    partial = resumed / "checkpoints" / ".step-000004.partial"
+    partial.mkdir()
+    (partial / "config.json").write_text("{")
+    incomplete = resumed / "checkpoints" / "step-000006"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text("{")
+    assert latest_checkpoint(resumed).name == "step-000002"
+    train_refiner(config, data, "c1", resumed, resume=True, progress=False)
+    log = (resumed / "train.log").read_text()
+    assert "resumed from step 2" in log and "finished 4 steps" in log
+    assert [s for s, _ in list_checkpoints(resumed)] == [2, 4]
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(prediction_type="epsilon", cubic_timesteps=False),
+    dict(prediction_type="v_prediction", ce_weight=0.1),
+    dict(prediction_type="sample", ce_weight=0.1, use_coarse=False),
+    dict(objective="deterministic"),
+])
+def test_objectives(overrides: dict) -> None:
+    """Every objective gives a finite loss whose gradient reaches the denoiser and the guidance modules."""
+    from idgbr.model import IDGBRModel
+    from idgbr.train import RefinerObjective
+
+    config = tiny(num_classes=3, **overrides)
+    model = IDGBRModel(config)
+    objective = RefinerObjective(model, config)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    mask = torch.randint(0, 3, (2, 32, 32), generator=gen)
+    mask[:, 0] = 255
+    coarse = torch.randint(0, 3, (2, 32, 32), generator=gen)
+    losses = objective(image, mask, coarse, gen)
+    assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
+    assert (losses["ce"] > 0) == (config.ce_weight > 0)
+    losses["loss"].backward()
+    grads = [p.grad for p in model.unet.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.label_embed.parameters())
+
+
+def test_lr_schedule() -> None:
+    from idgbr.train import lr_lambda
+
+    factor = lr_lambda(tiny(steps=10, lr_warmup=2, lr_schedule="cosine"))
+    assert factor(0) == pytest.approx(0.5) and factor(1) == pytest.approx(1.0)
+    assert factor(2) == pytest.approx(1.0) and factor(10) == pytest.approx(0.0, abs=1e-9)
+    assert lr_lambda(tiny())(7) == 1.0
+
+
+def test_repa_with_tiny_dinov2(data: Path, embed: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    teacher = tmp_path / "dinov2"
+    transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+        patch_size=14)).save_pretrained(teacher)
+    run = tmp_path / "run"
+    train_refiner(tiny(steps=2, checkpoint_every=2, repa_steps=1, dinov2=str(teacher), label_embed=str(embed)), data, None,
+                  run, progress=False)
+    log = (run / "train.log").read_text()
+    assert "REPA on" in log and "teacher freed" in log and "synthetic degradation" in log
+    from idgbr.pipeline import Refiner
+
+    Refiner.from_pretrained(run)  # the projector is not saved and not needed
+
+
+def test_cli_train_errors_are_one_line(data: Path, tmp_path: Path, capsys) -> None:
+    start = time.monotonic()
+    code = main(["train", "--preset", "sd15", "--pretrained", "/nonexistent/sd15", "--data", str(data), "--out",
+                 str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and time.monotonic() - start < 10
+    assert "/nonexistent/sd15" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "r"), "--set", "lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lrr" in err and "valid keys" in err and len(err.splitlines()) == 1
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "idgbr", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(data: Path, tmp_path: Path) -> None:
+    """kill -9 `idgbr train` at a random moment, then --resume reaches the requested step count (issue 7 §2)."""
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", str(data), "--coarse", "c1", "--out", str(run), "--steps", "40",
+            "--set", "checkpoint_every=3", "--no-progress"]
+    proc = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(run) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(random.uniform(0, 3))
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(_cli(*args, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    log = (run / "train.log").read_text()
+    assert re.search(r"resumed from step \d+|no complete checkpoint", log)
+    assert latest_checkpoint(run).name == "step-000040" and "finished 40 steps" in log
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "idgbr", "train", "--preset", "tiny",
+           "--data", str(data), "--coarse", "c1", "--out", str(run), "--steps", "4", "--no-progress"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run / "train_config.json").read_text())["num_processes"] == 2
+    assert {p.name for p in latest_checkpoint(run).glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
+    from idgbr.pipeline import Refiner
+
+    Refiner.from_pretrained(run)
