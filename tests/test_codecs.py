@@ -5,6 +5,8 @@ from diffusers import AutoencoderKL
 
 from idgbr.codecs import SpaceToDepthCodec, VAECodec
 
+torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
+
 
 def test_space_to_depth_roundtrip_multiband():
     codec = SpaceToDepthCodec(4)

@@ -9,6 +9,8 @@ from safetensors.numpy import load_file
 
 from idgbr.labelembed import LabelEmbedding, embedding_accuracy, train_label_embedding
 
+torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
+
 
 def _numpy_logits(folder, labels: np.ndarray) -> np.ndarray:
     """Hand-written definition: 2 sigmoid(table[y]) - 1, 1x1 conv 3->128, ReLU, 1x1 conv 128->K."""

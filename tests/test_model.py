@@ -9,6 +9,8 @@ from idgbr.config import RefinerConfig
 from idgbr.errors import IdgbrError
 from idgbr.model import IDGBRModel
 
+torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
+
 
 @pytest.fixture(scope="module")
 def tiny():

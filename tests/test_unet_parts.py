@@ -7,6 +7,8 @@ from idgbr import unet_parts
 from idgbr.config import RefinerConfig
 from idgbr.model import unet_config
 
+torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
+
 
 def _tiny_unet(types=("DownBlock2D", "CrossAttnDownBlock2D"), up=("CrossAttnUpBlock2D", "UpBlock2D")):
     torch.manual_seed(0)

@@ -63,7 +63,7 @@ def _dinov2_from_official(path: Path) -> nn.Module:
     swiglu = "blocks.0.mlp.w12.weight" in state
     if dim not in _HEADS:
         raise file_error(path, f"unknown DINOv2 width {dim}", "use a Hugging Face folder")
-    mlp_ratio = 4.0 if swiglu else state["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    mlp_ratio = 4 if swiglu else state["blocks.0.mlp.fc1.weight"].shape[0] // dim
     config = Dinov2Config(
         hidden_size=dim, num_hidden_layers=depth, num_attention_heads=_HEADS[dim], mlp_ratio=mlp_ratio,
         patch_size=patch, image_size=grid * patch, use_swiglu_ffn=swiglu, layerscale_value=1.0,
