@@ -1,0 +1,181 @@
+"""Refiner: determinism, save/load, any size, batches, strength/guidance paths, soft and nodata input, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # the test machines are shared
+
+from idgbr.cli import main  # noqa: E402
+from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.errors import IdgbrError  # noqa: E402
+from idgbr.model import IDGBRModel  # noqa: E402
+from idgbr.pipeline import Refiner, _repeat_batch  # noqa: E402
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def refiner() -> Refiner:
+    torch.manual_seed(0)  # the random init of the test model only
+    return Refiner(IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K)))
+
+
+def inputs(h: int = 32, w: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    coarse = np.zeros((h, w), np.uint8)
+    coarse[h // 4: h // 2, :] = 1
+    coarse[:, w // 2:] = 2
+    image = (coarse[..., None] * 80 + rng.integers(0, 30, (h, w, 3))).astype(np.uint8)
+    return image, coarse
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_same_seed_same_map_and_save_load(refiner: Refiner, tmp_path) -> None:
+    image, coarse = inputs()
+    first, probs = refiner.refine(image, coarse, steps=2, generator=gen(), return_probs=True)
+    assert first.shape == (32, 32) and first.dtype == np.uint8 and probs.shape == (K, 32, 32)
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+    np.testing.assert_array_equal(first, probs.argmax(0))
+    assert refiner.last_nfe == 4  # 2 steps x CFG (2 passes)
+    again, probs_again = refiner.refine(image, coarse, steps=2, generator=gen(), return_probs=True)
+    np.testing.assert_array_equal(probs, probs_again)
+    _, other = refiner.refine(image, coarse, steps=2, generator=gen(1), return_probs=True)
+    assert not np.array_equal(probs, other)
+    refiner.model.save_pretrained(tmp_path / "m")
+    loaded = Refiner.from_pretrained(tmp_path / "m")
+    _, loaded_probs = loaded.refine(image, coarse, steps=2, generator=gen(), return_probs=True)
+    np.testing.assert_array_equal(probs, loaded_probs)
+
+
+@pytest.mark.parametrize("size", [(45, 70), (13, 20), (32, 64)])
+def test_any_size_comes_back(refiner: Refiner, size) -> None:
+    image, coarse = inputs(*size)
+    out = refiner.refine(image, coarse, steps=1, guidance=1.0, generator=gen())
+    assert out.shape == size
+
+
+def test_batch_of_two_equals_single_calls(refiner: Refiner) -> None:
+    (a, ca), (b, cb) = inputs(32, 32, 0), inputs(45, 40, 1)
+    g = gen()
+    batch = refiner.refine([a, b], [ca, cb], steps=1, generator=g, batch_size=2)
+    assert [m.shape for m in batch] == [(32, 32), (45, 40)]
+    g = gen()
+    np.testing.assert_array_equal(batch[0], refiner.refine(a, ca, steps=1, generator=g))
+    np.testing.assert_array_equal(batch[1], refiner.refine(b, cb, steps=1, generator=g))
+
+
+def test_strength_and_guidance_paths(refiner: Refiner) -> None:
+    image, coarse = inputs()
+    refiner.refine(image, coarse, steps=4, guidance=1.0, strength=0.5, generator=gen())
+    assert refiner.last_nfe == 2  # 2 of 4 steps, one pass each
+    refiner.refine(image, coarse, steps=4, guidance=3.0, strength=0.3, generator=gen())
+    assert refiner.last_nfe == 2  # round(1.2) = 1 step, CFG
+    refiner.refine(image, coarse, steps=3, guidance=1.0, strength=1.0, generator=gen())
+    assert refiner.last_nfe == 3
+
+
+def test_cfg_combines_uncond_and_cond() -> None:
+    class Stub:
+        def __call__(self, z, t, cond, drop=None):
+            self.drop = drop
+            return torch.where(drop.view(-1, 1, 1, 1), torch.ones_like(z), 2 * torch.ones_like(z)) if drop is not None else z
+
+    refiner = Refiner.__new__(Refiner)
+    refiner.model, refiner.last_nfe = Stub(), 0
+    z = torch.zeros(2, 4, 2, 2)
+    out = refiner._denoise(z, 5, {"levels": [torch.zeros(2, 1)]}, 3.0)
+    assert torch.all(out == 1 + 3 * (2 - 1)) and refiner.model.drop.tolist() == [True, True, False, False]
+    assert refiner._denoise(z, 5, None, 1.0) is z and refiner.last_nfe == 3
+
+
+def test_repeat_batch_handles_guidance_features() -> None:
+    from idgbr.guidance import GuidanceFeatures
+
+    cond = GuidanceFeatures([torch.zeros(2, 3, 4, 4), torch.ones(2, 5, 2, 2)])
+    doubled = _repeat_batch(cond)
+    assert isinstance(doubled, GuidanceFeatures) and [f.shape[0] for f in doubled.levels] == [4, 4]
+
+
+def test_sdedit_starts_from_the_coarse_latent() -> None:
+    """With an x0-predictor that returns its input, a low strength keeps the coarse map; strength 1 does not."""
+    from idgbr.labelembed import train_label_embedding
+
+    config = RefinerConfig.preset_config("tiny", num_classes=K, prediction_type="sample")
+    model = IDGBRModel(config)
+    model.set_label_embedding(train_label_embedding(K, 150, 0.15, hidden=16, progress=False))
+    model.forward = lambda z, t, cond, drop=None, return_aux=False: z  # identity x0 prediction
+    refiner = Refiner(model)
+    image, coarse = inputs()
+    low = refiner.refine(image, coarse, steps=10, strength=0.1, guidance=1.0, generator=gen())
+    full = refiner.refine(image, coarse, steps=10, strength=1.0, guidance=1.0, generator=gen())
+    assert (low == coarse).mean() > 0.95
+    assert (full == coarse).mean() < 0.8
+
+
+def test_soft_coarse_and_nodata(refiner: Refiner) -> None:
+    image, coarse = inputs(40, 36)
+    one_hot = np.eye(K, dtype=np.float32)[coarse].transpose(2, 0, 1)
+    hard = refiner.refine(image, coarse, steps=1, generator=gen())
+    soft = refiner.refine(image, one_hot, steps=1, generator=gen())
+    np.testing.assert_array_equal(hard, soft)
+    holed = coarse.copy()
+    holed[:5, :7] = 255
+    out = refiner.refine(image, holed, steps=1, generator=gen())
+    assert (out[:5, :7] == 255).all() and (out[5:] != 255).all()
+
+
+def test_deterministic_objective_is_one_pass() -> None:
+    refiner = Refiner(IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, objective="deterministic")))
+    image, coarse = inputs()
+    assert refiner.refine(image, coarse, steps=25, guidance=3.0).shape == (32, 32)
+    assert refiner.last_nfe == 1
+
+
+def test_bad_inputs_are_user_errors(refiner: Refiner) -> None:
+    image, coarse = inputs()
+    with pytest.raises(IdgbrError, match="bands"):
+        refiner.refine(image[..., :2], coarse)
+    with pytest.raises(IdgbrError, match="size"):
+        refiner.refine(image, coarse[:5])
+    with pytest.raises(IdgbrError, match="outside"):
+        refiner.refine(image, np.full_like(coarse, 7))
+    with pytest.raises(IdgbrError, match="NaN"):
+        refiner.refine(image, np.full((K, 32, 32), np.nan, np.float32))
+    with pytest.raises(IdgbrError, match="strength"):
+        refiner.refine(image, coarse, strength=0)
+
+
+def test_from_pretrained_errors(tmp_path) -> None:
+    with pytest.raises(IdgbrError, match="not found"):
+        Refiner.from_pretrained(tmp_path / "missing")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(IdgbrError, match="config.json"):
+        Refiner.from_pretrained(tmp_path / "run")
+
+
+def test_cli_single_file_and_folder(refiner: Refiner, tmp_path, capsys) -> None:
+    from tests.test_train import make_dataset
+
+    data = make_dataset(tmp_path / "data", n=2, size=(45, 38), classes=K)
+    run = tmp_path / "run"
+    refiner.model.save_pretrained(run)
+    out = tmp_path / "out.png"
+    image, coarse = tmp_path / "image.png", tmp_path / "coarse.png"  # within one tile: the in-memory path
+    Image.fromarray(np.asarray(Image.open(data / "images" / "s0.png"))[:30, :27]).save(image)
+    Image.fromarray(np.asarray(Image.open(data / "coarse" / "c1" / "s0.png"))[:30, :27]).save(coarse)
+    assert main(["refine", "--model", str(run), "--image", str(image), "--coarse", str(coarse), "--out", str(out),
+                 "--steps", "1", "--seed", "3"]) == 0
+    assert np.asarray(Image.open(out)).shape == (30, 27)
+    assert main(["refine", "--model", str(run), "--data", str(data), "--coarse", "c1", "--split", "test",
+                 "--steps", "1", "--guidance", "1", "--no-progress"]) == 0
+    written = sorted((data / "refined" / "run").iterdir())
+    assert [p.name for p in written] == ["s1.png"] and np.asarray(Image.open(written[0])).shape == (45, 38)
+    assert main(["refine", "--model", str(run), "--image", str(data / "images" / "s0.png"), "--out", str(out)]) == 2
+    assert "--coarse" in capsys.readouterr().err
