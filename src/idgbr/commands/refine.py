@@ -1,4 +1,9 @@
-"""``idgbr refine``: one image (``--image/--coarse/--out``) or a dataset split (``--data/--split/--coarse``)."""
+"""``idgbr refine``: one image (``--image/--coarse/--out``), a whole scene, or a dataset split (``--data/--split``).
+
+Scene mode (:func:`idgbr.scene.refine_scene`: windowed, blended, resumable) is used for GeoTIFF images, images
+larger than one tile, and whenever a scene option (``--tile --overlap --samples --gate --confidence --bands
+--no-resume``) is given; a ``.npy`` coarse map keeps the in-memory single-image path.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,19 @@ def register(sub) -> None:
     parser.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--batch", type=int, default=4, help="tiles per network batch (default: 4)")
+    scene = parser.add_argument_group("scene mode (GeoTIFF / large images)")
+    scene.add_argument("--tile", type=int, default=None, help="tile size in px (default: the model's tile_size)")
+    scene.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: the model's tile_overlap)")
+    scene.add_argument("--samples", type=int, default=None,
+                       help="draw N refinements; write the majority vote and <out>_uncertainty.tif (default: 1)")
+    scene.add_argument("--gate", type=int, default=None, metavar="PX",
+                       help="refine only within PX px of coarse boundaries; keep the coarse label elsewhere")
+    scene.add_argument("--confidence", type=float, default=None, metavar="P",
+                       help="with a K-band probability --coarse: also refine pixels whose max probability < P")
+    scene.add_argument("--bands", default=None, metavar="B1,B2,...",
+                       help="1-based image bands fed to the model, e.g. 4,3,2 (sd15 takes 3 bands; default: all "
+                            "non-alpha bands)")
+    scene.add_argument("--no-resume", action="store_true", help="start over even if <out>.progress.json exists")
     parser.add_argument("--skip-existing", action="store_true", help="folder mode: keep maps already written")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -52,12 +70,57 @@ def run(args: argparse.Namespace) -> int:
                                         skip_existing=args.skip_existing, progress=not args.no_progress, **kw)
         print(f"wrote {len(written)} maps to {out}")
         return 0
+    if _scene_mode(args, refiner.config.tile_size):
+        return _run_scene(args, refiner)
     image, geo = _read_inputs(args, refiner.config.num_classes)
     refined = refiner.refine(image[0], image[1], generator=torch.Generator().manual_seed(args.seed), **kw)
     from ..io import write_label
 
     write_label(args.out, refined, geo, nodata=255 if geo else None)
     print(f"wrote {args.out}")
+    return 0
+
+
+SCENE_OPTIONS = ("tile", "overlap", "samples", "gate", "confidence", "bands")
+
+
+def _scene_mode(args: argparse.Namespace, tile_size: int) -> bool:
+    """Scene mode for GeoTIFF images, images larger than one tile, or any scene option; never for .npy coarse."""
+    from ..errors import IdgbrError
+    from ..io import is_geotiff
+
+    options = [name for name in SCENE_OPTIONS if getattr(args, name) is not None] + (["no_resume"] if args.no_resume else [])
+    if Path(args.coarse).suffix.lower() == ".npy":
+        if options:
+            raise IdgbrError(f"{args.coarse}: scene options ({', '.join('--' + o.replace('_', '-') for o in options)}) need a "
+                             "raster coarse map; save the probabilities as a K-band float32 GeoTIFF")
+        return False
+    if options or is_geotiff(args.image):
+        return True
+    from ..io import read_image
+
+    image, _ = read_image(args.image)
+    return max(image.shape[:2]) > tile_size
+
+
+def _run_scene(args: argparse.Namespace, refiner) -> int:
+    from ..errors import IdgbrError
+    from ..scene import refine_scene
+
+    bands = None
+    if args.bands is not None:
+        try:
+            bands = [int(b) for b in args.bands.split(",") if b.strip()]
+        except ValueError:
+            raise IdgbrError(f"--bands {args.bands!r}: expected 1-based band numbers separated by commas, e.g. 3,2,1") from None
+    summary = refine_scene(refiner, args.image, args.coarse, args.out, tile=args.tile, overlap=args.overlap,
+                           steps=args.steps, guidance=args.guidance, strength=args.strength, seed=args.seed,
+                           samples=args.samples or 1, gate_width=args.gate, confidence=args.confidence,
+                           batch_size=args.batch, bands=bands, resume=not args.no_resume, progress=not args.no_progress)
+    extra = f" and {summary['uncertainty']}" if summary["uncertainty"] else ""
+    print(f"wrote {summary['out']}{extra}: {summary['tiles']} tiles, {summary['computed']} computed now, "
+          f"{summary['done_before']} resumed, {100 * summary['skipped_fraction']:.1f}% skipped "
+          f"({summary['skipped_nodata']} nodata, {summary['skipped_gate']} gated), {summary['seconds']:.1f} s")
     return 0
 
 
