@@ -209,7 +209,9 @@ def test_kill_9_then_resume(data: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate 1.15 starts ONE process for `--cpu --num_processes 2` (multi-CPU needs mpirun); `--multi_gpu` spawns
+    # the processes with torchrun and the trainer's Accelerator(cpu=True) joins them over gloo on a CPU-only host.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "idgbr", "train", "--preset", "tiny",
            "--data", str(data), "--coarse", "c1", "--out", str(run), "--steps", "4", "--no-progress"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)

@@ -164,7 +164,10 @@ def seam_score(labels: np.ndarray, tile: int, overlap: int, width: int = 2, noda
     border, interior = near & valid, ~near & valid
     border_rate = float(boundary[border].mean()) if border.any() else 0.0
     interior_rate = float(boundary[interior].mean()) if interior.any() else 0.0
-    ratio = border_rate / interior_rate if interior_rate > 0 else (1.0 if border_rate == 0 else float("inf"))
+    if not border.any() or border_rate == interior_rate:  # no internal edge, or edges invisible
+        ratio = 1.0
+    else:
+        ratio = border_rate / interior_rate if interior_rate > 0 else float("inf")
     return {"border_rate": border_rate, "interior_rate": interior_rate, "ratio": ratio}
 
 
@@ -185,21 +188,23 @@ def _open(path: Path, role: str):
         raise file_error(path, f"unreadable raster ({str(exc).splitlines()[0][:120]})", "re-export it as GeoTIFF/PNG") from None
 
 
-def _read(ds, window: Window, indexes: list[int] | int | None = None) -> np.ndarray:
+def _rio(window: Window):
     from rasterio.windows import Window as RioWindow
 
+    return RioWindow(window.col, window.row, window.width, window.height)
+
+
+def _read(ds, window: Window, indexes: list[int] | int | None = None) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ds.read(indexes, window=RioWindow(window.col, window.row, window.width, window.height))
+        return ds.read(indexes, window=_rio(window))
 
 
 def _mask(ds, window: Window) -> np.ndarray:
     """(h, w) bool: True where the dataset mask (nodata on all bands, alpha, mask band) marks a pixel valid."""
-    from rasterio.windows import Window as RioWindow
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ds.dataset_mask(window=RioWindow(window.col, window.row, window.width, window.height)) > 0
+        return ds.dataset_mask(window=_rio(window)) > 0
 
 
 class _Scene:
@@ -358,8 +363,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _file_id(path: Path) -> list[Any]:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,7 +427,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         signature = {"image": _file_id(image_path), "coarse": _file_id(coarse_path), "tile": tile, "overlap": overlap,
                      "steps": steps, "guidance": guidance, "strength": strength, "seed": seed, "samples": samples,
                      "gate": gate_width, "confidence": confidence, "bands": scene.bands,
-                     "model": hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()}
+                     "model": _model_id(refiner)}
         paths = sidecar_paths(out_path)
         state = {"signature": signature, "done": [], "skipped_nodata": [], "skipped_gate": []}
         resumed = False
@@ -481,6 +485,15 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
             "skipped_nodata": len(state["skipped_nodata"]), "skipped_gate": len(state["skipped_gate"]),
             "skipped_fraction": skipped / len(windows), "resumed": resumed,
             "seconds": time.perf_counter() - start_time}
+
+
+def _model_id(refiner) -> str:
+    """Fingerprint of the model's config and (a sample of) its weights: sidecars of another model are not reused."""
+    digest = hashlib.sha1(json.dumps(refiner.config.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for param in refiner.model.parameters():
+            digest.update(param.detach().flatten()[:16].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_writable(out_path: Path) -> None:
@@ -569,13 +582,12 @@ def _raster_writer(path: Path | None, scene: _Scene) -> Iterator[Any]:
     with atomic_path(path) as tmp:
         if is_geotiff(path):
             import rasterio
-            from rasterio.windows import Window as RioWindow
 
             profile = {"driver": "GTiff", "height": scene.height, "width": scene.width, "count": 1, "dtype": "uint8",
                        "nodata": IGNORE_INDEX, "tiled": True, "blockxsize": 256, "blockysize": 256,
                        "compress": "deflate", "BIGTIFF": "IF_SAFER", **scene.geo}
             with rasterio.open(tmp, "w", **profile) as dst:
-                yield lambda win, rows: dst.write(rows[None], window=RioWindow(win.col, win.row, win.width, win.height))
+                yield lambda win, rows: dst.write(rows[None], window=_rio(win))
         else:
             from PIL import Image
 

@@ -81,7 +81,7 @@ def run_grid(refiner, tiles, steps_grid: Sequence[int] = (25, 10, 4, 2, 1),
     reference = next(c for c in cells if (c.steps, c.strength, c.guidance) == REFERENCE)
     ref_gain = reference.wfm3 - coarse_metrics["wfm"]["3"]
     for cell in cells:
-        if abs(ref_gain) > 1e-9:
+        if ref_gain > 1e-9:  # a share of a loss means nothing
             cell.gain_kept = (cell.wfm3 - coarse_metrics["wfm"]["3"]) / ref_gain
     return coarse_metrics, cells
 

@@ -394,9 +394,10 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
         raise file_error(out_dir, "already holds checkpoints", "pass --resume to continue or choose another --out")
     mixed = config.mixed_precision if torch.cuda.is_available() or config.mixed_precision == "bf16" else "no"
     accelerator = Accelerator(
-        mixed_precision=mixed, log_with="tensorboard",
+        # cpu=True on CPU-only hosts makes torchrun-spawned processes (`accelerate launch --multi_gpu`) use gloo
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(config.dinov2))],  # REPA projector
     )
     main = accelerator.is_main_process
     if main:

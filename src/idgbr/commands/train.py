@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 PRESET_NAMES = ("sd15", "lite", "tiny")  # listed, not imported, so `idgbr --help` stays light
 
@@ -10,7 +11,8 @@ PRESET_NAMES = ("sd15", "lite", "tiny")  # listed, not imported, so `idgbr --hel
 def register(sub) -> None:
     parser = sub.add_parser(
         "train", help="train an IDGBR refiner on DATA's train split",
-        description="Train an IDGBR refiner. Works under `accelerate launch` (multi-GPU, or --cpu --num_processes N). "
+        description="Train an IDGBR refiner. Several processes: `accelerate launch --multi_gpu --num_processes N -m idgbr "
+                    "train ...` (GPUs, or gloo on a CPU-only host) or `torchrun --nproc_per_node N -m idgbr train ...`. "
                     "The run folder ends up holding the final model for `idgbr refine --model RUN`.")
     parser.add_argument("--preset", default="lite", choices=PRESET_NAMES, help="model size (default: lite)")
     parser.add_argument("--data", required=True, help="canonical dataset folder")
@@ -50,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
 
     check_paths(config)  # before importing torch-heavy modules: a bad path fails within seconds
     out = train_refiner(config, args.data, args.coarse, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"saved {out}")
+    if os.environ.get("RANK", "0") == "0":  # once under accelerate launch / torchrun
+        print(f"saved {out}")
     return 0
