@@ -191,14 +191,25 @@ def _pairs_by_stem(images: Path, masks: Path, image_suffix: str = "", mask_suffi
 
 
 def _convert_pairs(writer: DatasetWriter, pairs: Sequence[tuple[str, Path, Path]],
-                   encode: Callable[[Path], np.ndarray], progress: Progress, desc: str) -> None:
-    """Copy each image (after checking it decodes) and write its encoded mask."""
+                   encode: Callable[[Path], np.ndarray], progress: Progress, desc: str, scale: float = 1.0) -> None:
+    """Copy each image (after checking it decodes) and write its encoded mask; ``scale`` < 1 resamples both
+    (images area-averaged, labels nearest) and writes PNG images."""
+    if not 0 < scale <= 1:
+        raise IdgbrError(f"--scale must be in (0, 1], got {scale}")
     for stem, image_path, mask_path in progress(pairs, len(pairs), desc):
         image, _ = read_image(image_path)  # decodes: catches truncated files now, not at training time
         mask = encode(mask_path)
         _check_same_size(image.shape, mask.shape, mask_path, image_path)
-        writer.copy_image(image_path, stem)
-        writer.write_mask(stem, mask)
+        if scale == 1:
+            writer.copy_image(image_path, stem)
+            writer.write_mask(stem, mask)
+            continue
+        import cv2
+
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        writer.write_image(stem, small.reshape(size[1], size[0], -1))
+        writer.write_mask(stem, cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,8 +219,10 @@ DUBAI_CLASSES = ("Building", "Land", "Road", "Vegetation", "Water", "Unlabeled")
 DUBAI_COLOURS = ([60, 16, 152], [132, 41, 246], [110, 193, 228], [254, 221, 58], [226, 169, 41], [155, 155, 155])
 
 
-def convert_dubai(raw: Path, writer: DatasetWriter, progress: Progress = _no_progress) -> dict[str, Any]:
-    """``raw/images/tileT_partKK.jpg`` + colour-coded ``raw/masks/tileT_partKK.png``; tiles 1-6 train, 7-8 test."""
+def convert_dubai(raw: Path, writer: DatasetWriter, progress: Progress = _no_progress, scale: float = 1.0) -> dict[str, Any]:
+    """``raw/images/tileT_partKK.jpg`` + colour-coded ``raw/masks/tileT_partKK.png``; tiles 1-6 train, 7-8 test.
+
+    ``scale`` < 1 downsamples every pair (the demo and the CPU benchmark use 0.5)."""
     colours = ClassMap(list(DUBAI_CLASSES), [list(c) for c in DUBAI_COLOURS], ignore=[[0, 0, 0]])
     pairs = _pairs_by_stem(_need_dir(raw / "images", "images"), _need_dir(raw / "masks", "masks"))
 
@@ -221,7 +234,7 @@ def convert_dubai(raw: Path, writer: DatasetWriter, progress: Progress = _no_pro
         if not stem.startswith("tile") or not stem[4:].split("_")[0].isdigit():
             raise file_error(image_path, "name does not start with tile<N>_", "keep the Dubai file names (tileT_partKK)")
         writer.add(stem, "train" if int(stem[4:].split("_")[0]) <= 6 else "test")
-    _convert_pairs(writer, pairs, encode, progress, "dubai")
+    _convert_pairs(writer, pairs, encode, progress, "dubai", scale=float(scale))
     writer.commit(ClassMap.indexed(DUBAI_CLASSES))
     return {}
 

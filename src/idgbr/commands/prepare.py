@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--palette", help="folder: classes.json-style file mapping mask values/colours to classes")
     parser.add_argument("--splits", help="folder: folder with train/val/test.txt (default: 80/20 by stem)")
     parser.add_argument("--seed", type=int, help="chn6-cug, fgfd, whu-building, folder: split seed (default 0)")
+    parser.add_argument("--scale", type=float, help="dubai: downsample factor in (0, 1] (default 1; 0.5 for CPU runs)")
     parser.set_defaults(func=run)
 
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..prepare import prepare
 
     options = {key: getattr(args, key) for key in ("bands", "patch_size", "stride", "labels", "phase", "images",
-                                                   "masks", "palette", "splits", "seed")}
+                                                   "masks", "palette", "splits", "seed", "scale")}
     summary = prepare(args.name, args.raw, args.out, overwrite=args.overwrite, progress=_tqdm_progress, **options)
     counts = ", ".join(f"{split} {count}" for split, count in summary["splits"].items())
     print(f"prepared {summary['name']} in {summary['out']}: {counts} "
