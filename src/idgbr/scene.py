@@ -195,16 +195,28 @@ def _rio(window: Window):
 
 
 def _read(ds, window: Window, indexes: list[int] | int | None = None) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ds.read(indexes, window=_rio(window))
+    from rasterio.errors import RasterioError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ds.read(indexes, window=_rio(window))
+    except RasterioError as exc:  # a truncated / corrupt file fails only when its pixels are read
+        raise file_error(ds.name, f"unreadable or truncated raster near row {window.row} ({str(exc).splitlines()[0][:80]})",
+                         "re-export the file") from None
 
 
 def _mask(ds, window: Window) -> np.ndarray:
     """(h, w) bool: True where the dataset mask (nodata on all bands, alpha, mask band) marks a pixel valid."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ds.dataset_mask(window=_rio(window)) > 0
+    from rasterio.errors import RasterioError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ds.dataset_mask(window=_rio(window)) > 0
+    except RasterioError as exc:
+        raise file_error(ds.name, f"unreadable or truncated raster near row {window.row} ({str(exc).splitlines()[0][:80]})",
+                         "re-export the file") from None
 
 
 class _Scene:
@@ -418,6 +430,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     _check_writable(out_path)
 
     scene = _Scene(image_path, coarse_path, cfg.num_classes, cfg.image_channels, bands)
+    paths, created = sidecar_paths(out_path), False
     try:
         scene.validate_coarse()
         gating = gate_width is not None or (confidence is not None and scene.soft)
@@ -428,7 +441,6 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                      "steps": steps, "guidance": guidance, "strength": strength, "seed": seed, "samples": samples,
                      "gate": gate_width, "confidence": confidence, "bands": scene.bands,
                      "model": _model_id(refiner)}
-        paths = sidecar_paths(out_path)
         state = {"signature": signature, "done": [], "skipped_nodata": [], "skipped_gate": []}
         resumed = False
         if resume and paths["progress"].exists() and (paths["scratch"] / "probs.npy").exists():
@@ -439,6 +451,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
             if previous.get("signature") == json.loads(json.dumps(signature)):
                 state, resumed = previous, True
         shape = (samples, cfg.num_classes, height, width)
+        created = not resumed
         scratch = _Scratch(paths["scratch"], shape, fresh=not resumed)
         finished = set(state["done"]) | set(state["skipped_nodata"]) | set(state["skipped_gate"])
         scratch.recover(set(state["done"]))
@@ -474,6 +487,14 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         _write_json(paths["progress"], state)
         unc_path = uncertainty_path(out_path) if samples > 1 else None
         _write_output(scene, scratch, out_path, unc_path, gate_width, confidence, gating)
+    except IdgbrError:
+        # bad input found mid-scene (a truncated tile, NaN probabilities): the signature pins the input files, so
+        # sidecars started by this call could never be resumed once the file is fixed; leave no partial output
+        if created:
+            scratch = None
+            shutil.rmtree(paths["scratch"], ignore_errors=True)
+            paths["progress"].unlink(missing_ok=True)
+        raise
     finally:
         scene.close()
     del scratch
