@@ -215,6 +215,11 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):  # weights_only=True met a pickled object: never executed
+            raise file_error(path, "holds pickled Python objects besides tensors, which are never unpickled "
+                             "(they can run code)", "save a plain state_dict, ideally as .safetensors") from None
         raise file_error(path, f"cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})",
                          "give a .safetensors file or a plain torch state dict") from None
     for key in ("state_dict", "model", "model_state_dict"):

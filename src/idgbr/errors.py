@@ -33,5 +33,8 @@ def check_unknown_keys(given: dict, allowed, where: str) -> None:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, list(allowed), n=1)
+            if not close:  # e.g. 'lr_rate' -> 'lr', 'tile' -> 'tile_size': a key that extends or shortens a valid one
+                related = [a for a in allowed if key.startswith(f"{a}_") or a.startswith(f"{key}_")]
+                close = sorted(related, key=lambda a: (-len(set(a.split("_")) & set(key.split("_"))), len(a), a))[:1]
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise IdgbrError(f"{where}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(sorted(allowed))}")

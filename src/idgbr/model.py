@@ -325,23 +325,45 @@ class IDGBRModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "IDGBRModel":
         """Rebuild from a directory written by :meth:`save_pretrained` (safetensors only; no SD-1.5 folder needed)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         missing = [n for n in ("config.json", WEIGHTS_NAME) if not (path / n).exists()]
         if missing:
             raise file_error(path, f"missing {', '.join(missing)}",
                              "point at a directory written by IDGBRModel.save_pretrained / 'idgbr train'")
         config = RefinerConfig.load(path / "config.json")
-        architecture = json.loads((path / ARCHITECTURE_NAME).read_text()) if (path / ARCHITECTURE_NAME).exists() else None
+        architecture = None
+        if (path / ARCHITECTURE_NAME).exists():
+            try:
+                architecture = json.loads((path / ARCHITECTURE_NAME).read_text())
+            except ValueError as exc:
+                raise file_error(path / ARCHITECTURE_NAME, f"not valid JSON ({exc})", "restore the file from the run") from None
         model = cls(config, load_weights=False, architecture=architecture)
-        state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
+        state = load_safetensors(path / WEIGHTS_NAME, device=str(map_location))
         result = model.load_state_dict(state, strict=False)
         missing_keys = [k for k in result.missing_keys if not k.startswith("projector.")]
         if missing_keys or result.unexpected_keys:
             raise file_error(path / WEIGHTS_NAME, f"weights do not match config.json (missing {missing_keys[:3]}, "
                              f"unexpected {result.unexpected_keys[:3]})", "the directory is from another version or was edited")
         return model
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file; anything else (a pickle, a ``torch.save`` zip, a truncated file) is a
+    one-line user error. Nothing is ever unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head[:1] == b"\x80" or head[:2] == b"PK":  # pickle protocol 2+ / the zip of torch.save
+            problem = "not a safetensors file: it is a pickle / torch.save file, which is never loaded (it can run code)"
+        else:
+            problem = f"not a safetensors file or truncated ({str(exc).splitlines()[0][:80]})"
+        raise file_error(path, problem, "restore the file written by 'idgbr train' (or re-run training)") from None
 
 
 def load_label_embedding(path: str | Path) -> LabelEmbedding:

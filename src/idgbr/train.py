@@ -401,7 +401,10 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     )
     main = accelerator.is_main_process
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise file_error(out_dir, f"cannot create the run folder ({exc.strerror})", "choose a writable --out") from None
     accelerator.wait_for_everyone()
     log = _Log(out_dir / "train.log", main)
     if mixed != config.mixed_precision:

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if _scene_mode(args, refiner.config.tile_size):
         return _run_scene(args, refiner)
-    image, geo = _read_inputs(args, refiner.config.num_classes)
+    image, geo = _read_inputs(args, refiner.config.num_classes, refiner.config.image_channels)
     refined = refiner.refine(image[0], image[1], generator=torch.Generator().manual_seed(args.seed), **kw)
     from ..io import write_label
 
@@ -124,8 +124,9 @@ def _run_scene(args: argparse.Namespace, refiner) -> int:
     return 0
 
 
-def _read_inputs(args: argparse.Namespace, num_classes: int):
-    """((image (H, W, C), coarse (H, W) or (K, H, W)), geo) from the single-file arguments."""
+def _read_inputs(args: argparse.Namespace, num_classes: int, channels: int):
+    """((image (H, W, C), coarse (H, W) or (K, H, W)), geo) from the single-file arguments, checked against the
+    model so that every error names the file."""
     import numpy as np
 
     from ..data import read_index_map
@@ -133,17 +134,26 @@ def _read_inputs(args: argparse.Namespace, num_classes: int):
     from ..io import read_image
 
     image, geo = read_image(args.image)
+    if image.shape[-1] != channels:
+        raise file_error(args.image, f"{image.shape[-1]} band{'s' if image.shape[-1] != 1 else ''} but the model was "
+                         f"trained on {channels}", f"give {channels}-band imagery like the training images")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise file_error(args.image, "contains NaN/inf pixels", "fill nodata first, or refine it as a GeoTIFF scene "
+                         "(NaN pixels become nodata)")
     coarse_path = Path(args.coarse)
     if coarse_path.suffix.lower() == ".npy":
         if not coarse_path.exists():
             raise file_error(coarse_path, "file not found", "check the path")
         try:
             coarse = np.load(coarse_path, allow_pickle=False)
-        except ValueError as exc:
-            raise file_error(coarse_path, f"unreadable .npy ({exc})", "save a float (K, H, W) array with numpy.save") from None
-        if coarse.ndim != 3 or coarse.shape[1:] != image.shape[:2] or coarse.dtype.kind != "f":
+        except (ValueError, EOFError, OSError) as exc:
+            raise file_error(coarse_path, f"unreadable .npy ({str(exc)[:100] or type(exc).__name__})",
+                             "save a float (K, H, W) array with numpy.save") from None
+        if (coarse.ndim != 3 or coarse.shape != (num_classes, *image.shape[:2])) or coarse.dtype.kind != "f":
             raise file_error(coarse_path, f"expected float probabilities ({num_classes}, {image.shape[0]}, {image.shape[1]}), "
                              f"got {coarse.dtype} {coarse.shape}", "save class probabilities of the image's size")
+        if not np.isfinite(coarse).all() or coarse.min() < 0:
+            raise file_error(coarse_path, "NaN/inf or negative probabilities", "give finite class probabilities >= 0")
     else:
         coarse = read_index_map(coarse_path, num_classes, image.shape[:2])
     return (image, coarse), geo
