@@ -289,3 +289,30 @@ def test_weighted_fmeasure_matches_pysodmetrics_property(seed) -> None:
     pred, gt = random_binary_pair(seed)
     expected = reference_wfm(pred.astype(np.uint8) * 255, gt.astype(np.uint8) * 255)
     assert weighted_fmeasure(pred, gt) == pytest.approx(expected, abs=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(label_maps(), st.integers(1, 3), st.booleans())
+def test_empty_classes_change_nothing_and_perfect_stays_one(data, extra, with_ignore) -> None:
+    """Classes absent from both maps (issue 7 §4) are not averaged: the scores equal those without them, stay
+    finite, and a perfect prediction still scores 1 (mIoU, mF1, OA, WFm), also with ignored pixels."""
+    k, (gt, pred) = data
+    if with_ignore:
+        gt = gt.copy()
+        gt[0, :] = 255
+    base, more = evaluate_maps([(gt, pred)], k), evaluate_maps([(gt, pred)], k + extra)
+    for key in ("miou", "mf1", "oa", "kappa"):
+        assert np.isfinite(more[key]) and more[key] == pytest.approx(base[key])
+    assert more["wfm"] == pytest.approx(base["wfm"])
+    assert [row["present"] for row in more["per_class"]][k:] == [False] * extra
+    perfect = evaluate_maps([(gt, gt)], k + extra)  # boundary WFm treats 255 as a region, as the reference does
+    for key in ("miou", "mf1", "oa"):
+        assert perfect[key] == pytest.approx(1.0)
+    assert all(v == pytest.approx(1.0) for v in perfect["wfm"].values())
+
+
+def test_all_ignored_ground_truth_gives_no_nan_crash() -> None:
+    gt = np.full((8, 8), 255, np.uint8)
+    res = evaluate_maps([(gt, np.zeros_like(gt))], 3)
+    for key in ("miou", "mf1", "oa"):
+        assert res[key] is None or np.isnan(res[key]) or 0.0 <= res[key] <= 1.0

@@ -119,3 +119,26 @@ def test_sliding_window_reassembles_a_pixelwise_function():
 def test_sliding_window_rejects_wrong_output_shape():
     with pytest.raises(ValueError, match="expected"):
         sliding_window(lambda b: torch.zeros(b.shape[0], 2, 4, 4), np.zeros((3, 20, 20), np.float32), 3, tile=8, overlap=2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 70), st.integers(1, 40).flatmap(
+    lambda t: st.tuples(st.just(t), st.integers(0, t - 1))), st.sampled_from([1, 4, 8]), st.integers(1, 3))
+def test_sliding_window_is_exact_for_any_grid(height, width, tile_overlap, multiple, batch_size):
+    """Issue 7 §4: through the real blending code, every pixel is covered and the normalised weights sum to 1 —
+    a constant prediction comes back exactly and a pixel-wise one equals the untiled result."""
+    tile, overlap = tile_overlap
+    image = torch.from_numpy(np.random.default_rng(height * 71 + width).random((2, height, width), dtype=np.float32))
+
+    def pixelwise(batch):
+        return torch.softmax(torch.cat([batch, -batch.sum(1, keepdim=True)], 1) * 3, dim=1)
+
+    def tiled_fn(batch):
+        assert batch.shape[-2] % multiple == 0 and batch.shape[-1] % multiple == 0
+        return pixelwise(batch)
+
+    ones = sliding_window(lambda b: torch.ones(b.shape[0], 1, *b.shape[-2:]), image, 1, tile=tile, overlap=overlap,
+                          batch_size=batch_size, multiple=multiple)
+    np.testing.assert_allclose(ones, 1.0, rtol=1e-6)
+    tiled = sliding_window(tiled_fn, image, 3, tile=tile, overlap=overlap, batch_size=batch_size, multiple=multiple)
+    np.testing.assert_allclose(tiled, pixelwise(image[None])[0].numpy(), atol=1e-5)
