@@ -90,12 +90,19 @@ class CoarseConfig:
                              f"{self.in_channels} bands; give one per band")
 
 
+def _timm_has(name: str) -> bool:
+    import timm
+
+    return name in timm.list_models()
+
+
 def _build_smp(config: CoarseConfig) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     spec = get_arch(config.arch)
     names = smp.encoders.get_encoder_names()
-    if config.encoder not in names:
+    timm_encoder = config.encoder.startswith("tu-") and _timm_has(config.encoder[3:])  # smp's timm-universal encoders
+    if config.encoder not in names and not timm_encoder:
         import difflib
 
         close = difflib.get_close_matches(config.encoder, names, n=3)

@@ -45,7 +45,13 @@ class DemoSettings:
 
 def find_dubai(source: str | Path | None = None) -> Path:
     """The raw Dubai folder: ``source``, ``$IDGBR_DUBAI``, or ``../shared/data/dubai_aerial`` beside the repo."""
-    candidates = [Path(source)] if source else []
+    if source:  # an explicit folder is the only one looked at
+        path = Path(source)
+        if (path / "images").is_dir() and (path / "masks").is_dir():
+            return path
+        raise IdgbrError(f"{path}: Dubai aerial data not found (expected images/ and masks/ from the CC0 'Semantic "
+                         "segmentation of aerial imagery' set); check --source")
+    candidates = []
     if os.environ.get(DUBAI_ENV):
         candidates.append(Path(os.environ[DUBAI_ENV]))
     repo = Path(__file__).resolve().parents[2]
@@ -53,7 +59,7 @@ def find_dubai(source: str | Path | None = None) -> Path:
     for path in candidates:
         if (path / "images").is_dir() and (path / "masks").is_dir():
             return path
-    shown = candidates[0] if source else candidates[-2]
+    shown = candidates[-2]
     raise IdgbrError(f"{shown}: Dubai aerial data not found; pass --source DIR (with images/ and masks/ from the "
                      f"CC0 'Semantic segmentation of aerial imagery' set) or set {DUBAI_ENV}")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,14 +47,22 @@ class Refiner:
     """Sampling pipeline around an ``IDGBRModel`` (``refiner.model``); ``refiner.last_nfe`` counts network
     evaluations per tile of the last call (CFG counts 2 per step)."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device | None = None):
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 channels_last: bool = False, compile: bool = False):
+        """``dtype`` (torch.float16 / bfloat16) runs the network under autocast on a GPU; ``channels_last`` and
+        ``compile`` (torch.compile of the UNet) are throughput options that leave the results unchanged."""
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
+        self.autocast_dtype = dtype
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.unet = torch.compile(self.model.unet)
         self.last_nfe = 0
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "Refiner":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **options: Any) -> "Refiner":
         """Load a run folder written by ``idgbr train`` (or one of its ``checkpoints/step-N`` folders)."""
         from .model import IDGBRModel
 
@@ -68,7 +76,7 @@ class Refiner:
             fix = (f"training did not finish; use --model {latest}" if latest is not None
                    else "point --model at a run folder written by 'idgbr train'")
             raise file_error(path, "no config.json (not a finished run)", fix)
-        return cls(IDGBRModel.from_pretrained(path), device)
+        return cls(IDGBRModel.from_pretrained(path), device, **options)
 
     @property
     def config(self):
@@ -83,12 +91,20 @@ class Refiner:
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
-               noise: torch.Tensor) -> torch.Tensor:
+               noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Class logits (B, K, H, W) for image tiles (B, C, H, W) and coarse probabilities (B, K, H, W).
 
         ``noise`` (B, C_lat, H/f, W/f) is the starting noise. ``strength`` < 1 starts from the coarse latent
         noised to the first kept timestep and runs only the remaining ``round(steps * strength)`` steps.
+        ``callback(step, t, x0_hat)`` sees the predicted clean latent after every step (for analyses).
         """
+        if self.autocast_dtype is not None and self.device.type != "cpu":
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                return self._sample(image, coarse, steps, guidance, strength, noise, callback).float()
+        return self._sample(image, coarse, steps, guidance, strength, noise, callback)
+
+    def _sample(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
+                noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None) -> torch.Tensor:
         model, cfg = self.model, self.config
         self.last_nfe = 0
         z_img = model.encode_image(model.normalize_image(image))
@@ -104,8 +120,11 @@ class Refiner:
             z = scheduler.add_noise(z_coarse, noise, timesteps[:1].repeat(len(noise)))
         else:
             z = noise * scheduler.init_noise_sigma
-        for t in timesteps:
-            z = scheduler.step(self._denoise(z, t, cond, guidance), t, z).prev_sample
+        for step, t in enumerate(timesteps):
+            out = scheduler.step(self._denoise(z, t, cond, guidance), t, z)
+            z = out.prev_sample
+            if callback is not None:
+                callback(step, int(t), out.pred_original_sample)
         return model.decode_logits(z)
 
     def _denoise(self, z: torch.Tensor, t: torch.Tensor | int, cond: Any, guidance: float) -> torch.Tensor:
@@ -126,7 +145,8 @@ class Refiner:
     # ----------------------------------------------------------------------------------------------------------
     def refine(self, image: np.ndarray | Sequence[np.ndarray], coarse: np.ndarray | Sequence[np.ndarray],
                steps: int | None = None, guidance: float | None = None, strength: float | None = None,
-               generator: torch.Generator | None = None, return_probs: bool = False, batch_size: int = 4):
+               generator: torch.Generator | None = None, return_probs: bool = False, batch_size: int = 4,
+               callback: Callable[[int, int, torch.Tensor], None] | None = None):
         """Refine one image or a list of images.
 
         Args:
@@ -137,6 +157,7 @@ class Refiner:
             generator: CPU ``torch.Generator`` for the noise (same seed and inputs give the same map).
             return_probs: also return the blended (K, H, W) float32 probabilities.
             batch_size: tiles per network batch.
+            callback: ``callback(step, t, x0_hat)`` after every sampling step (analyses; see ``sample``).
         Returns:
             (H, W) uint8 index map (nodata pixels stay ``IGNORE_INDEX``), or ``(map, probs)``; lists for list input.
         """
@@ -154,7 +175,7 @@ class Refiner:
             raise IdgbrError(f"{len(images)} images but {len(coarses)} coarse maps; give one coarse map per image")
         results = []
         for img, crs in zip(images, coarses):
-            probs = self._refine_one(img, crs, steps, guidance, strength, generator, batch_size)
+            probs = self._refine_one(img, crs, steps, guidance, strength, generator, batch_size, callback)
             labels = probs.argmax(0).astype(np.uint8)
             if not _is_soft(crs):
                 labels[np.asarray(crs) == IGNORE_INDEX] = IGNORE_INDEX
@@ -162,7 +183,8 @@ class Refiner:
         return results if many else results[0]
 
     def _refine_one(self, image: np.ndarray, coarse: np.ndarray, steps: int, guidance: float, strength: float,
-                    generator: torch.Generator | None, batch_size: int) -> np.ndarray:
+                    generator: torch.Generator | None, batch_size: int,
+                    callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
         """Blended (K, H, W) probabilities for one image, tile by tile."""
         from .tiling import sliding_window
 
@@ -179,7 +201,7 @@ class Refiner:
             prior = prior.to(self.device)
             z_shape = self._latent_shape(tiles.shape[-2:])
             noise = torch.stack([torch.randn(z_shape, generator=generator) for _ in range(len(tiles))]).to(self.device)
-            logits = self.sample(tiles, prior, steps, guidance, strength, noise)
+            logits = self.sample(tiles, prior, steps, guidance, strength, noise, callback)
             return torch.softmax(logits.float(), dim=1)
 
         return sliding_window(predict, stacked, cfg.num_classes, tile=cfg.tile_size, overlap=cfg.tile_overlap,
@@ -225,11 +247,16 @@ class Refiner:
                              f"use 0..{cfg.num_classes - 1} or {IGNORE_INDEX} for nodata")
         return image, coarse[None]
 
-    def refine_folder(self, data_root: str | Path, split: str | None, coarse_name: str, out_dir: str | Path,
+    def refine_folder(self, data_root: str | Path, split: str | None, coarse_name: str | None, out_dir: str | Path,
                       seed: int = 0, skip_existing: bool = False, progress: bool = True, **kw: Any) -> list[Path]:
-        """Refine every image of a dataset split into ``out_dir/<stem>.png``; each image is seeded with ``seed``."""
+        """Refine every image of a dataset split into ``out_dir/<stem>.png``; each image is seeded with ``seed``.
+
+        ``coarse_name`` may be None only for an image-only model (``use_coarse=False``, the paper's Experiment A).
+        """
         from tqdm import tqdm
 
+        if coarse_name is None and self.config.use_coarse:
+            raise IdgbrError("this model refines coarse maps: give --coarse NAME (a folder under DATA/coarse/)")
         dataset = SegmentationDataset(data_root, split, coarse=coarse_name, load_mask=False)
         out_dir = Path(out_dir)
         written = []
@@ -237,7 +264,8 @@ class Refiner:
             target = out_dir / f"{dataset.stems[index]}.png"
             if not (skip_existing and target.exists()):
                 sample = dataset[index]
-                refined = self.refine(sample["image"], sample["coarse"], generator=torch.Generator().manual_seed(seed), **kw)
+                coarse = sample["coarse"] if coarse_name else np.zeros(sample["image"].shape[:2], np.uint8)
+                refined = self.refine(sample["image"], coarse, generator=torch.Generator().manual_seed(seed), **kw)
                 write_label(target, refined)
             written.append(target)
         return written

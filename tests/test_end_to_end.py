@@ -1,0 +1,190 @@
+"""The whole chain through the CLI on a tiny synthetic dataset, plus the report, analysis and speed helpers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from idgbr.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from idgbr.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("syn") / "data"
+    write_synthetic_dataset(root, n=10, size=64, seed=3)
+    return root
+
+
+def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
+    """prepare-free chain: train coarse -> predict -> train refiners (+ controls) -> refine -> evaluate -> report."""
+    run = tmp_path / "bench"
+    args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--preset", "tiny", "--coarse-iters", "2",
+            "--coarse-crop", "32", "--coarse-batch", "2", "--steps", "2", "--sample-steps", "2", "--out", str(run)]
+    assert main(args) == 0
+    report = json.loads((run / "report.json").read_text())
+    (entry,) = report["results"]
+    assert entry["coarse_arch"] == "unet"
+    for key in ("coarse", "refined"):
+        metrics = entry[key]
+        assert {"miou", "mf1", "oa", "kappa", "wfm", "per_class"} <= set(metrics)
+        assert set(metrics["wfm"]) == {"1", "3", "5"}
+        assert 0 <= metrics["miou"] <= 1
+    assert set(entry["controls"]) == {"image_only", "deterministic"}
+    assert "repair" in entry and "seconds" in entry
+    text = (run / "report.md").read_text()
+    assert "Coarse model: unet" in text and "beat" in text
+    assert (run / "bench_unet.png").stat().st_size > 0
+    # a rerun reuses every finished stage
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[stage]" not in out and "[reuse]" in out
+
+
+def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
+    from idgbr.config import RefinerConfig
+    from idgbr.model import IDGBRModel
+
+    # coarse maps: ground truth shifted by a few pixels
+    coarse = synthetic / "coarse" / "shifted"
+    coarse.mkdir(parents=True, exist_ok=True)
+    from idgbr.data import SegmentationDataset
+    from idgbr.io import write_label
+
+    dataset = SegmentationDataset(synthetic, None)
+    for stem in dataset.stems:
+        write_label(coarse / f"{stem}.png", np.roll(dataset.read_mask(stem), 3, axis=1))
+    config = RefinerConfig.preset_config("tiny", num_classes=dataset.classes.num_classes, image_channels=3)
+    model_dir = tmp_path / "model"
+    IDGBRModel(config).save_pretrained(model_dir)
+    out = tmp_path / "refined"
+    assert main(["refine", "--model", str(model_dir), "--data", str(synthetic), "--split", "test", "--coarse",
+                 "shifted", "--out", str(out), "--steps", "2", "--guidance", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(synthetic), "--pred", str(out), "--split", "test", "--coarse",
+                 str(coarse), "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"miou", "mf1", "oa", "kappa", "wfm", "per_class"} <= set(result)
+
+
+def test_callback_sees_every_step_and_channels_last_is_identical():
+    from idgbr.config import RefinerConfig
+    from idgbr.model import IDGBRModel
+    from idgbr.pipeline import Refiner
+
+    torch.manual_seed(0)
+    config = RefinerConfig.preset_config("tiny", num_classes=3, image_channels=3)
+    model = IDGBRModel(config)
+    image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    coarse = np.random.default_rng(1).integers(0, 3, (40, 48)).astype(np.uint8)
+    seen = []
+    plain = Refiner(model).refine(image, coarse, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0),
+                                  callback=lambda step, t, x0: seen.append((step, t, tuple(x0.shape))))
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    assert seen[0][1] > seen[-1][1]  # timesteps run downwards
+    fast = Refiner(IDGBRModel(config).eval(), channels_last=True)
+    fast.model.load_state_dict(model.state_dict())
+    again = fast.refine(image, coarse, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(plain, again)
+
+
+def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
+    assert main(["analyze", "wiener", "--data", str(synthetic), "--images", "3", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "wiener.png").exists() and "half_power_frequency" in (tmp_path / "wiener.json").read_text()
+    from diffusers import DDIMScheduler
+
+    from idgbr.analysis import wiener_curves
+
+    freq = np.linspace(0.01, 1, 200)
+    alphas = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.numpy()
+    curves = wiener_curves(alphas, [999, 500, 100, 10], freq, 0.5 * freq ** -2.0)
+    half = [freq[np.argmax(curves[t] < 0.5)] if (curves[t] < 0.5).any() else 1.0 for t in (999, 500, 100, 10)]
+    # the optimal denoiser passes higher frequencies as t decreases (the paper's §III-B argument)
+    assert all(a <= b for a, b in zip(half, half[1:])) and half[0] < half[1] < half[2]
+    from idgbr.report import comparison_panel, error_map
+
+    gt = np.zeros((20, 20), np.uint8)
+    gt[5:15, 5:15] = 1
+    pred = np.roll(gt, 2, axis=0)
+    colours = error_map(gt, pred, positive=1)
+    assert tuple(colours[5, 10]) == (40, 90, 255)  # missed: false negative, blue
+    assert tuple(colours[15, 10]) == (235, 40, 40)  # extra: false positive, red
+    assert tuple(colours[0, 0]) == (255, 255, 255)
+    png = comparison_panel(tmp_path / "p.png", np.zeros((20, 20, 3), np.uint8), gt, pred, gt, 2)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_frequency_analysis(synthetic, tmp_path):
+    from idgbr.analysis import frequency_report
+    from idgbr.config import RefinerConfig
+    from idgbr.data import SegmentationDataset
+    from idgbr.model import IDGBRModel
+
+    dataset = SegmentationDataset(synthetic, None)
+    coarse = synthetic / "coarse" / "gt"
+    coarse.mkdir(parents=True, exist_ok=True)
+    from idgbr.io import write_label
+
+    for stem in dataset.stems:
+        write_label(coarse / f"{stem}.png", dataset.read_mask(stem))
+    config = RefinerConfig.preset_config("tiny", num_classes=dataset.classes.num_classes, image_channels=3)
+    IDGBRModel(config).save_pretrained(tmp_path / "m")
+    result = frequency_report(tmp_path / "m", synthetic, "test", "gt", tmp_path, samples=1, steps=4, size=32)
+    shares = result["change_fraction_T_to_500_to_0"]
+    for band in ("low", "high"):
+        assert len(shares[band]) == 2 and abs(sum(shares[band]) - 1) < 1e-6
+    assert (tmp_path / "frequency.png").exists()
+
+
+def test_speed_grid_counts_network_evaluations(synthetic):
+    from idgbr.config import RefinerConfig
+    from idgbr.data import SegmentationDataset
+    from idgbr.model import IDGBRModel
+    from idgbr.pipeline import Refiner
+    from idgbr.speed import pick_fast_mode, run_grid
+
+    dataset = SegmentationDataset(synthetic, "test")
+    sample = dataset[0]
+    tiles = [(sample["image"][:32, :32], sample["mask"][:32, :32], np.roll(sample["mask"], 2, 0)[:32, :32])]
+    config = RefinerConfig.preset_config("tiny", num_classes=dataset.classes.num_classes, image_channels=3)
+    refiner = Refiner(IDGBRModel(config))
+    _, cells = run_grid(refiner, tiles, steps_grid=(25, 2), strength_grid=(1.0, 0.5), guidance_grid=(3.0, 1.0),
+                        log=lambda _: None)
+    nfe = {(c.steps, c.strength, c.guidance): c.nfe for c in cells}
+    assert nfe[(25, 1.0, 3.0)] == 50 and nfe[(2, 1.0, 1.0)] == 2 and nfe[(2, 0.5, 1.0)] == 1
+    assert nfe[(25, 0.5, 3.0)] == 2 * round(25 * 0.5)
+    for cell in cells:
+        cell.gain_kept = 1.0 if cell.steps == 2 else 0.0
+    assert (pick_fast_mode(cells, 50).steps, pick_fast_mode(cells, 50).strength) == (2, 0.5)
+
+
+def test_demo_without_data_is_one_line(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--source", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err and "Traceback" not in err
+
+
+def test_prepare_dubai_scale(shared_dir, tmp_path):
+    from idgbr.data import SegmentationDataset
+    from idgbr.prepare import prepare
+
+    raw = shared_dir / "data" / "dubai_aerial"
+    if not raw.exists():
+        pytest.skip("no Dubai data")
+    summary = prepare("dubai", raw, tmp_path / "half", scale=0.25)
+    assert summary["splits"]["train"] == 54 and summary["splits"]["test"] == 18
+    dataset = SegmentationDataset(tmp_path / "half", "test")
+    sample = dataset[0]
+    assert sample["image"].shape[:2] == sample["mask"].shape
+    assert max(sample["mask"].shape) < 600  # tile 7/8 images are ~2000 px at full size
