@@ -318,8 +318,6 @@ def test_evaluate_broken_predictions(data, tmp_path, capsys):
     assert_user_error(args, capsys, "s2.png", "outside", out=report)
 
 
-@pytest.mark.xfail(strict=True, reason="Refiner.refine_folder (pipeline.py, the lead's) does not yet prefix the "
-                   "image path to the model's band-count error; see docs/robustness.md")
 def test_folder_mode_wrong_band_count_names_the_image(run, tmp_path, capsys):
     bad = make_dataset(tmp_path / "d", n=3, size=(32, 32), classes=K)
     Image.open(bad / "images" / "s2.png").convert("L").save(bad / "images" / "s2.png")

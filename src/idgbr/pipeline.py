@@ -265,7 +265,10 @@ class Refiner:
             if not (skip_existing and target.exists()):
                 sample = dataset[index]
                 coarse = sample["coarse"] if coarse_name else np.zeros(sample["image"].shape[:2], np.uint8)
-                refined = self.refine(sample["image"], coarse, generator=torch.Generator().manual_seed(seed), **kw)
+                try:
+                    refined = self.refine(sample["image"], coarse, generator=torch.Generator().manual_seed(seed), **kw)
+                except IdgbrError as exc:  # name the offending image
+                    raise IdgbrError(f"{dataset.image_path(dataset.stems[index])}: {exc}") from None
                 write_label(target, refined)
             written.append(target)
         return written
