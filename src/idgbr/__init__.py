@@ -25,6 +25,12 @@ _EXPORTS = {
     "evaluate_maps": "idgbr.metrics",
     "ConfusionMatrix": "idgbr.metrics",
     "weighted_fmeasure": "idgbr.metrics",
+    "CoarseModel": "idgbr.coarse",
+    "train_coarse": "idgbr.coarse",
+    "predict_coarse": "idgbr.coarse",
+    "train_refiner": "idgbr.train",
+    "refine_scene": "idgbr.scene",
+    "prepare": "idgbr.prepare",
 }
 
 __all__ = sorted(_EXPORTS)
