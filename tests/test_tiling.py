@@ -53,7 +53,7 @@ def test_blend_weights_positive_and_ramped(height, width, overlap):
     assert (w > 0).all() and (w <= 1).all()
     if overlap and height > 2 * overlap and width > 2 * overlap:
         assert w[height // 2, width // 2] == 1.0
-        assert w[0, 0] < w[overlap // 2, overlap // 2] <= w[overlap, overlap]
+        assert w[0, 0] <= w[overlap // 2, overlap // 2] <= w[overlap, overlap] and w[0, 0] < w[overlap, overlap]
 
 
 @settings(max_examples=60, deadline=None)
