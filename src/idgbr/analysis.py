@@ -98,7 +98,7 @@ def plot_wiener(path: str | Path, freq: np.ndarray, curves: dict[int, np.ndarray
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from .report import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for t, curve in sorted(curves.items(), reverse=True):
@@ -109,11 +109,7 @@ def plot_wiener(path: str | Path, freq: np.ndarray, curves: dict[int, np.ndarray
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def change_fractions(fields: Sequence[np.ndarray], cutoff: float = 0.1) -> dict[str, list[float]]:
@@ -135,7 +131,7 @@ def plot_trajectory(path: str | Path, timesteps: Sequence[int], energies: dict[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from .report import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, values in energies.items():
@@ -151,11 +147,7 @@ def plot_trajectory(path: str | Path, timesteps: Sequence[int], energies: dict[s
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def frequency_report(model_dir: str | Path, data_root: str | Path, split: str, coarse: str, out: Path,

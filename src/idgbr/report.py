@@ -19,6 +19,19 @@ FP_COLOUR = (235, 40, 40)
 OTHER_ERROR_COLOUR = (250, 215, 60)
 
 
+def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def palette(num_classes: int) -> np.ndarray:
     """A fixed, distinguishable (K+1, 3) uint8 palette; the last row is for ignore/nodata."""
     import matplotlib
@@ -71,7 +84,6 @@ def comparison_panel(path: str | Path, image: np.ndarray, gt: np.ndarray, coarse
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
 
     step = max(1, int(np.ceil(max(gt.shape) / max_side)))
     sl = (slice(None, None, step), slice(None, None, step))
@@ -98,11 +110,7 @@ def comparison_panel(path: str | Path, image: np.ndarray, gt: np.ndarray, coarse
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def bar_chart(path: str | Path, rows: dict[str, dict[str, float]], metrics: Sequence[str], title: str = "") -> Path:
@@ -112,7 +120,6 @@ def bar_chart(path: str | Path, rows: dict[str, dict[str, float]], metrics: Sequ
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
 
     names = list(rows)
     x = np.arange(len(metrics))
@@ -128,11 +135,7 @@ def bar_chart(path: str | Path, rows: dict[str, dict[str, float]], metrics: Sequ
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
