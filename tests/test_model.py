@@ -55,7 +55,8 @@ def test_contract_shapes(tiny):
     pred_ref = tiny(z_lbl, t, type(cond)([f[:1].expand(2, -1, -1, -1) for f in cond.levels]))
     torch.testing.assert_close(pred1, pred_ref)
     sched = tiny.make_scheduler()
-    assert sched.config.prediction_type == tiny.config.prediction_type and sched.config.steps_offset == 1
+    assert sched.config.prediction_type == tiny.config.prediction_type
+    assert sched.config.timestep_spacing == tiny.config.timestep_spacing == "trailing"
 
 
 def test_drop_equals_zero_residuals(tiny):

@@ -179,3 +179,50 @@ def test_cli_single_file_and_folder(refiner: Refiner, tmp_path, capsys) -> None:
     assert [p.name for p in written] == ["s1.png"] and np.asarray(Image.open(written[0])).shape == (45, 38)
     assert main(["refine", "--model", str(run), "--image", str(data / "images" / "s0.png"), "--out", str(out)]) == 2
     assert "--coarse" in capsys.readouterr().err
+
+
+def test_coarse_residual_starts_as_the_coarse_map() -> None:
+    """An untrained residual refiner returns the coarse map (zero output layer), from noise and in one pass."""
+    from idgbr.labelembed import train_label_embedding
+
+    embed = train_label_embedding(K, 150, 0.15, hidden=16, progress=False)
+    image, coarse = inputs()
+    for objective in ("diffusion", "deterministic"):
+        model = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, coarse_residual=True, objective=objective))
+        model.set_label_embedding(embed)
+        out = Refiner(model).refine(image, coarse, steps=2, strength=1.0, guidance=1.0, generator=gen())
+        np.testing.assert_array_equal(out, coarse)
+    # the plain parametrisation does not (the test can fail): a fresh UNet's output is not the coarse latent
+    plain = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K))
+    plain.set_label_embedding(embed)
+    assert (Refiner(plain).refine(image, coarse, steps=2, generator=gen()) != coarse).any()
+
+
+def test_coarse_residual_dropped_branch_has_no_coarse() -> None:
+    model = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, coarse_residual=True)).eval()
+    z = torch.randn(2, model.codec.label_latent_channels, 4, 4)
+    z_img = torch.randn(2, model.codec.image_latent_channels(3), 4, 4)
+    cond = model.condition(z_img, z)
+    assert cond.base is not None
+    out = model(torch.zeros_like(z), torch.tensor([500, 500]), cond, drop=torch.tensor([True, False]))
+    torch.testing.assert_close(out[0], torch.zeros_like(out[0]))  # zero output layer, no coarse base
+    torch.testing.assert_close(out[1], z[1])
+    image_only = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, coarse_residual=True, use_coarse=False))
+    assert image_only.condition(z_img, z).base is None
+
+
+def test_coarse_residual_needs_x0_prediction() -> None:
+    with pytest.raises(IdgbrError, match="coarse_residual"):
+        RefinerConfig.preset_config("tiny", coarse_residual=True, prediction_type="epsilon")
+    RefinerConfig.preset_config("tiny", coarse_residual=True, prediction_type="epsilon", objective="deterministic")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 25])
+def test_trailing_spacing_starts_from_the_last_timestep(steps: int) -> None:
+    """Sampling starts from pure noise, so the first timestep must be T-1 for any step count ("leading" does not)."""
+    trailing = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K)).make_scheduler()
+    trailing.set_timesteps(steps)
+    assert int(trailing.timesteps[0]) == 999 and len(trailing.timesteps) == steps
+    leading = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, timestep_spacing="leading")).make_scheduler()
+    leading.set_timesteps(steps)
+    assert int(leading.timesteps[0]) == 1000 - 1000 // steps + 1

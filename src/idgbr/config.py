@@ -65,8 +65,16 @@ class RefinerConfig:
     beta_schedule: Literal["linear", "scaled_linear"] = "linear"  # paper: linear; authors' code: scaled_linear
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "sample"
     objective: Literal["diffusion", "deterministic"] = "diffusion"  # deterministic: same net, CE, no noise
+    # DDIM timestep spacing. "leading" (the reference, diffusers' SD default) starts at t = 1000 - 1000/steps + 1,
+    # e.g. t = 751 for 4 steps and t = 1 for one step, although sampling starts from pure noise; "trailing" starts
+    # at t = 999 for any number of steps (Lin et al. 2024), which few-step sampling needs.
+    timestep_spacing: Literal["leading", "trailing"] = "trailing"
     cubic_timesteps: bool = True  # t' = (1 - (t/T)^3) T, clamped to T-1
     cond_dropout: float = 0.1  # conditioning dropout for CFG; the reference trains with 0 (§3.7)
+    # Residual on the coarse map (ours, not in the paper): the predicted clean latent is z_coarse + network output,
+    # with a zero-initialised output layer, so an untrained refiner returns the coarse map and training learns only
+    # corrections. Needs prediction_type "sample" (or the deterministic objective).
+    coarse_residual: bool = False
 
     # --- REPA (DINOv2 alignment) ---------------------------------------------------------------------------------
     dinov2: str | None = None  # local Hugging Face folder or official .pth; REPA is off without it
@@ -104,6 +112,9 @@ class RefinerConfig:
             raise IdgbrError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.num_classes < 2:
             raise IdgbrError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.coarse_residual and self.prediction_type != "sample" and self.objective == "diffusion":
+            raise IdgbrError("coarse_residual needs prediction_type='sample' (the network predicts a correction of the "
+                             f"coarse latent), got {self.prediction_type!r}")
         if self.tile_size % self.size_multiple:
             raise IdgbrError(f"tile_size {self.tile_size} must be a multiple of {self.size_multiple} for this model")
 

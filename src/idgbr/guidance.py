@@ -35,16 +35,21 @@ GUIDANCE_TIMESTEP = 1  # the frozen encoder always runs at t = 1 (reference §3.
 
 @dataclass
 class GuidanceFeatures:
-    """t-independent guidance features of one batch of tiles: per level, ``concat(f_img, f_coarse)`` (B, 2C, h, w)."""
+    """t-independent guidance features of one batch of tiles: per level, ``concat(f_img, f_coarse)`` (B, 2C, h, w).
+
+    ``base``: the coarse label latent (B, C_lat, h, w) when the model predicts a residual on it, else None.
+    """
 
     levels: list[torch.Tensor]
+    base: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.levels[0].shape[0]
 
     def to(self, *args, **kwargs) -> "GuidanceFeatures":
-        return GuidanceFeatures([f.to(*args, **kwargs) for f in self.levels])
+        base = None if self.base is None else self.base.to(*args, **kwargs)
+        return GuidanceFeatures([f.to(*args, **kwargs) for f in self.levels], base)
 
     def expand(self, batch: int) -> "GuidanceFeatures":
         """Broadcast a batch of 1 to ``batch``; a batch equal to ``batch`` is returned as is."""
@@ -52,10 +57,11 @@ class GuidanceFeatures:
             return self
         if self.batch_size != 1:
             raise ValueError(f"guidance features have batch {self.batch_size}, expected 1 or {batch}")
-        return GuidanceFeatures([f.expand(batch, *f.shape[1:]) for f in self.levels])
+        base = None if self.base is None else self.base.expand(batch, *self.base.shape[1:])
+        return GuidanceFeatures([f.expand(batch, *f.shape[1:]) for f in self.levels], base)
 
     def __getitem__(self, index) -> "GuidanceFeatures":
-        return GuidanceFeatures([f[index] for f in self.levels])
+        return GuidanceFeatures([f[index] for f in self.levels], None if self.base is None else self.base[index])
 
 
 class GuidanceEncoder(nn.Module):

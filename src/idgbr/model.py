@@ -149,6 +149,9 @@ class IDGBRModel(nn.Module):
         if unet.config.in_channels != latent_channels or unet.config.out_channels != latent_channels:
             raise IdgbrError(f"the UNet takes {unet.config.in_channels} channels but the codec makes {latent_channels}")
         unet_parts.check_supported(unet)
+        if config.coarse_residual:  # a fresh model starts as the identity on the coarse map
+            nn.init.zeros_(unet.conv_out.weight)
+            nn.init.zeros_(unet.conv_out.bias)
         self.unet = unet
         # --- context: CLIP("") for sd15 (a buffer), a learned token sequence otherwise -----------------------
         dim = unet.config.cross_attention_dim
@@ -233,7 +236,10 @@ class IDGBRModel(nn.Module):
         """
         if not self.config.use_coarse:
             z_coarse = None
-        return self.guidance.encode(z_img, z_coarse, self.context)
+        features = self.guidance.encode(z_img, z_coarse, self.context)
+        if self.config.coarse_residual and z_coarse is not None:
+            features.base = z_coarse
+        return features
 
     # --- denoiser -------------------------------------------------------------------------------------------------
     def forward(
@@ -262,12 +268,14 @@ class IDGBRModel(nn.Module):
         skips, mid = unet_parts.encode_features(self.unet, hidden, emb, context)
         residuals = self.guidance.residuals(skips + [mid], cond)
         student = residuals[len(skips) - 1]
-        if drop is not None:
-            keep = (~drop.bool()).to(z_t.dtype).view(batch, 1, 1, 1)
+        keep = None if drop is None else (~drop.bool()).to(z_t.dtype).view(batch, 1, 1, 1)
+        if keep is not None:
             residuals = [r * keep for r in residuals]
         skips = [s + r for s, r in zip(skips, residuals[:-1])]
         mid = mid + residuals[-1]
         pred = unet_parts.decode(self.unet, emb, skips, mid, context)
+        if cond.base is not None:  # coarse_residual: x0 = z_coarse + correction (no coarse in the dropped branch)
+            pred = pred + (cond.base if keep is None else cond.base * keep).to(pred.dtype)
         if return_aux:
             return pred, {"repa": student, "residuals": residuals}
         return pred
@@ -280,7 +288,8 @@ class IDGBRModel(nn.Module):
         return DDIMScheduler(
             num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
             beta_schedule=c.beta_schedule, prediction_type=c.prediction_type, clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+            set_alpha_to_one=False, steps_offset=1 if c.timestep_spacing == "leading" else 0,
+            timestep_spacing=c.timestep_spacing,
         )
 
     # --- parameters -----------------------------------------------------------------------------------------------

@@ -120,12 +120,14 @@ class Refiner:
             z = scheduler.add_noise(z_coarse, noise, timesteps[:1].repeat(len(noise)))
         else:
             z = noise * scheduler.init_noise_sigma
+        x0_hat = z
         for step, t in enumerate(timesteps):
             out = scheduler.step(self._denoise(z, t, cond, guidance), t, z)
-            z = out.prev_sample
+            z, x0_hat = out.prev_sample, out.pred_original_sample
             if callback is not None:
-                callback(step, int(t), out.pred_original_sample)
-        return model.decode_logits(z)
+                callback(step, int(t), x0_hat)
+        # The last step's clean-latent estimate: prev_sample would still hold the noise of alphas_cumprod[0] < 1.
+        return model.decode_logits(x0_hat)
 
     def _denoise(self, z: torch.Tensor, t: torch.Tensor | int, cond: Any, guidance: float) -> torch.Tensor:
         """Network output at timestep ``t``; with ``guidance`` != 1, classifier-free guidance ``u + g (c - u)``."""
