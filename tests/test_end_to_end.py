@@ -40,10 +40,11 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
         assert {"miou", "mf1", "oa", "kappa", "wfm", "per_class"} <= set(metrics)
         assert set(metrics["wfm"]) == {"1", "3", "5"}
         assert 0 <= metrics["miou"] <= 1
-    assert set(entry["controls"]) == {"image_only", "deterministic"}
+    assert set(entry["controls"]) == {"image_only", "deterministic", "deterministic_gated"}
     assert "repair" in entry and "seconds" in entry
+    assert entry["gated"]["repair"]["iou_rtm"] >= 0 and entry["settings"]["gate_width"] == 8
     text = (run / "report.md").read_text()
-    assert "Coarse model: unet" in text and "beat" in text
+    assert "Coarse model: unet" in text and "beat" in text and "gated 8 px" in text
     assert (run / "bench_unet.png").stat().st_size > 0
     # a rerun reuses every finished stage
     capsys.readouterr()

@@ -123,3 +123,18 @@ def test_formatters(dataset: Path, tmp_path: Path) -> None:
     lines = table.strip().splitlines()
     assert len(lines) == 4 and "WFm 5px" in lines[0] and lines[3].startswith("| refined | 100.00")
     assert "repair,iou_imp" in format_csv(refined)
+
+
+def test_gated_evaluation_keeps_coarse_outside_the_band(dataset: Path, tmp_path: Path) -> None:
+    """Gate 0 scores (almost) the coarse map, a wide gate the refined map; a mid gate lies between."""
+    pred = write_predictions(tmp_path / "pred")
+    write_predictions(dataset / "coarse" / "rough", shift=3)
+    plain = evaluate_folder(dataset, pred, "test", coarse_dir="rough", progress=False)
+    wide = evaluate_folder(dataset, pred, "test", coarse_dir="rough", gate_width=40, progress=False)
+    none = evaluate_folder(dataset, pred, "test", coarse_dir="rough", gate_width=0, progress=False)
+    # (the coarse maps' nodata pixels stay nodata under any gate, hence not exactly equal)
+    assert wide["miou"] == pytest.approx(plain["miou"], abs=0.02) and wide["gate_width"] == 40
+    assert none["miou"] < plain["miou"]  # gate 0: only the coarse boundary pixels themselves are refined
+    assert none["miou"] > plain["coarse"]["miou"]
+    with pytest.raises(IdgbrError, match="--gate"):
+        evaluate_folder(dataset, pred, "test", gate_width=3, progress=False)

@@ -54,15 +54,20 @@ def _read_map(path: Path, num_classes: int, mask_path: Path, shape: tuple[int, i
 
 def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "test",
                     coarse_dir: str | Path | None = None, tolerances: Sequence[int] = (1, 3, 5), k: float = 1.0,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, gate_width: int | None = None) -> dict[str, Any]:
     """Score ``pred_dir/<stem>.png|.tif`` against the split's masks; with ``coarse_dir``, also the coarse maps and
     the repair analysis. Returns the :func:`~idgbr.metrics.evaluate_maps` dict plus ``data``, ``pred``, ``split``
     (and ``coarse_dir``). A missing prediction or a size mismatch raises :class:`IdgbrError` naming the file(s).
+
+    ``gate_width`` (needs ``coarse_dir``) scores the "do no harm" gated prediction: the refined label within
+    ``gate_width`` px of a coarse boundary, the coarse label elsewhere (what ``idgbr refine --gate`` writes).
     """
     data_root = Path(data_root)
     tolerances = [int(t) for t in tolerances]
     if not tolerances or min(tolerances) < 1:
         raise IdgbrError(f"--tolerances {tolerances}: give one or more widths >= 1 pixel, e.g. 1 3 5")
+    if gate_width is not None and (coarse_dir is None or gate_width < 0):
+        raise IdgbrError(f"--gate {gate_width}: gating needs --coarse DIR and a width >= 0 pixels")
     dataset = SegmentationDataset(data_root, split)
     pred = _resolve_folder(data_root, pred_dir, "prediction", "--pred")
     coarse = _resolve_folder(data_root, coarse_dir, "coarse-map", "--coarse") if coarse_dir is not None else None
@@ -82,14 +87,21 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
             if coarse is None:
                 yield mask, refined
             else:
-                yield mask, refined, _read_map(_find_map(coarse, stem, "coarse map", str(coarse)), num_classes,
-                                               mask_path, mask.shape)
+                coarse_map = _read_map(_find_map(coarse, stem, "coarse map", str(coarse)), num_classes, mask_path,
+                                       mask.shape)
+                if gate_width is not None:
+                    from .scene import gate_band
+
+                    refined = np.where(gate_band(coarse_map, gate_width), refined, coarse_map)
+                yield mask, refined, coarse_map
 
     result = evaluate_maps(pairs(), num_classes, tolerances=tolerances, k=k, class_names=dataset.classes.names,
                            ignore_index=IGNORE_INDEX)
     result.update(data=str(data_root), pred=str(pred), split=split)
     if coarse is not None:
         result["coarse_dir"] = str(coarse)
+    if gate_width is not None:
+        result["gate_width"] = gate_width
     return result
 
 

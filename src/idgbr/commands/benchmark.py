@@ -10,14 +10,18 @@ def register(sub) -> None:
     parser.add_argument("--coarse-arch", action="append", dest="archs", help="coarse architecture (repeatable)")
     parser.add_argument("--preset", default="lite", choices=("sd15", "lite", "tiny"))
     parser.add_argument("--out", required=True, help="run folder (stages already done there are reused)")
-    parser.add_argument("--coarse-encoder", default=None, help="encoder of the coarse models (default: resnet18)")
-    parser.add_argument("--coarse-iters", type=int, default=300)
+    parser.add_argument("--coarse-encoder", default="tu-mobilenetv3_small_100",
+                        help="encoder of the coarse models (default: tu-mobilenetv3_small_100, light enough for 2 CPU "
+                             "cores; 'resnet18' is smp's usual choice)")
+    parser.add_argument("--coarse-iters", type=int, default=200)
     parser.add_argument("--coarse-crop", type=int, default=256)
-    parser.add_argument("--coarse-batch", type=int, default=8)
+    parser.add_argument("--coarse-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="refiner training steps (default: the preset's)")
     parser.add_argument("--sample-steps", type=int, default=4, help="DDIM steps (default 4; the paper: 25)")
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default 1 = off; the paper: 3)")
     parser.add_argument("--strength", type=float, default=1.0, help="SDEdit strength (default 1 = from noise)")
+    parser.add_argument("--gate", type=int, default=8, metavar="PX",
+                        help="also score the gated maps: refined within PX of coarse boundaries (default 8; -1: off)")
     parser.add_argument("--no-controls", action="store_true", help="skip the image-only and deterministic controls")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="RefinerConfig override")
     parser.add_argument("--seed", type=int, default=0)
@@ -32,7 +36,7 @@ def run(args) -> int:
         coarse_archs=tuple(args.archs or ("deeplabv3plus", "unet")), preset=args.preset,
         coarse_encoder=args.coarse_encoder, coarse_iters=args.coarse_iters, coarse_crop=args.coarse_crop, coarse_batch=args.coarse_batch,
         refiner_steps=args.steps, sample_steps=args.sample_steps, guidance=args.guidance, strength=args.strength,
-        controls=not args.no_controls, seed=args.seed, overrides=parse_overrides(args.set))
+        controls=not args.no_controls, gate_width=None if args.gate < 0 else args.gate, seed=args.seed, overrides=parse_overrides(args.set))
     report = run_benchmark(args.data, args.out, settings)
     print(f"wrote {args.out}/report.json and report.md ({len(report['results'])} coarse models)")
     return 0

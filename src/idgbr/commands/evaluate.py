@@ -19,6 +19,9 @@ def register(sub) -> None:
     parser.add_argument("--tolerances", type=int, nargs="+", default=[1, 3, 5], metavar="PX",
                         help="boundary-band widths for WFm (default 1 3 5)")
     parser.add_argument("--k", type=float, default=1.0, help="penalty k of IoU_imp = IoU_RFm - k (1 - IoU_RTm)")
+    parser.add_argument("--gate", type=int, default=None, metavar="PX",
+                        help="score the gated prediction: refined labels within PX of a coarse boundary, coarse "
+                             "labels elsewhere (needs --coarse)")
     parser.add_argument("--out", default=None, help="write the report to this file instead of stdout")
     parser.set_defaults(func=run)
 
@@ -28,7 +31,8 @@ def run(args) -> int:
     from ..io import atomic_path
 
     result = evaluate_folder(args.data, args.pred, args.split, coarse_dir=args.coarse,
-                             tolerances=args.tolerances, k=args.k, progress=sys.stderr.isatty())
+                             tolerances=args.tolerances, k=args.k, progress=sys.stderr.isatty(),
+                             gate_width=args.gate)
     if args.format == "md":
         text = format_markdown(result, f"Evaluation of {Path(args.pred).name} ({args.split})")
     else:
