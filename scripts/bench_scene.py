@@ -5,8 +5,8 @@
 For each size a synthetic 3-band uint8 GeoTIFF (EPSG:32633, 0.5 m pixels, a 64 px nodata border on the left)
 and its coarse map are written block by block (a mosaic of 500 px ``idgbr.synthetic.make_scene`` blocks, half of
 them homogeneous land or water as in real scenes; the coarse map is ``degrade_mask`` of the truth), then a
-lite-preset model with random weights (timing only) refines it with the fast setting (steps=2, strength=0.4,
-guidance=1) in a fresh subprocess, which reports its wall time and peak RSS (``ru_maxrss``). Each run also
+lite-preset model with random weights (timing only; ``--model RUN`` takes a trained one) refines it with the fast
+setting (``--steps 2 --strength 0.4``, guidance 1) in a fresh subprocess, which reports its wall time and peak RSS (``ru_maxrss``). Each run also
 reports the seam score of its output (:func:`idgbr.scene.seam_score`). ``--fake-model`` measures the scene
 loop alone (windowed I/O, memmap accumulators, output) with ``logits = 10 * coarse prior`` instead of the network. ``--gate PX`` adds a gated run per size
 (skipped-tile fraction); ``--tile-noise`` adds an ablation run whose tiles draw independent noise (no scene-level
@@ -78,7 +78,10 @@ def child(args: argparse.Namespace) -> None:
     from idgbr import scene as scene_module
 
     torch.manual_seed(0)
-    refiner = Refiner(IDGBRModel(RefinerConfig.preset_config("lite", num_classes=6, image_channels=3)))
+    if args.model:  # a trained run folder
+        refiner = Refiner.from_pretrained(args.model)
+    else:  # random weights: the cost is the same
+        refiner = Refiner(IDGBRModel(RefinerConfig.preset_config("lite", num_classes=6, image_channels=3)))
     if args.fake_model:  # I/O, blending and memory of the scene loop alone: logits = the coarse prior
         refiner.sample = lambda image, coarse, steps, guidance, strength, noise: 10 * coarse
     if args.tile_noise:  # ablation: every tile draws its own noise
@@ -88,7 +91,7 @@ def child(args: argparse.Namespace) -> None:
         scene_module.NoiseField.cut = cut
     start = time.perf_counter()
     summary = scene_module.refine_scene(refiner, args.image, args.coarse, args.target, tile=args.tile,
-                                        overlap=args.overlap, steps=2, strength=0.4, guidance=1.0,
+                                        overlap=args.overlap, steps=args.steps, strength=args.strength, guidance=1.0,
                                         gate_width=args.gate, batch_size=args.batch, resume=False, progress=False)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -104,7 +107,10 @@ def child(args: argparse.Namespace) -> None:
 def run_child(image: Path, coarse: Path, target: Path, ns: argparse.Namespace, gate: int | None = None,
               tile_noise: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", "--image", str(image), "--coarse", str(coarse), "--target", str(target),
-           "--tile", str(ns.tile), "--overlap", str(ns.overlap), "--batch", str(ns.batch)]
+           "--tile", str(ns.tile), "--overlap", str(ns.overlap), "--batch", str(ns.batch),
+           "--steps", str(ns.steps), "--strength", str(ns.strength)]
+    if ns.model:
+        cmd += ["--model", str(ns.model)]
     if gate is not None:
         cmd += ["--gate", str(gate)]
     if tile_noise:
@@ -124,6 +130,9 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--model", type=Path, default=None, help="a trained run folder (default: lite, random weights)")
+    parser.add_argument("--steps", type=int, default=2, help="DDIM steps (default 2)")
+    parser.add_argument("--strength", type=float, default=0.4, help="SDEdit strength (default 0.4)")
     parser.add_argument("--gate", type=int, default=None, help="also run with this gate width per size")
     parser.add_argument("--tile-noise", action="store_true", help="also run the per-tile-noise ablation per size")
     parser.add_argument("--fake-model", action="store_true",
