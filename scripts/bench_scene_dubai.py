@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=None)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--images", type=int, default=None, help="use this many test images, spread over the split")
     parser.add_argument("--out", type=Path, default=Path("/tmp/scene_dubai"))
     args = parser.parse_args()
 
@@ -58,7 +59,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     maps: dict[str, list[np.ndarray]] = {"coarse": [], "refined": [], "gated": []}
     truths, tiles, skipped, seconds = [], 0, 0, {"refined": 0.0, "gated": 0.0}
-    for index, stem in enumerate(dataset.stems):
+    picks = range(len(dataset))
+    if args.images:
+        picks = list(picks)[:: max(1, len(dataset) // args.images)][: args.images]
+    for index in picks:
+        stem = dataset.stems[index]
         sample = dataset[index]
         image_tif, coarse_tif = args.out / f"{stem}_image.tif", args.out / f"{stem}_coarse.tif"
         to_geotiff(image_tif, sample["image"].transpose(2, 0, 1), nodata=None)

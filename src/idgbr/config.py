@@ -187,8 +187,10 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
     # Then (Dubai, half resolution, deterministic refiner, 300 steps, 6 test images): factor 8 could not place
     # boundaries finer than its 8x8 blocks (WFm3 -0.6 vs coarse); factor 4 with (16, 32, 64) costs about the same
     # per step and gave WFm3 +0.2 / mIoU +0.9. coarse_residual: the diffusion refiner without it lost 18 WFm points.
+    # Sampling: the fast mode picked from `idgbr bench-speed` (docs/results/bench_speed_dubai_half.md): 4 DDIM steps
+    # from noise without CFG, 4 network evaluations instead of the paper's 50.
     "lite": dict(latent_factor=4, block_out_channels=(16, 32, 64), norm_num_groups=8, crop_size=128, embed_steps=400,
-                 coarse_residual=True),
+                 coarse_residual=True, sample_steps=4, guidance_scale=1.0),
     # For tests: well under a second per step.
     "tiny": dict(
         block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
