@@ -103,8 +103,8 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
     coarse_dir = data_root / "coarse" / coarse if coarse else None
     result = evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir)
     if coarse_dir is not None and settings.gate_width is not None:
-        gated = evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir, gate_width=settings.gate_width)
-        result["gated"] = {**_strip(gated), "repair": gated.get("repair", {})}
+        result["gated"] = evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir,
+                                          gate_width=settings.gate_width)
     return result
 
 
