@@ -198,14 +198,17 @@ def test_coarse_residual_starts_as_the_coarse_map() -> None:
     assert (Refiner(plain).refine(image, coarse, steps=2, generator=gen()) != coarse).any()
 
 
-def test_coarse_residual_dropped_branch_has_no_coarse() -> None:
-    model = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, coarse_residual=True)).eval()
+@pytest.mark.parametrize("keeps_base", [True, False])
+def test_coarse_residual_dropped_branch_base(keeps_base: bool) -> None:
+    model = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, coarse_residual=True,
+                                                   dropped_keeps_base=keeps_base)).eval()
     z = torch.randn(2, model.codec.label_latent_channels, 4, 4)
     z_img = torch.randn(2, model.codec.image_latent_channels(3), 4, 4)
     cond = model.condition(z_img, z)
     assert cond.base is not None
     out = model(torch.zeros_like(z), torch.tensor([500, 500]), cond, drop=torch.tensor([True, False]))
-    torch.testing.assert_close(out[0], torch.zeros_like(out[0]))  # zero output layer, no coarse base
+    # zero output layer: the dropped branch is the coarse latent itself, or nothing without the base
+    torch.testing.assert_close(out[0], z[0] if keeps_base else torch.zeros_like(out[0]))
     torch.testing.assert_close(out[1], z[1])
     image_only = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, coarse_residual=True, use_coarse=False))
     assert image_only.condition(z_img, z).base is None

@@ -57,6 +57,10 @@ class RefinerConfig:
     freeze_guidance_encoder: bool = False  # True for sd15 (a frozen pretrained copy); trained in lite/tiny
     use_coarse: bool = True  # False: image only (the paper's Experiment A)
     guidance_kv_grid: int = 16  # CG keys/values avg-pooled to at most this grid side (CPU cost); 0 = full (reference)
+    # Side (in pixels) at which the CG positional embeddings are built: "crop" trains every entry at crop_size
+    # (other sizes interpolate it, once per size at inference); "tile" is the earlier behaviour (built at
+    # tile_size and resized to the crop on every training call).
+    pos_embed_size: Literal["crop", "tile"] = "crop"
 
     # --- diffusion -----------------------------------------------------------------------------------------------
     num_train_timesteps: int = 1000
@@ -69,12 +73,19 @@ class RefinerConfig:
     # e.g. t = 751 for 4 steps and t = 1 for one step, although sampling starts from pure noise; "trailing" starts
     # at t = 999 for any number of steps (Lin et al. 2024), which few-step sampling needs.
     timestep_spacing: Literal["leading", "trailing"] = "trailing"
-    cubic_timesteps: bool = True  # t' = (1 - (t/T)^3) T, clamped to T-1
+    cubic_timesteps: bool = True  # t' = (1 - (t/T)^3) T, clamped to T-1 (with train_timesteps "all")
+    # Which timesteps training draws: "all" of 0..T-1 (cubic-warped when cubic_timesteps, the paper), or
+    # "sampler": only those that sampling with `sample_steps` visits (e.g. 999/749/499/249 for 4 trailing steps),
+    # uniformly, so that every training step teaches exactly what inference asks for.
+    train_timesteps: Literal["all", "sampler"] = "all"
     cond_dropout: float = 0.1  # conditioning dropout for CFG; the reference trains with 0 (§3.7)
     # Residual on the coarse map (ours, not in the paper): the predicted clean latent is z_coarse + network output,
     # with a zero-initialised output layer, so an untrained refiner returns the coarse map and training learns only
     # corrections. Needs prediction_type "sample" (or the deterministic objective).
     coarse_residual: bool = False
+    # With coarse_residual, the CFG/dropout branch keeps the coarse base (x0 = z_coarse + unconditional
+    # correction). False is the earlier behaviour (the dropped branch predicts the whole label latent).
+    dropped_keeps_base: bool = True
 
     # --- REPA (DINOv2 alignment) ---------------------------------------------------------------------------------
     dinov2: str | None = None  # local Hugging Face folder or official .pth; REPA is off without it
@@ -96,6 +107,10 @@ class RefinerConfig:
     seed: int = 0
     coarse_corruption: float = 0.5  # share of training samples whose coarse map is a synthetic degradation of GT
     ce_weight: float = 0.0  # extra cross-entropy on the decoded predicted x0 (pixel space, ignore masked)
+    # Pixels within boundary_width px of a ground-truth boundary weigh 1 + boundary_weight in that cross-entropy
+    # (and in the deterministic objective's).
+    boundary_weight: float = 0.0
+    boundary_width: int = 3
 
     # --- inference defaults --------------------------------------------------------------------------------------
     tile_size: int = 256
@@ -103,6 +118,8 @@ class RefinerConfig:
     sample_steps: int = 25
     guidance_scale: float = 3.0
     strength: float = 1.0
+    samples: int = 1  # samples per tile whose probabilities are averaged (a posterior-mean estimate)
+    noise_scale: float = 1.0  # scale of the starting noise; 0 = deterministic zero-noise start
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -161,7 +178,15 @@ class RefinerConfig:
             values = json.loads(path.read_text())
         except ValueError as exc:
             raise file_error(path, f"not valid JSON ({exc})", "restore the file from the run") from None
+        # Fields added later, whose new default would change a saved model: keep what it was trained with.
+        for key, old in _LEGACY_DEFAULTS.items():
+            if isinstance(values, dict):
+                values.setdefault(key, old)
         return cls.from_dict(values, str(path))
+
+
+# Saved configs that predate a field were trained with this value of it.
+_LEGACY_DEFAULTS: dict[str, Any] = {"pos_embed_size": "tile", "dropped_keeps_base": False}
 
 
 def _field_names() -> set[str]:

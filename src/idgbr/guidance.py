@@ -142,12 +142,26 @@ class CGModule(nn.Module):
         """Parameters of the cross-attention branch (empty in mode "none")."""
         return [p for n, p in self.named_parameters() if not n.startswith("fuse.")]
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, W, h, w) + interpolated positional embedding -> (B, h w, W)."""
+    def _position(self, size: torch.Size) -> torch.Tensor:
+        """The positional embedding at grid ``size``: the parameter itself at its own size; otherwise bicubic
+        interpolated, and outside training kept per size until the parameter changes (once per size, not per call)."""
         pos = self.pos_embed
-        if pos.shape[-2:] != x.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
-        return (x + pos).flatten(2).transpose(1, 2)
+        if pos.shape[-2:] == size:
+            return pos
+        if self.training and torch.is_grad_enabled():
+            return F.interpolate(pos, size=size, mode="bicubic", align_corners=False)
+        key = (tuple(size), pos._version, pos.device, pos.dtype)
+        cache = self.__dict__.setdefault("_pos_cache", {})
+        if key not in cache:
+            if len(cache) >= 8:
+                cache.clear()
+            with torch.no_grad():
+                cache[key] = F.interpolate(pos, size=size, mode="bicubic", align_corners=False)
+        return cache[key]
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, W, h, w) + positional embedding -> (B, h w, W)."""
+        return (x + self._position(x.shape[-2:])).flatten(2).transpose(1, 2)
 
     def forward(self, f_zt: torch.Tensor, f_c: torch.Tensor) -> torch.Tensor:
         fused = self.fuse(torch.cat([f_zt, f_c], 1))

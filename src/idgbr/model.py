@@ -162,7 +162,8 @@ class IDGBRModel(nn.Module):
         # --- guidance ----------------------------------------------------------------------------------------
         self.guidance = GuidanceNetwork(
             unet, self.codec.image_latent_channels(config.image_channels), config.guidance_attention_width,
-            config.guidance_heads, config.guidance_attention, base_grid=max(1, config.tile_size // self.codec.factor),
+            config.guidance_heads, config.guidance_attention,
+            base_grid=max(1, (config.crop_size if config.pos_embed_size == "crop" else config.tile_size) // self.codec.factor),
             kv_grid=config.guidance_kv_grid, freeze_encoder=config.freeze_guidance_encoder,
         )
         # --- label embedding (trained first, frozen here) ----------------------------------------------------
@@ -274,8 +275,9 @@ class IDGBRModel(nn.Module):
         skips = [s + r for s, r in zip(skips, residuals[:-1])]
         mid = mid + residuals[-1]
         pred = unet_parts.decode(self.unet, emb, skips, mid, context)
-        if cond.base is not None:  # coarse_residual: x0 = z_coarse + correction (no coarse in the dropped branch)
-            pred = pred + (cond.base if keep is None else cond.base * keep).to(pred.dtype)
+        if cond.base is not None:  # coarse_residual: x0 = z_coarse + correction
+            base = cond.base if keep is None or self.config.dropped_keeps_base else cond.base * keep
+            pred = pred + base.to(pred.dtype)
         if return_aux:
             return pred, {"repa": student, "residuals": residuals}
         return pred

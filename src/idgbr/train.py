@@ -56,6 +56,7 @@ class RefinerObjective(nn.Module):
         self.model = model
         self.config = config
         self.scheduler = model.make_scheduler()
+        self.visited = sampler_timesteps(model.make_scheduler(), config.sample_steps)  # train_timesteps="sampler"
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, generator: torch.Generator,
                 teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -86,11 +87,9 @@ class RefinerObjective(nn.Module):
             t = torch.full((batch,), last, dtype=torch.long, device=z0.device)
             out = model(torch.zeros_like(z0), t, cond, drop=None, return_aux=want_aux)
             x0_hat, aux = out if want_aux else (out, {})
-            losses["main"] = F.cross_entropy(model.decode_logits(x0_hat).float(), mask, ignore_index=IGNORE_INDEX)
+            losses["main"] = label_loss(model.decode_logits(x0_hat), mask, target, cfg)
         else:
-            t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=generator)
-            if cfg.cubic_timesteps:  # t' = (1 - (t/T)^3) T, clamped to T-1 (reference §5)
-                t = ((1 - (t.float() / cfg.num_train_timesteps) ** 3) * cfg.num_train_timesteps).clamp(max=last).long()
+            t = self.draw_timesteps(batch, generator)
             noise = torch.randn(z0.shape, generator=generator).to(z0)
             drop = torch.rand(batch, generator=generator) < cfg.cond_dropout  # trains the CFG uncond branch (§3.7)
             t, drop = t.to(z0.device), drop.to(z0.device)
@@ -106,13 +105,50 @@ class RefinerObjective(nn.Module):
             losses["main"] = F.mse_loss(pred.float(), goal.float())
             if cfg.ce_weight > 0:
                 x0_hat = predicted_x0(self.scheduler, cfg.prediction_type, z_t, t, pred)
-                losses["ce"] = F.cross_entropy(model.decode_logits(x0_hat).float(), mask, ignore_index=IGNORE_INDEX)
+                losses["ce"] = label_loss(model.decode_logits(x0_hat), mask, target, cfg)
         if want_aux:
             from .repa import repa_loss
 
             losses["repa"] = repa_loss(aux["repa"], teacher, model.projector)
         losses["loss"] = losses["main"] + cfg.ce_weight * losses["ce"] + cfg.repa_weight * losses["repa"]
         return losses
+
+    def draw_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(B,) training timesteps: ``train_timesteps="sampler"`` draws uniformly among the ones that sampling with
+        ``sample_steps`` visits; "all" draws from 0..T-1, warped to t' = (1 - (t/T)^3) T with cubic_timesteps."""
+        cfg, last = self.config, self.config.num_train_timesteps - 1
+        if cfg.train_timesteps == "sampler":
+            return self.visited[torch.randint(0, len(self.visited), (batch,), generator=generator)]
+        t = torch.randint(0, cfg.num_train_timesteps, (batch,), generator=generator)
+        if cfg.cubic_timesteps:  # reference §5
+            t = ((1 - (t.float() / cfg.num_train_timesteps) ** 3) * cfg.num_train_timesteps).clamp(max=last).long()
+        return t
+
+
+def sampler_timesteps(scheduler: Any, steps: int) -> torch.Tensor:
+    """The timesteps (long, descending) that DDIM sampling with ``steps`` steps visits, as ``Refiner`` runs it."""
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.clone().long()
+
+
+def boundary_map(labels: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, W) bool: pixels with another label within a (2 width + 1)² window (class boundaries, ``width`` px)."""
+    x = labels[:, None].float()
+    size = 2 * width + 1
+    high = F.max_pool2d(x, size, stride=1, padding=width)
+    low = -F.max_pool2d(-x, size, stride=1, padding=width)
+    return (high != low)[:, 0]
+
+
+def label_loss(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, cfg: RefinerConfig) -> torch.Tensor:
+    """Pixel cross-entropy of (B, K, H, W) logits against ``mask`` (ignore masked); with ``boundary_weight`` the
+    pixels within ``boundary_width`` of a boundary of ``target`` (the mask, ignore filled) weigh 1 + boundary_weight."""
+    if cfg.boundary_weight <= 0:
+        return F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
+    per_pixel = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="none")
+    weight = 1 + cfg.boundary_weight * boundary_map(target, cfg.boundary_width).float()
+    weight = weight * (mask != IGNORE_INDEX)
+    return (per_pixel * weight).sum() / weight.sum().clamp(min=1)
 
 
 def predicted_x0(scheduler: Any, prediction_type: str, z_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
