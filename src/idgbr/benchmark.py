@@ -36,6 +36,8 @@ class BenchmarkSettings:
     sample_steps: int | None = 4
     guidance: float | None = 1.0
     strength: float | None = 1.0
+    samples: int | None = None  # samples averaged per tile (None: the model's config)
+    noise_scale: float | None = None  # starting-noise scale (None: the model's config)
     controls: bool = True
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
     seed: int = 0
@@ -97,7 +99,8 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
     stages(f"train refiner {name}", model_dir, {"config": config.to_dict(), "coarse": coarse},
            lambda: train_refiner(config, data_root, coarse, model_dir, resume=True))
     pred_dir = run / "refined" / name
-    infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength}
+    infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength,
+             "samples": settings.samples, "noise_scale": settings.noise_scale}
     stages(f"refine test with {name}", pred_dir, {"model": str(model_dir), "coarse": coarse, **infer},
            lambda: Refiner.from_pretrained(model_dir).refine_folder(data_root, "test", coarse, pred_dir, **infer))
     coarse_dir = data_root / "coarse" / coarse if coarse else None

@@ -30,16 +30,18 @@ from .errors import IdgbrError, file_error
 from .io import write_label
 
 
-def _repeat_batch(tree: Any) -> Any:
-    """Concatenate every tensor of a (nested) conditioning structure with itself along the batch axis (CFG)."""
+def _repeat_batch(tree: Any, times: int = 2) -> Any:
+    """Concatenate every tensor of a (nested) conditioning structure ``times`` times along the batch axis (CFG,
+    several samples per tile)."""
     if isinstance(tree, torch.Tensor):
-        return torch.cat([tree, tree])
+        return torch.cat([tree] * times)
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # e.g. guidance.GuidanceFeatures
-        return dataclasses.replace(tree, **{f.name: _repeat_batch(getattr(tree, f.name)) for f in dataclasses.fields(tree)})
+        return dataclasses.replace(tree, **{f.name: _repeat_batch(getattr(tree, f.name), times)
+                                            for f in dataclasses.fields(tree)})
     if isinstance(tree, dict):
-        return {key: _repeat_batch(value) for key, value in tree.items()}
+        return {key: _repeat_batch(value, times) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_repeat_batch(value) for value in tree)
+        return type(tree)(_repeat_batch(value, times) for value in tree)
     return tree
 
 
@@ -91,27 +93,37 @@ class Refiner:
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
-               noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Class logits (B, K, H, W) for image tiles (B, C, H, W) and coarse probabilities (B, K, H, W).
+               noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None = None,
+               noise_scale: float = 1.0) -> torch.Tensor:
+        """Class logits (S B, K, H, W) for image tiles (B, C, H, W) and coarse probabilities (B, K, H, W).
 
-        ``noise`` (B, C_lat, H/f, W/f) is the starting noise. ``strength`` < 1 starts from the coarse latent
-        noised to the first kept timestep and runs only the remaining ``round(steps * strength)`` steps.
-        ``callback(step, t, x0_hat)`` sees the predicted clean latent after every step (for analyses).
+        ``noise`` (S B, C_lat, H/f, W/f) is the starting noise of S samples per tile (sample-major: rows s B .. s B
+        + B - 1 are sample s); the t-independent conditioning is computed once for the B tiles and shared.
+        ``noise_scale`` multiplies it (0: a deterministic start from the zero latent, or from the coarse latent
+        itself when ``strength`` < 1). ``strength`` < 1 starts from the coarse latent noised to the first kept
+        timestep and runs only the remaining ``round(steps * strength)`` steps. ``callback(step, t, x0_hat)`` sees
+        the predicted clean latent after every step (for analyses).
         """
         if self.autocast_dtype is not None and self.device.type != "cpu":
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                return self._sample(image, coarse, steps, guidance, strength, noise, callback).float()
-        return self._sample(image, coarse, steps, guidance, strength, noise, callback)
+                return self._sample(image, coarse, steps, guidance, strength, noise * noise_scale, callback).float()
+        return self._sample(image, coarse, steps, guidance, strength, noise * noise_scale, callback)
 
     def _sample(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
                 noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None) -> torch.Tensor:
         model, cfg = self.model, self.config
         self.last_nfe = 0
+        if len(noise) % len(image):
+            raise IdgbrError(f"noise batch {len(noise)} is not a multiple of the {len(image)} tiles")
+        samples = len(noise) // len(image)
         z_img = model.encode_image(model.normalize_image(image))
         z_coarse = model.encode_labels(coarse)
         cond = model.condition(z_img, z_coarse if cfg.use_coarse else torch.zeros_like(z_coarse))  # once per tile
         if cfg.objective == "deterministic":  # one pass, no noise
-            return model.decode_logits(self._denoise(torch.zeros_like(z_coarse), cfg.num_train_timesteps - 1, cond, 1.0))
+            logits = model.decode_logits(self._denoise(torch.zeros_like(z_coarse), cfg.num_train_timesteps - 1, cond, 1.0))
+            return _repeat_batch(logits, samples)
+        if samples > 1:
+            cond, z_coarse = _repeat_batch(cond, samples), _repeat_batch(z_coarse, samples)
         scheduler = model.make_scheduler()
         scheduler.set_timesteps(steps)
         timesteps = scheduler.timesteps
@@ -148,7 +160,8 @@ class Refiner:
     def refine(self, image: np.ndarray | Sequence[np.ndarray], coarse: np.ndarray | Sequence[np.ndarray],
                steps: int | None = None, guidance: float | None = None, strength: float | None = None,
                generator: torch.Generator | None = None, return_probs: bool = False, batch_size: int = 4,
-               callback: Callable[[int, int, torch.Tensor], None] | None = None):
+               callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int | None = None,
+               noise_scale: float | None = None, return_agreement: bool = False):
         """Refine one image or a list of images.
 
         Args:
@@ -160,16 +173,26 @@ class Refiner:
             return_probs: also return the blended (K, H, W) float32 probabilities.
             batch_size: tiles per network batch.
             callback: ``callback(step, t, x0_hat)`` after every sampling step (analyses; see ``sample``).
+            samples: S > 1 draws S samples per tile in one batch and averages their probabilities (a posterior-mean
+                estimate instead of one noisy sample); default ``config.samples``.
+            noise_scale: multiplies the starting noise (0: deterministic zero-noise start); default
+                ``config.noise_scale``.
+            return_agreement: also return the (H, W) float32 share of the S samples whose label equals the returned
+                one (1 everywhere for S = 1): a per-pixel confidence.
         Returns:
-            (H, W) uint8 index map (nodata pixels stay ``IGNORE_INDEX``), or ``(map, probs)``; lists for list input.
+            (H, W) uint8 index map (nodata pixels stay ``IGNORE_INDEX``), or a tuple ``(map, probs)``, ``(map,
+            agreement)`` or ``(map, probs, agreement)``; lists for list input.
         """
         cfg = self.config
         steps = cfg.sample_steps if steps is None else int(steps)
         guidance = cfg.guidance_scale if guidance is None else float(guidance)
         strength = cfg.strength if strength is None else float(strength)
-        if steps < 1 or not 0 < strength <= 1 or guidance < 0 or batch_size < 1:
-            raise IdgbrError(f"need steps >= 1, 0 < strength <= 1, guidance >= 0 and batch_size >= 1; got steps={steps}, "
-                             f"strength={strength}, guidance={guidance}, batch_size={batch_size}")
+        samples = cfg.samples if samples is None else int(samples)
+        noise_scale = cfg.noise_scale if noise_scale is None else float(noise_scale)
+        if steps < 1 or not 0 < strength <= 1 or guidance < 0 or batch_size < 1 or samples < 1 or noise_scale < 0:
+            raise IdgbrError(f"need steps >= 1, 0 < strength <= 1, guidance >= 0, batch_size >= 1, samples >= 1 and "
+                             f"noise_scale >= 0; got steps={steps}, strength={strength}, guidance={guidance}, "
+                             f"batch_size={batch_size}, samples={samples}, noise_scale={noise_scale}")
         many = isinstance(image, (list, tuple))
         images = list(image) if many else [image]
         coarses = list(coarse) if isinstance(coarse, (list, tuple)) else [coarse]
@@ -177,17 +200,22 @@ class Refiner:
             raise IdgbrError(f"{len(images)} images but {len(coarses)} coarse maps; give one coarse map per image")
         results = []
         for img, crs in zip(images, coarses):
-            probs = self._refine_one(img, crs, steps, guidance, strength, generator, batch_size, callback)
+            probs = self._refine_one(img, crs, steps, guidance, strength, generator, batch_size, callback, samples,
+                                     noise_scale)
+            probs, agreement = probs[:cfg.num_classes], probs[cfg.num_classes]
             labels = probs.argmax(0).astype(np.uint8)
             if not _is_soft(crs):
                 labels[np.asarray(crs) == IGNORE_INDEX] = IGNORE_INDEX
-            results.append((labels, probs) if return_probs else labels)
+            extra = ([probs] if return_probs else []) + ([agreement] if return_agreement else [])
+            results.append((labels, *extra) if extra else labels)
         return results if many else results[0]
 
     def _refine_one(self, image: np.ndarray, coarse: np.ndarray, steps: int, guidance: float, strength: float,
                     generator: torch.Generator | None, batch_size: int,
-                    callback: Callable[[int, int, torch.Tensor], None] | None = None) -> np.ndarray:
-        """Blended (K, H, W) probabilities for one image, tile by tile."""
+                    callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int = 1,
+                    noise_scale: float = 1.0) -> np.ndarray:
+        """Blended (K + 1, H, W) for one image, tile by tile: the class probabilities (the mean over ``samples``)
+        and, last, the share of samples agreeing with the mean's label."""
         from .tiling import sliding_window
 
         cfg = self.config
@@ -197,16 +225,19 @@ class Refiner:
         soft = coarse.shape[0] > 1
         dtype = torch.from_numpy(np.empty(0, dtype=image.dtype)).dtype  # tiles go back to the input dtype
 
-        def predict(batch: torch.Tensor) -> torch.Tensor:  # (B, C + 1 or C + K, h, w) -> (B, K, h, w)
+        def predict(batch: torch.Tensor) -> torch.Tensor:  # (B, C + 1 or C + K, h, w) -> (B, K + 1, h, w)
             tiles = batch[:, :bands].to(dtype).to(self.device)
             prior = batch[:, bands:] if soft else _one_hot(batch[:, bands].long(), cfg.num_classes)
             prior = prior.to(self.device)
             z_shape = self._latent_shape(tiles.shape[-2:])
-            noise = torch.stack([torch.randn(z_shape, generator=generator) for _ in range(len(tiles))]).to(self.device)
-            logits = self.sample(tiles, prior, steps, guidance, strength, noise, callback)
-            return torch.softmax(logits.float(), dim=1)
+            noise = torch.stack([torch.randn(z_shape, generator=generator) for _ in range(samples * len(tiles))])
+            logits = self.sample(tiles, prior, steps, guidance, strength, noise.to(self.device), callback, noise_scale)
+            probs = torch.softmax(logits.float(), dim=1).unflatten(0, (samples, len(tiles)))  # (S, B, K, h, w)
+            mean = probs.mean(0)
+            agreement = (probs.argmax(2) == mean.argmax(1)).float().mean(0)  # (B, h, w)
+            return torch.cat([mean, agreement[:, None]], 1)
 
-        return sliding_window(predict, stacked, cfg.num_classes, tile=cfg.tile_size, overlap=cfg.tile_overlap,
+        return sliding_window(predict, stacked, cfg.num_classes + 1, tile=cfg.tile_size, overlap=cfg.tile_overlap,
                               batch_size=batch_size, multiple=cfg.size_multiple)
 
     def _latent_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:

@@ -587,7 +587,8 @@ def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[
     for sample in range(samples):
         start = torch.stack([noise.cut(sample, windows[index].row // f, windows[index].col // f, lat_h, lat_w)
                              for index, _ in batch])
-        logits = refiner.sample(image.to(device), prior.to(device), steps, guidance, strength, start.to(device))
+        logits = refiner.sample(image.to(device), prior.to(device), steps, guidance, strength, start.to(device),
+                                noise_scale=cfg.noise_scale)
         out[:, sample] = torch.softmax(logits.float(), dim=1)[..., crop[0], crop[1]].cpu().numpy()
     clipped = [_clip(windows[index], scene.height, scene.width) for index, _ in batch]
     scratch.add(clipped, [o[:, :, :w.height, :w.width] for o, w in zip(out, clipped)],

@@ -20,6 +20,10 @@ def register(sub) -> None:
     parser.add_argument("--sample-steps", type=int, default=4, help="DDIM steps (default 4; the paper: 25)")
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default 1 = off; the paper: 3)")
     parser.add_argument("--strength", type=float, default=1.0, help="SDEdit strength (default 1 = from noise)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples averaged per tile (default: the preset's)")
+    parser.add_argument("--noise-scale", type=float, default=None,
+                        help="starting-noise scale, 0 = deterministic start (default: the preset's)")
     parser.add_argument("--gate", type=int, default=8, metavar="PX",
                         help="also score the gated maps: refined within PX of coarse boundaries (default 8; -1: off)")
     parser.add_argument("--no-controls", action="store_true", help="skip the image-only and deterministic controls")
@@ -36,7 +40,7 @@ def run(args) -> int:
         coarse_archs=tuple(args.archs or ("deeplabv3plus", "unet")), preset=args.preset,
         coarse_encoder=args.coarse_encoder, coarse_iters=args.coarse_iters, coarse_crop=args.coarse_crop, coarse_batch=args.coarse_batch,
         refiner_steps=args.steps, sample_steps=args.sample_steps, guidance=args.guidance, strength=args.strength,
-        controls=not args.no_controls, gate_width=None if args.gate < 0 else args.gate, seed=args.seed, overrides=parse_overrides(args.set))
+        samples=args.samples, noise_scale=args.noise_scale, controls=not args.no_controls, gate_width=None if args.gate < 0 else args.gate, seed=args.seed, overrides=parse_overrides(args.set))
     report = run_benchmark(args.data, args.out, settings)
     print(f"wrote {args.out}/report.json and report.md ({len(report['results'])} coarse models)")
     return 0

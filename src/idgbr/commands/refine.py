@@ -27,13 +27,16 @@ def register(sub) -> None:
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's, 25)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: the model's, 3)")
     parser.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (default: 1)")
+    parser.add_argument("--noise-scale", type=float, default=None,
+                        help="scale of the starting noise, 0 = deterministic start (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--batch", type=int, default=4, help="tiles per network batch (default: 4)")
     scene = parser.add_argument_group("scene mode (GeoTIFF / large images)")
     scene.add_argument("--tile", type=int, default=None, help="tile size in px (default: the model's tile_size)")
     scene.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: the model's tile_overlap)")
     scene.add_argument("--samples", type=int, default=None,
-                       help="draw N refinements; write the majority vote and <out>_uncertainty.tif (default: 1)")
+                       help="draw N refinements; scene mode writes the majority vote and <out>_uncertainty.tif, "
+                            "folder mode averages their probabilities (default: the model's, 1)")
     scene.add_argument("--gate", type=int, default=None, metavar="PX",
                        help="refine only within PX px of coarse boundaries; keep the coarse label elsewhere")
     scene.add_argument("--confidence", type=float, default=None, metavar="P",
@@ -67,13 +70,15 @@ def run(args: argparse.Namespace) -> int:
     if folder:
         out = Path(args.out) if args.out else Path(args.data) / "refined" / Path(args.model).resolve().name
         written = refiner.refine_folder(args.data, args.split, args.coarse, out, seed=args.seed,
-                                        skip_existing=args.skip_existing, progress=not args.no_progress, **kw)
+                                        skip_existing=args.skip_existing, progress=not args.no_progress,
+                                        samples=args.samples, noise_scale=args.noise_scale, **kw)
         print(f"wrote {len(written)} maps to {out}")
         return 0
     if _scene_mode(args, refiner.config.tile_size):
         return _run_scene(args, refiner)
     image, geo = _read_inputs(args, refiner.config.num_classes, refiner.config.image_channels)
-    refined = refiner.refine(image[0], image[1], generator=torch.Generator().manual_seed(args.seed), **kw)
+    refined = refiner.refine(image[0], image[1], generator=torch.Generator().manual_seed(args.seed),
+                             noise_scale=args.noise_scale, **kw)
     from ..io import write_label
 
     write_label(args.out, refined, geo, nodata=255 if geo else None)

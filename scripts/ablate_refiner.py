@@ -1,0 +1,137 @@
+"""Ablation rows for the refiner on a validation subset of the train split (never the test split).
+
+Builds a view of DATA whose "train" split is DATA's train minus a held-out validation subset (every n-th train stem)
+and whose "test" split is that subset; trains one coarse model on the view's train split (the benchmark's cheap
+settings), predicts its coarse maps (in-sample on train, or out of fold with --folds), then for every variant trains a
+refiner with the same seed and budget, refines the validation images and scores them against the coarse maps.
+
+    python scripts/ablate_refiner.py --data data/dubai_half --out runs/ablate \\
+        --variant "base:" --variant "sampler_t:train_timesteps=sampler" \\
+        --variant "sampler_t_mean4:train_timesteps=sampler;samples=4"
+
+A variant is ``NAME:TRAIN_OVERRIDES[;INFER_OVERRIDES]``, each a comma-separated list of ``key=value`` (RefinerConfig
+fields; values parsed as JSON). Variants with the same training overrides share one trained model. Results go to
+``OUT/ablation.md`` and ``OUT/ablation.json`` (one row per variant, with deltas vs the coarse map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_items(text: str) -> dict:
+    from idgbr.config import parse_overrides
+
+    return parse_overrides([item for item in text.split(",") if item.strip()])
+
+
+def make_view(data: Path, out: Path, every: int) -> Path:
+    """A dataset folder with symlinked images/masks: train = train minus every ``every``-th stem, test = those."""
+    from idgbr.data import SegmentationDataset, write_splits
+
+    view = out / "data"
+    if (view / "classes.json").exists():
+        return view
+    stems = SegmentationDataset(data, "train", load_mask=False).stems
+    held = stems[every // 2::every]
+    view.mkdir(parents=True, exist_ok=True)
+    for name in ("images", "masks", "classes.json"):
+        target = view / name
+        if not target.exists():
+            target.symlink_to((data / name).resolve())
+    write_splits(view, {"train": [s for s in stems if s not in held], "val": [], "test": held})
+    return view
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variant", action="append", required=True, help="NAME:TRAIN_OVERRIDES[;INFER_OVERRIDES]")
+    parser.add_argument("--every", type=int, default=6, help="hold out every n-th train stem for validation (default 6)")
+    parser.add_argument("--arch", default="deeplabv3plus")
+    parser.add_argument("--coarse-iters", type=int, default=200)
+    parser.add_argument("--folds", type=int, default=0, help="out-of-fold coarse maps for training (0: in-sample)")
+    parser.add_argument("--preset", default="lite")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+
+    from idgbr.benchmark import refiner_config
+    from idgbr.coarse import predict_coarse, train_coarse
+    from idgbr.evaluate import evaluate_folder
+    from idgbr.pipeline import Refiner
+    from idgbr.report import flat_metrics
+    from idgbr.train import train_refiner
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    args.out.mkdir(parents=True, exist_ok=True)
+    view = make_view(args.data, args.out, args.every)
+    coarse_model = args.out / "coarse_model"
+    if not (coarse_model / "config.json").exists():
+        train_coarse(view, args.arch, coarse_model, iters=args.coarse_iters, encoder="tu-mobilenetv3_small_100",
+                     batch=4, crop=256, seed=args.seed, progress=False)
+    eval_name, train_name = "val_coarse", "val_coarse"
+    if not (view / "coarse" / eval_name).is_dir():
+        predict_coarse(coarse_model, view, "test", name=eval_name, progress=False)
+        predict_coarse(coarse_model, view, "train", name=eval_name, progress=False)
+    if args.folds:
+        from idgbr.coarse import predict_coarse_oof
+
+        train_name = f"val_coarse_oof{args.folds}"
+        if not (view / "coarse" / train_name).is_dir():
+            predict_coarse_oof(view, args.arch, train_name, args.folds, args.out / "oof_models",
+                               iters=args.coarse_iters, encoder="tu-mobilenetv3_small_100", batch=4, crop=256,
+                               seed=args.seed, progress=False)
+    coarse_eval = evaluate_folder(view, view / "coarse" / eval_name, "test", progress=False)
+    train_eval = evaluate_folder(view, view / "coarse" / train_name, "train", progress=False)
+    rows = {"coarse (validation)": flat_metrics(coarse_eval), "coarse (its training maps)": flat_metrics(train_eval)}
+    results_file = args.out / "ablation.json"
+    done = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for spec in args.variant:
+        name, _, rest = spec.partition(":")
+        train_text, _, infer_text = rest.partition(";")
+        train_over, infer_over = parse_items(train_text), parse_items(infer_text)
+        key = json.dumps({"train": train_over, "infer": infer_over, "folds": args.folds}, sort_keys=True)
+        if name in done and done[name]["key"] == key:
+            rows[name] = done[name]["metrics"]
+            continue
+        config = refiner_config(view, args.preset, None, args.seed, train_over)
+        digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        model_dir = args.out / "models" / f"{digest}_{train_name}"
+        if not (model_dir / "config.json").exists():
+            print(f"[train] {name}: {train_over}", flush=True)
+            train_refiner(config, view, train_name, model_dir, resume=True, progress=False)
+        print(f"[refine] {name}: {infer_over}", flush=True)
+        pred = args.out / "pred" / name
+        Refiner.from_pretrained(model_dir).refine_folder(view, "test", eval_name, pred, seed=args.seed, progress=False,
+                                                         **infer_over)
+        result = evaluate_folder(view, pred, "test", coarse_dir=view / "coarse" / eval_name, progress=False)
+        metrics = {**flat_metrics(result), "iou_rtm": result.get("repair", {}).get("iou_rtm", float("nan"))}
+        done[name] = {"key": key, "metrics": metrics, "model": str(model_dir)}
+        results_file.write_text(json.dumps(done, indent=2))
+        rows[name] = metrics
+        print(f"[row] {name}: WFm3 {100 * metrics['wfm3']:.2f} (coarse {100 * rows['coarse (validation)']['wfm3']:.2f}), "
+              f"mIoU {100 * metrics['miou']:.2f}", flush=True)
+    base = rows["coarse (validation)"]
+    lines = ["| variant | mIoU | WFm 1px | WFm 3px | WFm 5px | ΔWFm3 | ΔmIoU | IoU_RTm |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in rows.items():
+        rtm = m.get("iou_rtm")
+        lines.append(f"| {name} | {100 * m['miou']:.2f} | {100 * m['wfm1']:.2f} | {100 * m['wfm3']:.2f} | "
+                     f"{100 * m['wfm5']:.2f} | {100 * (m['wfm3'] - base['wfm3']):+.2f} | "
+                     f"{100 * (m['miou'] - base['miou']):+.2f} | {'' if rtm is None else f'{100 * rtm:.1f}'} |")
+    (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
