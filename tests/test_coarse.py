@@ -206,6 +206,20 @@ def test_fold_stems_partition_is_seeded_and_order_free():
             fold_stems(stems, folds)
 
 
+def test_fold_groups_stay_together():
+    from idgbr.coarse import fold_stems
+
+    stems = ["tA_1", "tA_2", "tA_3", "tB_1", "tB_2", "tC_1", "tD_1", "tD_2"]
+    groups = fold_stems(stems, 3, seed=1, group=r"t[A-Z]")
+    assert sorted(s for g in groups for s in g) == sorted(stems)
+    for tile in "ABCD":
+        assert sum(any(s.startswith(f"t{tile}") for s in g) for g in groups) == 1  # one tile, one fold
+    with pytest.raises(IdgbrError, match="2 <= K <= 4 .*groups.*give --folds between 2 and 4"):
+        fold_stems(stems, 5, group=r"t[A-Z]")
+    with pytest.raises(IdgbrError, match="does not match stem 'x9'"):
+        fold_stems(stems + ["x9"], 2, group=r"t[A-Z]")
+
+
 def test_oof_maps_come_from_models_that_never_saw_them(data, tmp_path):
     from idgbr.coarse import predict_coarse_oof
     from idgbr.data import SegmentationDataset

@@ -81,6 +81,9 @@ def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "give --coarse-folds between 2 and" in err
     assert not (tmp_path / "bad").exists()
+    assert main(args[:-4] + ["--coarse-folds", "2", "--coarse-fold-group", "zzz", "--out", str(tmp_path / "bad")]) == 2
+    assert "--coarse-fold-group 'zzz' does not match stem" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):

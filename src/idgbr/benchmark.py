@@ -41,6 +41,7 @@ class BenchmarkSettings:
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
     seed: int = 0
     coarse_folds: int = 0  # 0: the refiner trains on in-sample train maps; K >= 2: on K-fold out-of-fold maps
+    coarse_fold_group: str | None = None  # regex: stems with the same match share a fold (e.g. r"tile\d+")
     overrides: dict[str, Any] = field(default_factory=dict)  # RefinerConfig fields
 
 
@@ -123,7 +124,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         from .data import SegmentationDataset
 
         fold_stems(SegmentationDataset(data_root, "train", load_mask=False).stems, settings.coarse_folds,
-                   flag="--coarse-folds")
+                   flag="--coarse-folds", group=settings.coarse_fold_group)
     run.mkdir(parents=True, exist_ok=True)
     stages = Stages(run, log)
     results = []
@@ -140,6 +141,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         refined = train_and_refine(stages, data_root, run, f"diffusion_{arch}", config, tag, settings)
         entry: dict[str, Any] = {"coarse_arch": arch, "coarse": _strip(coarse_eval), "refined": _strip(refined),
                                  "coarse_train": _strip(coarse_train), "coarse_folds": settings.coarse_folds,
+                                 "coarse_fold_group": settings.coarse_fold_group,
                                  "repair": refined.get("repair", {})}
         if "gated" in refined:
             entry["gated"] = refined["gated"]
@@ -162,31 +164,39 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
 def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, settings: BenchmarkSettings) -> str:
     """Train coarse model ``arch`` and write its train and test maps; returns their name under ``DATA/coarse/``.
 
-    With ``settings.coarse_folds`` K >= 2 the train maps come from K out-of-fold models (name ``bench_<arch>_oof<K>``,
-    so that refiner stages trained on in-sample maps are never reused for them); the test maps always come from the
+    With ``settings.coarse_folds`` K >= 2 the train maps come from K out-of-fold models (name ``bench_<arch>_oof<K>``, plus
+    ``_g<hash>`` with ``coarse_fold_group``, so that refiner stages trained on in-sample maps are never reused for them); the test maps always come from the
     model trained on the whole train split.
     """
     from .coarse import predict_coarse, predict_coarse_oof, train_coarse
 
-    folds = settings.coarse_folds
-    tag = f"bench_{arch}" if not folds else f"bench_{arch}_oof{folds}"
+    folds, group = settings.coarse_folds, settings.coarse_fold_group
+    tag = f"bench_{arch}" if not folds else f"bench_{arch}_oof{folds}" + (f"_g{_short_hash(group)}" if group else "")
     coarse_dir = run / "coarse_models" / arch
     coarse_params = {"arch": arch, "encoder": settings.coarse_encoder, "iters": settings.coarse_iters,
                      "crop": settings.coarse_crop, "batch": settings.coarse_batch, "seed": settings.seed}
     train = dict(iters=settings.coarse_iters, encoder=settings.coarse_encoder, batch=settings.coarse_batch,
                  crop=settings.coarse_crop, seed=settings.seed)
     stages(f"train coarse {arch}", coarse_dir, coarse_params, lambda: train_coarse(data_root, arch, coarse_dir, **train))
-    suffix, extra = (f"_oof{folds}", {"name": tag, "folds": folds}) if folds else ("", {})  # in-sample: as before
+    suffix = tag[len(f"bench_{arch}"):]
+    extra = {"name": tag, "folds": folds, "fold_group": group} if folds else {}  # in-sample: the stages as before
     stages(f"predict coarse {arch} test", run / "coarse_pred" / f"{arch}_test{suffix}", {**coarse_params, "split": "test", **extra},
            lambda: predict_coarse(coarse_dir, data_root, "test", tag))
     if folds:
         stages(f"predict coarse {arch} train out-of-fold", run / "coarse_pred" / f"{arch}_train{suffix}",
                {**coarse_params, "split": "train", **extra},
-               lambda: predict_coarse_oof(data_root, arch, tag, folds, run / "coarse_models" / f"{arch}{suffix}", **train))
+               lambda: predict_coarse_oof(data_root, arch, tag, folds, run / "coarse_models" / f"{arch}{suffix}",
+                                          group=group, **train))
     else:
         stages(f"predict coarse {arch} train", run / "coarse_pred" / f"{arch}_train", {**coarse_params, "split": "train"},
                lambda: predict_coarse(coarse_dir, data_root, "train", tag))
     return tag
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 def _strip(result: dict | None) -> dict:
@@ -214,7 +224,9 @@ def write_reports(run: Path, report: dict) -> None:
         lines += [f"## Coarse model: {arch}", "", metrics_table(rows), ""]
         if "coarse_train" in entry:
             folds = entry.get("coarse_folds", 0)
-            kind = f"out-of-fold, {folds} folds" if folds else "in-sample: the coarse model trained on these images"
+            group = entry.get("coarse_fold_group")
+            kind = (f"out-of-fold, {folds} folds" + (f" grouped by {group!r}" if group else "") if folds
+                    else "in-sample: the coarse model trained on these images")
             train, test = entry["coarse_train"], entry["coarse"]
             lines += [f"Coarse maps the refiner trains on (train split, {kind}): mIoU {100 * train['miou']:.2f}, "
                       f"WFm(3px) {100 * train['wfm']['3']:.2f}; on test: mIoU {100 * test['miou']:.2f}, "

@@ -479,39 +479,63 @@ def predict_coarse(model_dir: str | Path, data_root: str | Path, split: str | No
 PROVENANCE_FILE = "provenance.json"  # not an image extension: never listed or read as a coarse map
 
 
-def fold_stems(stems: Sequence[str], folds: int, seed: int = 0, flag: str = "--folds") -> list[list[str]]:
+def fold_stems(stems: Sequence[str], folds: int, seed: int = 0, flag: str = "--folds",
+               group: str | None = None) -> list[list[str]]:
     """Split ``stems`` into ``folds`` disjoint, sorted folds covering every stem once.
 
     The stems are sorted, permuted with ``numpy.random.default_rng(seed)`` and dealt round-robin (position ``i`` of the
     permutation goes to fold ``i % folds``), so fold sizes differ by at most one and the result depends only on the set
-    of stems, ``folds`` and ``seed``.
+    of stems, ``folds`` and ``seed``. With ``group`` (a regular expression) the stems whose first match is the same
+    (e.g. ``tile\\d+``: all crops of one source tile) form one unit, and the sorted units are permuted and dealt instead,
+    so a group is never split between folds.
     """
     ordered = sorted(set(stems))
-    if folds < 2 or folds > len(ordered):
-        raise IdgbrError(f"{flag} {folds}: need 2 <= K <= {len(ordered)} (the number of train images); "
-                         f"give {flag} between 2 and {len(ordered)}")
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    return [sorted(ordered[j] for j in order[i::folds]) for i in range(folds)]
+    group_flag = flag.replace("folds", "fold-group")  # --folds -> --fold-group, --coarse-folds -> --coarse-fold-group
+    units: list[list[str]] = [[stem] for stem in ordered]
+    if group is not None:
+        import re
+
+        try:
+            pattern = re.compile(group)
+        except re.error as exc:
+            raise IdgbrError(f"{group_flag} {group!r} is not a regular expression ({exc}); e.g. 'tile\\d+'") from None
+        keys: dict[str, list[str]] = {}
+        for stem in ordered:
+            match = pattern.search(stem)
+            if match is None:
+                raise IdgbrError(f"{group_flag} {group!r} does not match stem {stem!r}; give a pattern every train stem contains")
+            keys.setdefault(match.group(0), []).append(stem)
+        units = [keys[key] for key in sorted(keys)]
+    what = "train images" if group is None else f"groups of {group_flag} {group!r}"
+    if folds < 2 or folds > len(units):
+        raise IdgbrError(f"{flag} {folds}: need 2 <= K <= {len(units)} (the number of {what}); "
+                         f"give {flag} between 2 and {len(units)}")
+    order = np.random.default_rng(seed).permutation(len(units))
+    return [sorted(stem for j in order[i::folds] for stem in units[j]) for i in range(folds)]
 
 
 def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, work_dir: str | Path,
                        iters: int = 20000, encoder: str | None = None, batch: int = 8, crop: int = 512,
                        lr: float | None = None, seed: int = 0, tile: int = 512, overlap: int = 64,
-                       progress: bool = True, device: str | torch.device | None = None) -> Path:
+                       group: str | None = None, progress: bool = True,
+                       device: str | torch.device | None = None) -> Path:
     """Out-of-fold coarse maps of the train split: ``DATA/coarse/<name>/<stem>.png`` from models that never saw ``stem``.
 
-    The train stems are split by :func:`fold_stems` (seeded with ``seed``); for each fold ``i`` a model is trained
+    The train stems are split by :func:`fold_stems` (seeded with ``seed``; ``group`` keeps stems with the same
+    regular-expression match, e.g. crops of one source tile, in one fold); for each fold ``i`` a model is trained
     with :func:`train_coarse` on the other folds (same arch/encoder/iters/batch/crop/lr/seed) into
     ``work_dir/fold<i>`` and predicts the held-out fold. ``DATA/coarse/<name>/provenance.json`` records the settings,
     the folds and each fold's model folder. Returns the map folder.
     """
     data_root, work_dir = Path(data_root), Path(work_dir)
     dataset = SegmentationDataset(data_root, "train", load_mask=False)
-    groups = fold_stems(dataset.stems, folds, seed)
+    groups = fold_stems(dataset.stems, folds, seed, group=group)
     out_dir = dataset.root / "coarse" / name
     (out_dir / PROVENANCE_FILE).unlink(missing_ok=True)  # an interrupted run must not leave an old record
     settings = {"data": str(data_root), "arch": canonical_arch(arch), "encoder": encoder or get_arch(arch).default_encoder,
-                "iters": iters, "batch": batch, "crop": crop, "lr": lr, "seed": seed, "tile": tile, "overlap": overlap}
+                "iters": iters, "batch": batch, "crop": crop,
+                "lr": get_arch(arch).default_lr if lr is None else lr, "seed": seed, "tile": tile, "overlap": overlap,
+                "fold_group": group}
     records = []
     for index, held_out in enumerate(groups):
         trained_on = sorted(s for k, group in enumerate(groups) if k != index for s in group)
@@ -525,7 +549,8 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
         records.append({"fold": index, "model_dir": str(model_dir), "seed": seed, "iters": iters,
                         "held_out": held_out, "trained_on": trained_on})
     provenance = {"kind": "idgbr-coarse-oof", "split": "train", "folds": folds,
-                  "fold_assignment": f"sorted stems permuted by numpy default_rng({seed}), dealt round-robin",
+                  "fold_assignment": f"sorted {'stems' if group is None else f'groups of {group!r}'} permuted by numpy "
+                                     f"default_rng({seed}), dealt round-robin",
                   "settings": settings, "fold_models": records}
     with atomic_path(out_dir / PROVENANCE_FILE) as tmp:
         tmp.write_text(json.dumps(provenance, indent=2) + "\n")

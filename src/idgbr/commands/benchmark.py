@@ -27,6 +27,9 @@ def register(sub) -> None:
     parser.add_argument("--coarse-folds", type=int, default=0, metavar="K",
                         help="train the refiners on out-of-fold coarse train maps from K >= 2 fold models (see "
                              "'idgbr predict-coarse --folds'); default 0: in-sample maps of the full coarse model")
+    parser.add_argument("--coarse-fold-group", default=None, metavar="REGEX",
+                        help="with --coarse-folds: stems with the same first match of REGEX share a fold (e.g. "
+                             "'tile\\d+' holds out whole source tiles, as a tile-wise test split does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
@@ -40,6 +43,7 @@ def run(args) -> int:
         coarse_encoder=args.coarse_encoder, coarse_iters=args.coarse_iters, coarse_crop=args.coarse_crop, coarse_batch=args.coarse_batch,
         refiner_steps=args.steps, sample_steps=args.sample_steps, guidance=args.guidance, strength=args.strength,
         controls=not args.no_controls, gate_width=None if args.gate < 0 else args.gate, seed=args.seed, coarse_folds=args.coarse_folds,
+        coarse_fold_group=args.coarse_fold_group,
         overrides=parse_overrides(args.set))
     report = run_benchmark(args.data, args.out, settings)
     print(f"wrote {args.out}/report.json and report.md ({len(report['results'])} coarse models)")

@@ -63,6 +63,9 @@ def register(sub) -> None:
                      help="training batch size, train-coarse's --batch (default: 8; --batch stays windows per pass)")
     oof.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per architecture)")
     oof.add_argument("--seed", type=int, default=0, help="seed of the fold split and of every fold's training (default: 0)")
+    oof.add_argument("--fold-group", default=None, metavar="REGEX",
+                     help="keep stems with the same first match of REGEX in one fold (e.g. 'tile\\d+': hold out whole "
+                          "source tiles; default: each stem alone)")
     predict.set_defaults(func=run_predict)
 
 
@@ -107,6 +110,6 @@ def run_predict_oof(args: argparse.Namespace) -> int:
         raise IdgbrError("--probs is not supported with --folds; drop it")
     out = predict_coarse_oof(args.data, args.arch, args.name, args.folds, args.work, iters=args.iters,
                              encoder=args.encoder, batch=args.train_batch, crop=args.crop, lr=args.lr, seed=args.seed,
-                             tile=args.tile, overlap=args.overlap, progress=not args.no_progress)
+                             tile=args.tile, overlap=args.overlap, group=args.fold_group, progress=not args.no_progress)
     print(f"wrote {out} (out-of-fold, {args.folds} folds; provenance.json)")
     return 0
