@@ -188,3 +188,96 @@ def test_cli_user_errors_are_one_line(argv, message, data, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+# --- out-of-fold train maps ------------------------------------------------------------------------------------------
+
+def test_fold_stems_partition_is_seeded_and_order_free():
+    from idgbr.coarse import fold_stems
+
+    stems = [f"s{i:02d}" for i in range(11)]
+    groups = fold_stems(stems, 3, seed=5)
+    assert sorted(s for g in groups for s in g) == stems  # every stem exactly once
+    assert sorted(len(g) for g in groups) == [3, 4, 4]
+    assert fold_stems(list(reversed(stems)), 3, seed=5) == groups
+    assert fold_stems(stems, 3, seed=6) != groups
+    for folds in (1, 12):
+        with pytest.raises(IdgbrError, match="give --folds between 2 and 11"):
+            fold_stems(stems, folds)
+
+
+def test_fold_groups_stay_together():
+    from idgbr.coarse import fold_stems
+
+    stems = ["tA_1", "tA_2", "tA_3", "tB_1", "tB_2", "tC_1", "tD_1", "tD_2"]
+    groups = fold_stems(stems, 3, seed=1, group=r"t[A-Z]")
+    assert sorted(s for g in groups for s in g) == sorted(stems)
+    for tile in "ABCD":
+        assert sum(any(s.startswith(f"t{tile}") for s in g) for g in groups) == 1  # one tile, one fold
+    with pytest.raises(IdgbrError, match="2 <= K <= 4 .*groups.*give --folds between 2 and 4"):
+        fold_stems(stems, 5, group=r"t[A-Z]")
+    with pytest.raises(IdgbrError, match="does not match stem 'x9'"):
+        fold_stems(stems + ["x9"], 2, group=r"t[A-Z]")
+
+
+def test_oof_maps_come_from_models_that_never_saw_them(data, tmp_path):
+    from idgbr.coarse import predict_coarse_oof
+    from idgbr.data import SegmentationDataset
+
+    out = predict_coarse_oof(data, "unet", "oof3", 3, tmp_path / "work", iters=1, batch=2, crop=32, tile=32, overlap=8,
+                             progress=False)
+    train = SegmentationDataset(data, "train").stems
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{s}.png" for s in train] + ["provenance.json"])
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["folds"] == 3 and provenance["settings"]["iters"] == 1
+    held = [s for fold in provenance["fold_models"] for s in fold["held_out"]]
+    assert sorted(held) == sorted(train)  # every train stem predicted exactly once
+    for fold in provenance["fold_models"]:
+        record = json.loads((Path(fold["model_dir"]) / "training.json").read_text())
+        assert record["train_stems"] == fold["trained_on"] and record["train_images"] == len(fold["trained_on"])
+        assert not set(fold["held_out"]) & set(record["train_stems"])
+        assert sorted(fold["held_out"] + fold["trained_on"]) == sorted(train)
+    samples = SegmentationDataset(data, "train", coarse="oof3")  # provenance.json is never read as a map
+    for sample in (samples[i] for i in range(len(samples))):
+        assert sample["coarse"].shape == SIZES[sample["stem"]] and sample["coarse"].max() < NUM_CLASSES
+
+
+def test_train_and_predict_on_a_stem_subset(data, tmp_path):
+    train_coarse(data, "unet", tmp_path / "m", iters=1, batch=2, crop=32, progress=False, stems=["a3", "a1"])
+    assert json.loads((tmp_path / "m" / "training.json").read_text())["train_stems"] == ["a3", "a1"]
+    out = predict_coarse(tmp_path / "m", data, "train", name="sub", tile=32, overlap=8, progress=False, stems=["a2"])
+    assert sorted(p.name for p in out.iterdir()) == ["a2.png"]
+    with pytest.raises(IdgbrError, match="b1 are not in the train split"):
+        train_coarse(data, "unet", tmp_path / "x", iters=1, batch=2, crop=32, progress=False, stems=["a1", "b1"])
+
+
+def test_cli_predict_coarse_folds(data, tmp_path, capsys):
+    argv = ["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(data), "--name", "cli_oof", "--work",
+            str(tmp_path / "w"), "--iters", "1", "--crop", "32", "--train-batch", "2", "--tile", "32", "--overlap", "8",
+            "--no-progress"]
+    assert main(argv) == 0
+    assert "out-of-fold, 2 folds" in capsys.readouterr().out
+    assert sorted(p.name for p in (data / "coarse" / "cli_oof").glob("*.png")) == ["a1.png", "a2.png", "a3.png"]
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["fold0", "fold1"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--folds", "1"], "--folds 1: need 2 <= K <= 3 (the number of train images); give --folds between 2 and 3"),
+    (["--folds", "4"], "give --folds between 2 and 3"),
+    (["--folds", "2", "--split", "test"], "train split only"),
+    (["--folds", "2", "--model", "{tmp}/m"], "drop --model"),
+])
+def test_cli_bad_folds_are_one_line(extra, message, data, tmp_path, capsys):
+    argv = ["predict-coarse", "--arch", "unet", "--data", str(data), "--name", "bad", "--work", str(tmp_path / "w"),
+            "--iters", "1", "--no-progress", *[a.format(tmp=tmp_path) for a in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "w").exists()  # nothing trained
+
+
+def test_cli_folds_needs_work_and_name(data, capsys):
+    assert main(["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(data)]) == 2
+    assert "--folds needs --name, --work" in capsys.readouterr().err
+    assert main(["predict-coarse", "--data", str(data)]) == 2
+    assert "needs --model RUN" in capsys.readouterr().err

@@ -43,14 +43,47 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     assert set(entry["controls"]) == {"image_only", "deterministic", "deterministic_gated"}
     assert "repair" in entry and "seconds" in entry
     assert entry["gated"]["repair"]["iou_rtm"] >= 0 and entry["settings"]["gate_width"] == 8
+    assert entry["coarse_folds"] == 0 and 0 <= entry["coarse_train"]["miou"] <= 1
     text = (run / "report.md").read_text()
     assert "Coarse model: unet" in text and "beat" in text and "gated 8 px" in text
+    assert "train split, in-sample" in text
     assert (run / "bench_unet.png").stat().st_size > 0
     # a rerun reuses every finished stage
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[stage]" not in out and "[reuse]" in out
+
+
+def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):
+    """--coarse-folds K: the refiner trains on out-of-fold train maps; the report gives their scores next to test."""
+    from idgbr.data import SegmentationDataset
+
+    run = tmp_path / "bench_oof"
+    args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--preset", "tiny", "--coarse-iters", "2",
+            "--coarse-crop", "32", "--coarse-batch", "2", "--steps", "1", "--sample-steps", "1", "--no-controls",
+            "--coarse-folds", "2", "--out", str(run)]
+    assert main(args) == 0
+    (entry,) = json.loads((run / "report.json").read_text())["results"]
+    assert entry["coarse_folds"] == 2 and {"miou", "wfm"} <= set(entry["coarse_train"])
+    assert "train split, out-of-fold, 2 folds" in (run / "report.md").read_text()
+    maps = synthetic / "coarse" / "bench_unet_oof2"
+    provenance = json.loads((maps / "provenance.json").read_text())
+    train = SegmentationDataset(synthetic, "train").stems
+    assert sorted(s for f in provenance["fold_models"] for s in f["held_out"]) == sorted(train)
+    assert all(not set(f["held_out"]) & set(f["trained_on"]) for f in provenance["fold_models"])
+    test = SegmentationDataset(synthetic, "test").stems
+    assert all((maps / f"{stem}.png").exists() for stem in train + test)
+    refiner = json.loads((run / "refiners" / "diffusion_unet" / "stage.json").read_text())
+    assert refiner["params"]["coarse"] == "bench_unet_oof2"  # trained on the out-of-fold maps
+    capsys.readouterr()
+    assert main(args[:-4] + ["--coarse-folds", "1", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "give --coarse-folds between 2 and" in err
+    assert not (tmp_path / "bad").exists()
+    assert main(args[:-4] + ["--coarse-folds", "2", "--coarse-fold-group", "zzz", "--out", str(tmp_path / "bad")]) == 2
+    assert "--coarse-fold-group 'zzz' does not match stem" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
@@ -189,3 +222,15 @@ def test_prepare_dubai_scale(shared_dir, tmp_path):
     sample = dataset[0]
     assert sample["image"].shape[:2] == sample["mask"].shape
     assert max(sample["mask"].shape) < 600  # tile 7/8 images are ~2000 px at full size
+
+
+def test_demo_passes_coarse_folds(monkeypatch, tmp_path):
+    import idgbr.demo
+
+    seen = {}
+    monkeypatch.setattr(idgbr.demo, "run_demo", lambda out, quick, source, settings: seen.update(settings=settings))
+    assert main(["demo", "--quick", "--coarse-folds", "3", "--out", str(tmp_path)]) == 0
+    assert seen["settings"].coarse_folds == 3 and seen["settings"] == idgbr.demo.DemoSettings(
+        **{**idgbr.demo.DemoSettings.quick().__dict__, "coarse_folds": 3})
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["settings"] == idgbr.demo.DemoSettings()

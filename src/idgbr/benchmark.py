@@ -1,7 +1,8 @@
 """The full protocol on any canonical dataset (issue 4 §3), with the two controls a reviewer asks for.
 
 For each coarse architecture A:
-1. train A on ``train``; 2. predict coarse maps on ``train`` and ``test``;
+1. train A on ``train``; 2. predict coarse maps on ``train`` and ``test`` (with ``coarse_folds`` K >= 2 the train
+maps are out-of-fold: :func:`idgbr.coarse.predict_coarse_oof`);
 3. train the refiner on ``train`` with A's coarse maps of its own training images;
 4. refine ``test``; 5. evaluate coarse and refined maps.
 Controls: (a) *image only* (no coarse guidance, the paper's Experiment A; trained once), and (b) the
@@ -41,6 +42,8 @@ class BenchmarkSettings:
     controls: bool = True
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
     seed: int = 0
+    coarse_folds: int = 0  # 0: the refiner trains on in-sample train maps; K >= 2: on K-fold out-of-fold maps
+    coarse_fold_group: str | None = None  # regex: stems with the same match share a fold (e.g. r"tile\d+")
     overrides: dict[str, Any] = field(default_factory=dict)  # RefinerConfig fields
 
 
@@ -114,12 +117,17 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
 def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSettings,
                   log: Callable[[str], None] = print) -> dict:
     """Run the protocol and write ``RUN/report.json`` and ``RUN/report.md``; returns the report dict."""
-    from .coarse import predict_coarse, train_coarse
     from .evaluate import evaluate_folder
 
     data_root, run = Path(data_root), Path(run)
     if not (data_root / "classes.json").exists():
         raise IdgbrError(f"{data_root}: not a prepared dataset (no classes.json); run 'idgbr prepare' first")
+    if settings.coarse_folds:  # a bad K fails now, not after the first refiner has trained
+        from .coarse import fold_stems
+        from .data import SegmentationDataset
+
+        fold_stems(SegmentationDataset(data_root, "train", load_mask=False).stems, settings.coarse_folds,
+                   flag="--coarse-folds", group=settings.coarse_fold_group)
     run.mkdir(parents=True, exist_ok=True)
     stages = Stages(run, log)
     results = []
@@ -129,21 +137,14 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                                 {**settings.overrides, "use_coarse": False})
         image_only = train_and_refine(stages, data_root, run, "image_only", config, None, settings)
     for arch in settings.coarse_archs:
-        tag = f"bench_{arch}"
-        coarse_dir = run / "coarse_models" / arch
-        coarse_params = {"arch": arch, "encoder": settings.coarse_encoder, "iters": settings.coarse_iters,
-                         "crop": settings.coarse_crop, "batch": settings.coarse_batch, "seed": settings.seed}
-        stages(f"train coarse {arch}", coarse_dir, coarse_params,
-               lambda: train_coarse(data_root, arch, coarse_dir, iters=settings.coarse_iters, encoder=settings.coarse_encoder,
-                                    batch=settings.coarse_batch, crop=settings.coarse_crop, seed=settings.seed))
-        for split in ("train", "test"):
-            stages(f"predict coarse {arch} {split}", run / "coarse_pred" / f"{arch}_{split}",
-                   {**coarse_params, "split": split},
-                   lambda: predict_coarse(coarse_dir, data_root, split, tag))
+        tag = coarse_stages(stages, data_root, run, arch, settings)
         coarse_eval = evaluate_folder(data_root, data_root / "coarse" / tag, "test")
+        coarse_train = evaluate_folder(data_root, data_root / "coarse" / tag, "train")
         config = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
         refined = train_and_refine(stages, data_root, run, f"diffusion_{arch}", config, tag, settings)
         entry: dict[str, Any] = {"coarse_arch": arch, "coarse": _strip(coarse_eval), "refined": _strip(refined),
+                                 "coarse_train": _strip(coarse_train), "coarse_folds": settings.coarse_folds,
+                                 "coarse_fold_group": settings.coarse_fold_group,
                                  "repair": refined.get("repair", {})}
         if "gated" in refined:
             entry["gated"] = refined["gated"]
@@ -161,6 +162,44 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
     report = {"results": results}
     write_reports(run, report)
     return report
+
+
+def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, settings: BenchmarkSettings) -> str:
+    """Train coarse model ``arch`` and write its train and test maps; returns their name under ``DATA/coarse/``.
+
+    With ``settings.coarse_folds`` K >= 2 the train maps come from K out-of-fold models (name ``bench_<arch>_oof<K>``, plus
+    ``_g<hash>`` with ``coarse_fold_group``, so that refiner stages trained on in-sample maps are never reused for them); the test maps always come from the
+    model trained on the whole train split.
+    """
+    from .coarse import predict_coarse, predict_coarse_oof, train_coarse
+
+    folds, group = settings.coarse_folds, settings.coarse_fold_group
+    tag = f"bench_{arch}" if not folds else f"bench_{arch}_oof{folds}" + (f"_g{_short_hash(group)}" if group else "")
+    coarse_dir = run / "coarse_models" / arch
+    coarse_params = {"arch": arch, "encoder": settings.coarse_encoder, "iters": settings.coarse_iters,
+                     "crop": settings.coarse_crop, "batch": settings.coarse_batch, "seed": settings.seed}
+    train = dict(iters=settings.coarse_iters, encoder=settings.coarse_encoder, batch=settings.coarse_batch,
+                 crop=settings.coarse_crop, seed=settings.seed)
+    stages(f"train coarse {arch}", coarse_dir, coarse_params, lambda: train_coarse(data_root, arch, coarse_dir, **train))
+    suffix = tag[len(f"bench_{arch}"):]
+    extra = {"name": tag, "folds": folds, "fold_group": group} if folds else {}  # in-sample: the stages as before
+    stages(f"predict coarse {arch} test", run / "coarse_pred" / f"{arch}_test{suffix}", {**coarse_params, "split": "test", **extra},
+           lambda: predict_coarse(coarse_dir, data_root, "test", tag))
+    if folds:
+        stages(f"predict coarse {arch} train out-of-fold", run / "coarse_pred" / f"{arch}_train{suffix}",
+               {**coarse_params, "split": "train", **extra},
+               lambda: predict_coarse_oof(data_root, arch, tag, folds, run / "coarse_models" / f"{arch}{suffix}",
+                                          group=group, **train))
+    else:
+        stages(f"predict coarse {arch} train", run / "coarse_pred" / f"{arch}_train", {**coarse_params, "split": "train"},
+               lambda: predict_coarse(coarse_dir, data_root, "train", tag))
+    return tag
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 def _strip(result: dict | None) -> dict:
@@ -186,6 +225,15 @@ def write_reports(run: Path, report: dict) -> None:
             label = name.replace("_gated", f", gated {gate} px").replace("_", " ")
             rows[f"control: {label}"] = result
         lines += [f"## Coarse model: {arch}", "", metrics_table(rows), ""]
+        if "coarse_train" in entry:
+            folds = entry.get("coarse_folds", 0)
+            group = entry.get("coarse_fold_group")
+            kind = (f"out-of-fold, {folds} folds" + (f" grouped by {group!r}" if group else "") if folds
+                    else "in-sample: the coarse model trained on these images")
+            train, test = entry["coarse_train"], entry["coarse"]
+            lines += [f"Coarse maps the refiner trains on (train split, {kind}): mIoU {100 * train['miou']:.2f}, "
+                      f"WFm(3px) {100 * train['wfm']['3']:.2f}; on test: mIoU {100 * test['miou']:.2f}, "
+                      f"WFm(3px) {100 * test['wfm']['3']:.2f}.", ""]
         gain = entry["refined"]["wfm"]["3"] - entry["coarse"]["wfm"]["3"]
         dmiou = entry["refined"]["miou"] - entry["coarse"]["miou"]
         verdict = "beats" if gain > 0 else "does NOT beat"

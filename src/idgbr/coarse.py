@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from .io import atomic_path, write_array, write_label
 from .tiling import sliding_window
 
 __all__ = ["ARCHS", "ArchSpec", "CoarseConfig", "CoarseModel", "canonical_arch", "get_arch", "train_coarse", "predict_coarse",
+           "fold_stems", "predict_coarse_oof",
            "load_encoder_weights", "load_weights_file", "band_statistics"]
 
 CONFIG_FILE = "config.json"
@@ -324,6 +325,17 @@ def band_statistics(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.maximum(np.sqrt(sq / count), 1e-6)
 
 
+def _subset(available: Sequence[str], stems: Sequence[str], split: str | None) -> list[str]:
+    """``stems`` in their given order, each checked to be one of ``available`` (the split's stems)."""
+    stems = list(stems)
+    missing = sorted(set(stems) - set(available))
+    if missing:
+        raise IdgbrError(f"stems {', '.join(missing[:5])} are not in the {split} split; give stems of that split")
+    if not stems:
+        raise IdgbrError("an empty stem subset; give at least one stem")
+    return stems
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -332,8 +344,11 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
                  crop: int = 512, lr: float | None = None, encoder: str | None = None,
                  encoder_weights: str | Path | None = None, seed: int = 0, progress: bool = True, num_workers: int = 0,
                  checkpoint_every: int = 1000, transform: Callable | None = None,
-                 device: str | torch.device | None = None) -> CoarseModel:
+                 device: str | torch.device | None = None, stems: Sequence[str] | None = None) -> CoarseModel:
     """Train a coarse segmentation model on ``DATA``'s train split and save it to the run directory ``out``.
+
+    ``stems`` restricts training to those train-split stems (the out-of-fold models of
+    :func:`predict_coarse_oof`); they are recorded in ``training.json`` as ``train_stems``.
 
     Paper defaults: batch 8, 20k iterations, 512 crops with the paper's augmentations
     (:func:`idgbr.augment.paper_train_transform`). Cross-entropy ignoring 255, AdamW (weight decay 1e-2) with a
@@ -347,6 +362,8 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         raise IdgbrError(f"--crop {crop} must be a positive multiple of {INPUT_MULTIPLE}")
     device = torch.device(device) if device is not None else _default_device()
     dataset = SegmentationDataset(data_root, "train")
+    if stems is not None:
+        dataset.stems = _subset(dataset.stems, stems, "train")
     samples = []
     for i in range(len(dataset)):  # decode once: the paper's datasets are small, CPU steps should not wait on I/O
         sample = dataset[i]
@@ -377,7 +394,8 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - step / iters) ** 0.9)  # mmseg poly
     record: dict[str, Any] = {"data": str(data_root), "arch": config.arch, "encoder": config.encoder, "iters": iters,
                               "batch": batch, "crop": crop, "lr": lr, "seed": seed, "encoder_weights":
-                              str(encoder_weights) if encoder_weights else None, "train_images": len(samples)}
+                              str(encoder_weights) if encoder_weights else None, "train_images": len(samples),
+                              **({"train_stems": dataset.stems} if stems is not None else {})}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -414,8 +432,10 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
 
 def predict_coarse(model_dir: str | Path, data_root: str | Path, split: str | None = "test", name: str | None = None,
                    probs: Literal["npy", "tif"] | None = None, tile: int = 512, overlap: int = 64, batch: int = 4,
-                   progress: bool = True, device: str | torch.device | None = None) -> Path:
-    """Write ``DATA/coarse/<name>/<stem>.png`` (class indices, full image size) for every image of ``split``.
+                   progress: bool = True, device: str | torch.device | None = None,
+                   stems: Sequence[str] | None = None) -> Path:
+    """Write ``DATA/coarse/<name>/<stem>.png`` (class indices, full image size) for every image of ``split``
+    (or only for ``stems``, which must belong to ``split``).
 
     With ``probs`` the blended class probabilities are also written as float32 (K, H, W) ``.npy`` or as a K-band
     GeoTIFF (keeping the image's CRS/transform) under ``DATA/coarse/<name>_probs/``. Returns the map folder.
@@ -426,6 +446,8 @@ def predict_coarse(model_dir: str | Path, data_root: str | Path, split: str | No
         raise IdgbrError(f"need --tile >= {INPUT_MULTIPLE} and 0 <= --overlap < --tile, got {tile} and {overlap}")
     model = CoarseModel.load(model_dir, device=device if device is not None else _default_device())
     dataset = SegmentationDataset(data_root, split, load_mask=False)
+    if stems is not None:
+        dataset.stems = _subset(dataset.stems, stems, split)
     if dataset.classes.num_classes != model.config.num_classes:
         raise file_error(dataset.root / "classes.json", f"{dataset.classes.num_classes} classes, but the model in "
                          f"{model_dir} predicts {model.config.num_classes}", "use a model trained on this dataset")
@@ -449,4 +471,87 @@ def predict_coarse(model_dir: str | Path, data_root: str | Path, split: str | No
         write_label(out_dir / f"{stem}.png", prob.argmax(0).astype(np.uint8))
         if probs is not None:
             write_array(probs_dir / f"{stem}.{probs}", prob, sample.get("geo"))
+    return out_dir
+
+
+# --- out-of-fold maps for the train split ----------------------------------------------------------------------------
+
+PROVENANCE_FILE = "provenance.json"  # not an image extension: never listed or read as a coarse map
+
+
+def fold_stems(stems: Sequence[str], folds: int, seed: int = 0, flag: str = "--folds",
+               group: str | None = None) -> list[list[str]]:
+    """Split ``stems`` into ``folds`` disjoint, sorted folds covering every stem once.
+
+    The stems are sorted, permuted with ``numpy.random.default_rng(seed)`` and dealt round-robin (position ``i`` of the
+    permutation goes to fold ``i % folds``), so fold sizes differ by at most one and the result depends only on the set
+    of stems, ``folds`` and ``seed``. With ``group`` (a regular expression) the stems whose first match is the same
+    (e.g. ``tile\\d+``: all crops of one source tile) form one unit, and the sorted units are permuted and dealt instead,
+    so a group is never split between folds.
+    """
+    ordered = sorted(set(stems))
+    group_flag = flag.replace("folds", "fold-group")  # --folds -> --fold-group, --coarse-folds -> --coarse-fold-group
+    units: list[list[str]] = [[stem] for stem in ordered]
+    if group is not None:
+        import re
+
+        try:
+            pattern = re.compile(group)
+        except re.error as exc:
+            raise IdgbrError(f"{group_flag} {group!r} is not a regular expression ({exc}); e.g. 'tile\\d+'") from None
+        keys: dict[str, list[str]] = {}
+        for stem in ordered:
+            match = pattern.search(stem)
+            if match is None:
+                raise IdgbrError(f"{group_flag} {group!r} does not match stem {stem!r}; give a pattern every train stem contains")
+            keys.setdefault(match.group(0), []).append(stem)
+        units = [keys[key] for key in sorted(keys)]
+    what = "train images" if group is None else f"groups of {group_flag} {group!r}"
+    if folds < 2 or folds > len(units):
+        raise IdgbrError(f"{flag} {folds}: need 2 <= K <= {len(units)} (the number of {what}); "
+                         f"give {flag} between 2 and {len(units)}")
+    order = np.random.default_rng(seed).permutation(len(units))
+    return [sorted(stem for j in order[i::folds] for stem in units[j]) for i in range(folds)]
+
+
+def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, work_dir: str | Path,
+                       iters: int = 20000, encoder: str | None = None, batch: int = 8, crop: int = 512,
+                       lr: float | None = None, seed: int = 0, tile: int = 512, overlap: int = 64,
+                       group: str | None = None, progress: bool = True,
+                       device: str | torch.device | None = None) -> Path:
+    """Out-of-fold coarse maps of the train split: ``DATA/coarse/<name>/<stem>.png`` from models that never saw ``stem``.
+
+    The train stems are split by :func:`fold_stems` (seeded with ``seed``; ``group`` keeps stems with the same
+    regular-expression match, e.g. crops of one source tile, in one fold); for each fold ``i`` a model is trained
+    with :func:`train_coarse` on the other folds (same arch/encoder/iters/batch/crop/lr/seed) into
+    ``work_dir/fold<i>`` and predicts the held-out fold. ``DATA/coarse/<name>/provenance.json`` records the settings,
+    the folds and each fold's model folder. Returns the map folder.
+    """
+    data_root, work_dir = Path(data_root), Path(work_dir)
+    dataset = SegmentationDataset(data_root, "train", load_mask=False)
+    groups = fold_stems(dataset.stems, folds, seed, group=group)
+    out_dir = dataset.root / "coarse" / name
+    (out_dir / PROVENANCE_FILE).unlink(missing_ok=True)  # an interrupted run must not leave an old record
+    settings = {"data": str(data_root), "arch": canonical_arch(arch), "encoder": encoder or get_arch(arch).default_encoder,
+                "iters": iters, "batch": batch, "crop": crop,
+                "lr": get_arch(arch).default_lr if lr is None else lr, "seed": seed, "tile": tile, "overlap": overlap,
+                "fold_group": group}
+    records = []
+    for index, held_out in enumerate(groups):
+        trained_on = sorted(s for k, group in enumerate(groups) if k != index for s in group)
+        model_dir = work_dir / f"fold{index}"
+        if progress:
+            print(f"fold {index + 1}/{folds}: train on {len(trained_on)} images, predict {len(held_out)}")
+        train_coarse(data_root, arch, model_dir, iters=iters, batch=batch, crop=crop, lr=lr, encoder=encoder,
+                     seed=seed, progress=progress, device=device, stems=trained_on)
+        predict_coarse(model_dir, data_root, "train", name=name, tile=tile, overlap=overlap, progress=progress,
+                       device=device, stems=held_out)
+        records.append({"fold": index, "model_dir": str(model_dir), "seed": seed, "iters": iters,
+                        "held_out": held_out, "trained_on": trained_on})
+    provenance = {"kind": "idgbr-coarse-oof", "split": "train", "folds": folds,
+                  "fold_assignment": f"sorted {'stems' if group is None else f'groups of {group!r}'} permuted by numpy "
+                                     f"default_rng({seed}), dealt round-robin",
+                  "settings": settings, "fold_models": records}
+    with atomic_path(out_dir / PROVENANCE_FILE) as tmp:
+        tmp.write_text(json.dumps(provenance, indent=2) + "\n")
     return out_dir

@@ -37,6 +37,7 @@ class DemoSettings:
     guidance: float | None = 1.0
     strength: float | None = 1.0
     seed: int = 0
+    coarse_folds: int = 0  # K >= 2: the refiner trains on out-of-fold coarse train maps (0: in-sample maps)
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -88,7 +89,8 @@ def subset_dataset(src: Path, dst: Path, train: int | None, test: int | None) ->
 
 def run_demo(out: str | Path, quick: bool = False, source: str | Path | None = None,
              settings: DemoSettings | None = None, log: Callable[[str], None] = print) -> dict:
-    from .coarse import predict_coarse, train_coarse
+    from .coarse import fold_stems, predict_coarse, predict_coarse_oof, train_coarse
+    from .data import SegmentationDataset
     from .evaluate import evaluate_folder
     from .prepare import prepare
 
@@ -108,28 +110,41 @@ def run_demo(out: str | Path, quick: bool = False, source: str | Path | None = N
         stages("subset", data, {"train": settings.train_stems, "test": settings.test_stems},
                lambda: subset_dataset(full, data, settings.train_stems, settings.test_stems))
 
+    if settings.coarse_folds:  # a bad K fails before any training
+        fold_stems(SegmentationDataset(data, "train", load_mask=False).stems, settings.coarse_folds, flag="--coarse-folds")
     coarse_dir = out / "coarse_model"
     cparams = {"arch": settings.arch, "encoder": settings.encoder, "iters": settings.coarse_iters, "batch": settings.coarse_batch,
                "crop": settings.coarse_crop, "seed": settings.seed, "data": str(data)}
     stages(f"train coarse {settings.arch}", coarse_dir, cparams,
            lambda: train_coarse(data, settings.arch, coarse_dir, iters=settings.coarse_iters, encoder=settings.encoder,
                                 batch=settings.coarse_batch, crop=settings.coarse_crop, seed=settings.seed))
-    for split in ("train", "test"):
-        stages(f"predict coarse {split}", out / "coarse_pred" / split, {**cparams, "split": split},
-               lambda: predict_coarse(coarse_dir, data, split, "demo"))
+    folds = settings.coarse_folds
+    suffix, extra = (f"_oof{folds}", {"folds": folds}) if folds else ("", {})  # in-sample: the stages as before
+    name = f"demo{suffix}"
+    stages("predict coarse test", out / "coarse_pred" / f"test{suffix}", {**cparams, "split": "test", **extra},
+           lambda: predict_coarse(coarse_dir, data, "test", name))
+    if folds:
+        train = dict(iters=settings.coarse_iters, encoder=settings.encoder, batch=settings.coarse_batch,
+                     crop=settings.coarse_crop, seed=settings.seed)
+        stages("predict coarse train out-of-fold", out / "coarse_pred" / f"train{suffix}",
+               {**cparams, "split": "train", **extra},
+               lambda: predict_coarse_oof(data, settings.arch, name, folds, out / f"coarse_model{suffix}", **train))
+    else:
+        stages("predict coarse train", out / "coarse_pred" / "train", {**cparams, "split": "train"},
+               lambda: predict_coarse(coarse_dir, data, "train", name))
 
     config = refiner_config(data, "lite", settings.refiner_steps, settings.seed, {})
     bench = BenchmarkSettings(sample_steps=settings.sample_steps, guidance=settings.guidance, strength=settings.strength)
-    refined = train_and_refine(stages, data, out, "lite", config, "demo", bench)
-    coarse = evaluate_folder(data, data / "coarse" / "demo", "test")
+    refined = train_and_refine(stages, data, out, "lite", config, name, bench)
+    coarse = evaluate_folder(data, data / "coarse" / name, "test")
     seconds = time.perf_counter() - start
-    report = write_demo_report(out, data, coarse, refined, settings, stages.seconds, seconds)
+    report = write_demo_report(out, data, coarse, refined, settings, stages.seconds, seconds, name)
     log("\n" + report["summary"])
     return report
 
 
 def write_demo_report(out: Path, data: Path, coarse: dict, refined: dict, settings: DemoSettings,
-                      stage_seconds: dict[str, float], seconds: float) -> dict:
+                      stage_seconds: dict[str, float], seconds: float, name: str = "demo") -> dict:
     from .data import SegmentationDataset
     from .io import atomic_path, read_label
     from .report import bar_chart, comparison_panel, flat_metrics, metrics_table
@@ -149,7 +164,7 @@ def write_demo_report(out: Path, data: Path, coarse: dict, refined: dict, settin
         gated = refined["gated"]
         verdict += (f" Gated to {gated['gate_width']} px around coarse boundaries: WFm(3px) "
                     f"{100 * (gated['wfm']['3'] - coarse['wfm']['3']):+.2f}, mIoU {100 * (gated['miou'] - coarse['miou']):+.2f}.")
-    dataset = SegmentationDataset(data, "test", coarse="demo")
+    dataset = SegmentationDataset(data, "test", coarse=name)
     names = dataset.classes.names
     focus = names.index("Building") if "Building" in names else (1 if len(names) == 2 else 0)
     pictures = []

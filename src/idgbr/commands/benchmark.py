@@ -28,6 +28,12 @@ def register(sub) -> None:
                         help="also score the gated maps: refined within PX of coarse boundaries (default 8; -1: off)")
     parser.add_argument("--no-controls", action="store_true", help="skip the image-only and deterministic controls")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="RefinerConfig override")
+    parser.add_argument("--coarse-folds", type=int, default=0, metavar="K",
+                        help="train the refiners on out-of-fold coarse train maps from K >= 2 fold models (see "
+                             "'idgbr predict-coarse --folds'); default 0: in-sample maps of the full coarse model")
+    parser.add_argument("--coarse-fold-group", default=None, metavar="REGEX",
+                        help="with --coarse-folds: stems with the same first match of REGEX share a fold (e.g. "
+                             "'tile\\d+' holds out whole source tiles, as a tile-wise test split does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
@@ -40,7 +46,9 @@ def run(args) -> int:
         coarse_archs=tuple(args.archs or ("deeplabv3plus", "unet")), preset=args.preset,
         coarse_encoder=args.coarse_encoder, coarse_iters=args.coarse_iters, coarse_crop=args.coarse_crop, coarse_batch=args.coarse_batch,
         refiner_steps=args.steps, sample_steps=args.sample_steps, guidance=args.guidance, strength=args.strength,
-        samples=args.samples, noise_scale=args.noise_scale, controls=not args.no_controls, gate_width=None if args.gate < 0 else args.gate, seed=args.seed, overrides=parse_overrides(args.set))
+        samples=args.samples, noise_scale=args.noise_scale, controls=not args.no_controls,
+        gate_width=None if args.gate < 0 else args.gate, seed=args.seed, coarse_folds=args.coarse_folds,
+        coarse_fold_group=args.coarse_fold_group, overrides=parse_overrides(args.set))
     report = run_benchmark(args.data, args.out, settings)
     print(f"wrote {args.out}/report.json and report.md ({len(report['results'])} coarse models)")
     return 0

@@ -9,11 +9,16 @@ def register(sub) -> None:
     parser.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     parser.add_argument("--quick", action="store_true", help="a subset and fewer steps (about 3 minutes on 2 cores)")
     parser.add_argument("--source", default=None, help="raw Dubai folder (default: ../shared/data/dubai_aerial)")
+    parser.add_argument("--coarse-folds", type=int, default=0, metavar="K",
+                        help="train the refiner on out-of-fold coarse train maps from K >= 2 fold models "
+                             "(default 0: in-sample maps of the coarse model)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from ..demo import DemoSettings, run_demo
 
-    run_demo(args.out, quick=args.quick, source=args.source)
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    settings.coarse_folds = args.coarse_folds
+    run_demo(args.out, quick=args.quick, source=args.source, settings=settings)
     return 0

@@ -1,4 +1,4 @@
-"""``idgbr prepare NAME RAW OUT``: convert a dataset to the canonical layout (see :mod:`idgbr.prepare`)."""
+"""``idgbr prepare NAME RAW OUT`` (or ``... RAW --out OUT``): convert a dataset to the canonical layout (see :mod:`idgbr.prepare`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("name", metavar="NAME", help=f"one of: {', '.join(CONVERTERS)}")
     parser.add_argument("raw", metavar="RAW", help="the dataset folder as distributed")
-    parser.add_argument("out", metavar="OUT", help="output folder (new or empty)")
+    parser.add_argument("out", metavar="OUT", nargs="?", default=None, help="output folder (new or empty)")
+    parser.add_argument("--out", dest="out_option", metavar="OUT", default=None,
+                        help="the output folder, as an alternative to the positional OUT (give one of the two)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared in OUT")
     parser.add_argument("--bands", choices=("rgb", "irrg", "rgbir"), help="potsdam: which orthophotos (default irrg)")
     parser.add_argument("--patch-size", type=int, help="potsdam, vaihingen, whu-building: crop size (default 512)")
@@ -38,12 +40,24 @@ def _tqdm_progress(items: Iterable, total: int, desc: str) -> Iterable:
     return tqdm(items, total=total, desc=desc, unit="file", disable=None, leave=False)
 
 
+def output_folder(args: argparse.Namespace) -> str:
+    """OUT from the positional argument or ``--out``; exactly one must be given."""
+    from ..errors import IdgbrError
+
+    if args.out is not None and args.out_option is not None:
+        raise IdgbrError(f"give the output folder once: positional OUT {args.out!r} or --out {args.out_option!r}, not both")
+    if args.out is None and args.out_option is None:
+        raise IdgbrError("no output folder; give OUT after RAW or --out OUT")
+    return args.out if args.out is not None else args.out_option
+
+
 def run(args: argparse.Namespace) -> int:
     from ..prepare import prepare
 
+    out = output_folder(args)
     options = {key: getattr(args, key) for key in ("bands", "patch_size", "stride", "labels", "phase", "images",
                                                    "masks", "palette", "splits", "seed", "scale")}
-    summary = prepare(args.name, args.raw, args.out, overwrite=args.overwrite, progress=_tqdm_progress, **options)
+    summary = prepare(args.name, args.raw, out, overwrite=args.overwrite, progress=_tqdm_progress, **options)
     counts = ", ".join(f"{split} {count}" for split, count in summary["splits"].items())
     print(f"prepared {summary['name']} in {summary['out']}: {counts} "
           f"({len(summary['classes'])} classes, {summary['seconds']:.1f} s)")
