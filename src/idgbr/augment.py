@@ -190,15 +190,19 @@ class RandomResizedCrop:
             boundary = None
         out = {k: v for k, v in sample.items() if k not in ("geo", "boundary")}
         keys = _label_keys(sample)
-        for _ in range(self.max_tries):
+        size, fill = (self.size, self.size), self._check.ignore_index
+        for _ in range(self.max_tries):  # only the mask is resampled until a window qualifies
             top, left = self._window(scaled, ratio, boundary, width, rng)
             matrix = np.array([[scale_x, 0, (left + 0.5) * scale_x - 0.5],
                                [0, scale_y, (top + 0.5) * scale_y - 0.5]])
-            size = (self.size, self.size)
-            for key in keys:
-                out[key] = _warp(sample[key], matrix, size, True, self._check.ignore_index)
-            if "mask" not in out or self._check._ok(out["mask"]):
+            if "mask" not in keys:
                 break
+            out["mask"] = _warp(sample["mask"], matrix, size, True, fill)
+            if self._check._ok(out["mask"]):
+                break
+        for key in keys:
+            if key != "mask":
+                out[key] = _warp(sample[key], matrix, size, True, fill)
         out["image"] = _warp(sample["image"], matrix, size, False, 0)
         return out
 
