@@ -2,8 +2,8 @@
 
 Rows (each stage is skipped once ``--budget-min`` minutes have passed, so a cut-off run still reports):
 
-* lite training, steps/s all-in (sampler on the host, objective, backward, clipping, AdamW) and the sampler's
-  share, at batch 16 and 64, crops 128 and 256, on synthetic scenes;
+* lite training, steps/s all-in (sampler in a background thread two batches ahead, objective, backward, clipping,
+  AdamW) and the time the step waited for data, at batch 16 and 64, crops 128 and 256, on synthetic scenes;
 * lite inference, ms per 512² tile (conditioning + 1 or 4 network evaluations + decoding), batch 1 and 16,
   fp32 and bf16 (autocast);
 * sd15 with random weights (no download): training s/step and peak memory at batch 4, 512², bf16, REPA off;
@@ -55,9 +55,9 @@ def sync(device: torch.device) -> None:
 
 def train_rate(config, samples, device: torch.device, steps: int, warmup: int, dtype: torch.dtype | None,
                load_weights: bool = True) -> tuple[float, float, float]:
-    """(steps/s all-in, sampler ms/step, peak GiB) of the training step of ``idgbr.train`` (no accelerate)."""
+    """(steps/s all-in, ms/step waiting for data, peak GiB) of the training step of ``idgbr.train`` (no accelerate)."""
     from idgbr.model import IDGBRModel
-    from idgbr.train import CropSampler, RefinerObjective, apply_throughput_switches, make_optimizer
+    from idgbr.train import CropSampler, Prefetcher, RefinerObjective, apply_throughput_switches, make_optimizer
 
     model = IDGBRModel(config, load_weights=load_weights).to(device).train()
     apply_throughput_switches(config, model, device)
@@ -67,6 +67,8 @@ def train_rate(config, samples, device: torch.device, steps: int, warmup: int, d
     optimizer = make_optimizer(config, params, device)
     sampler = CropSampler(samples, config, pin_memory=device.type == "cuda")
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    prefetcher = Prefetcher(sampler, rng, config.prefetch) if config.prefetch else None
+    next_batch = prefetcher if prefetcher is not None else (lambda: sampler(rng))
     data_s = 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -75,7 +77,7 @@ def train_rate(config, samples, device: torch.device, steps: int, warmup: int, d
             sync(device)
             begin, data_s = time.perf_counter(), 0.0
         tick = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in sampler(rng).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in next_batch().items()}
         data_s += time.perf_counter() - tick
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = objective(batch["image"], batch["mask"], batch["coarse"], gen)["loss"]
@@ -85,6 +87,8 @@ def train_rate(config, samples, device: torch.device, steps: int, warmup: int, d
         optimizer.zero_grad(set_to_none=True)
     sync(device)
     seconds = time.perf_counter() - begin
+    if prefetcher is not None:
+        prefetcher.close()
     if not np.isfinite(loss.item()):
         raise RuntimeError("non-finite training loss")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -138,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             if not time_left():
                 table.add(f"{preset} train", f"batch {batch}, crop {crop}", "skipped (time)")
                 continue
-            config = base.replace(batch_size=batch, crop_size=crop, allow_tf32=True)
+            config = base.replace(batch_size=batch, crop_size=crop, allow_tf32=True, prefetch=2)
             rate, data_ms, _ = train_rate(config, samples, device, steps, warmup, None)
             table.add(f"{preset} train fp32 (TF32 on)", f"batch {batch}, crop {crop}",
-                      f"{rate:.2f} steps/s ({rate * batch:.0f} crops/s); sampler {data_ms:.0f} ms/step")
+                      f"{rate:.2f} steps/s ({rate * batch:.0f} crops/s); waiting for data {data_ms:.0f} ms/step")
 
     # --- lite inference ----------------------------------------------------------------------------------------
     tile = 32 if smoke else 512

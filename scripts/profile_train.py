@@ -1,6 +1,6 @@
 """Split one refiner training step into phases and time each: ``python scripts/profile_train.py --preset lite``.
 
-Phases: data (sampler + copy to the device), encode (label and image latents), condition (guidance encoder),
+Phases: data (sampler + copy to the device; with ``--set prefetch=N`` the wait for the background thread), encode (label and image latents), condition (guidance encoder),
 forward (noise, UNet with CG modules, loss), backward, optimiser (clipping, AdamW, LR schedule, zero_grad) and
 logging (host syncs: finiteness check and ``.item()``, every ``--log-every`` steps as the training loop does).
 The step mirrors ``RefinerObjective.forward`` for the diffusion objective (without REPA) and uses the training
@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, T.lr_lambda(config))
     cuda = device.type == "cuda"
     sampler = T.CropSampler(samples, config, pin_memory=cuda)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     rng = np.random.default_rng(config.seed)
+    prefetcher = T.Prefetcher(sampler, rng, config.prefetch) if config.prefetch else None
+    next_batch = prefetcher if prefetcher is not None else (lambda: sampler(rng))
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(config.seed)
     timer = PhaseTimer(device)
     losses: list[float] = []
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if step == args.warmup:
             begin = timer._now()
         timer.start()
-        batch = {k: v.to(device, non_blocking=cuda) for k, v in sampler(rng).items()}
+        batch = {k: v.to(device, non_blocking=cuda) for k, v in next_batch().items()}
         batch["image"] = batch["image"].contiguous(memory_format=memory_format)
         timer.mark("data")
         image, mask, coarse = batch["image"], batch["mask"], batch["coarse"]
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"non-finite loss at step {step}")
         timer.mark("logging")
     wall = timer._now() - begin
+    if prefetcher is not None:
+        prefetcher.close()
     ms = {p: 1000 * timer.totals[p] / args.steps for p in PHASES}
     print(f"preset {config.preset}, batch {config.batch_size}, crop {config.crop_size}, device {device}, "
           f"threads {torch.get_num_threads()}, {args.steps} timed steps after {args.warmup}, torch {torch.__version__}")

@@ -301,3 +301,16 @@ def test_training_loss_goes_down(data: Path, embed: Path, tmp_path: Path) -> Non
     losses = logged_losses(run)
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert losses[-1] < losses[0]
+
+
+def test_prefetch_gives_the_same_batches_and_exact_resume(data: Path, embed: Path, tmp_path: Path) -> None:
+    """prefetch draws the same batches in a background thread; a checkpoint stores the generator state of the
+    last consumed batch, so 2 steps + resume to 4 (prefetching) equals 4 steps in series."""
+    from safetensors.torch import load_file
+
+    config = tiny(steps=4, checkpoint_every=2, label_embed=str(embed))
+    train_refiner(config, data, None, tmp_path / "series", progress=False)
+    train_refiner(config.replace(steps=2, prefetch=3), data, None, tmp_path / "ahead", progress=False)
+    train_refiner(config.replace(prefetch=3), data, None, tmp_path / "ahead", resume=True, progress=False)
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("series", "ahead"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

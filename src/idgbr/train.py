@@ -178,6 +178,60 @@ class CropSampler:
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
 
+class Prefetcher:
+    """Draws ``sampler`` batches in a background thread, up to ``depth`` ahead of the training step.
+
+    The generator ``rng`` belongs to the thread while it runs. Each batch carries the generator state right after it
+    was drawn; :attr:`rng` returns a generator in the state after the last *consumed* batch, which is what a
+    checkpoint stores (so resuming replays exactly the batches that were drawn ahead but not trained on).
+    """
+
+    def __init__(self, sampler: CropSampler, rng: np.random.Generator, depth: int):
+        import queue
+        import threading
+
+        self.sampler, self._rng, self._state = sampler, rng, rng.bit_generator.state
+        self._queue: Any = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="idgbr-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item: Any = (self.sampler(self._rng), self._rng.bit_generator.state)
+            except Exception as exc:  # noqa: BLE001 - re-raised in the training thread
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        batch, self._state = item
+        return batch
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """A generator in the state after the last consumed batch (a copy; the thread keeps its own)."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self._state
+        return rng
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _pad_to(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Pad image (reflect), mask (ignore) and coarse (edge) so both sides are at least ``size``."""
     image, mask, coarse = sample["image"], sample["mask"], sample.get("coarse")
@@ -503,54 +557,61 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
         accelerator.init_trackers("tb")
     cuda = accelerator.device.type == "cuda"
     sampler = CropSampler(samples, config, pin_memory=cuda)
+    prefetcher = Prefetcher(sampler, rng, config.prefetch) if config.prefetch > 0 else None
+    next_batch = prefetcher if prefetcher is not None else (lambda: sampler(rng))
     bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), desc="train", dynamic_ncols=True)
     objective.train()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     clock = _Clock(config.train_minutes, accelerator, check_every=1 if accelerator.num_processes == 1 else log_every)
     done = start
-    for step in range(start, config.steps):
-        batch = {k: v.to(accelerator.device, non_blocking=cuda) for k, v in sampler(rng).items()}
-        batch["image"] = batch["image"].contiguous(memory_format=memory_format)
-        tokens = None
-        if dinov2 is not None and step < config.repa_steps:
-            from .repa import teacher_tokens, to_imagenet
+    try:
+        for step in range(start, config.steps):
+            batch = {k: v.to(accelerator.device, non_blocking=cuda) for k, v in next_batch().items()}
+            batch["image"] = batch["image"].contiguous(memory_format=memory_format)
+            tokens = None
+            if dinov2 is not None and step < config.repa_steps:
+                from .repa import teacher_tokens, to_imagenet
 
-            with torch.no_grad():
-                x = to_imagenet(unwrapped.normalize_image(batch["image"]), config.image_normalization)
-                tokens = teacher_tokens(dinov2, x)
-        elif dinov2 is not None:
-            dinov2 = None  # free the DINOv2 teacher once REPA is over
-            log(f"REPA finished at step {step}; teacher freed")
-        losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens)
-        accelerator.backward(losses["loss"])
-        if accelerator.sync_gradients and config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(unwrapped.trainable_parameters(), config.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if repa_optimizer is not None:
-            if tokens is not None:
-                repa_optimizer.step()
-            repa_optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        bar.update(1)
-        out_of_time = clock.expired(done)
-        last = done == config.steps or out_of_time
-        if done % log_every == 0 or last:  # the only host syncs of a step, every log_every steps
-            loss = _finite_loss(losses, step, data_root)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            scalars = {"loss": loss, "lr": lr_schedule.get_last_lr()[0], "main": losses["main"].item()}
-            if tokens is not None:
-                scalars["repa"] = losses["repa"].item()
-            if config.ce_weight > 0:
-                scalars["ce"] = losses["ce"].item()
-            accelerator.log(scalars, step=done)
-        if done % config.checkpoint_every == 0 or last:
-            loss = _finite_loss(losses, step, data_root)  # never checkpoint a diverged model
-            path = save_checkpoint(accelerator, unwrapped, optimizer, lr_schedule, done, out_dir, rng, gen)
-            log(f"checkpoint {path.name} (loss {loss:.4f})")
-        if out_of_time:
-            break
+                with torch.no_grad():
+                    x = to_imagenet(unwrapped.normalize_image(batch["image"]), config.image_normalization)
+                    tokens = teacher_tokens(dinov2, x)
+            elif dinov2 is not None:
+                dinov2 = None  # free the DINOv2 teacher once REPA is over
+                log(f"REPA finished at step {step}; teacher freed")
+            losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens)
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(unwrapped.trainable_parameters(), config.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if repa_optimizer is not None:
+                if tokens is not None:
+                    repa_optimizer.step()
+                repa_optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            out_of_time = clock.expired(done)
+            last = done == config.steps or out_of_time
+            if done % log_every == 0 or last:  # the only host syncs of a step, every log_every steps
+                loss = _finite_loss(losses, step, data_root)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                scalars = {"loss": loss, "lr": lr_schedule.get_last_lr()[0], "main": losses["main"].item()}
+                if tokens is not None:
+                    scalars["repa"] = losses["repa"].item()
+                if config.ce_weight > 0:
+                    scalars["ce"] = losses["ce"].item()
+                accelerator.log(scalars, step=done)
+            if done % config.checkpoint_every == 0 or last:
+                loss = _finite_loss(losses, step, data_root)  # never checkpoint a diverged model
+                path = save_checkpoint(accelerator, unwrapped, optimizer, lr_schedule, done, out_dir,
+                                       prefetcher.rng if prefetcher is not None else rng, gen)
+                log(f"checkpoint {path.name} (loss {loss:.4f})")
+            if out_of_time:
+                break
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
     bar.close()
 
     accelerator.wait_for_everyone()
