@@ -309,7 +309,7 @@ def test_prefetch_gives_the_same_batches_and_exact_resume(data: Path, embed: Pat
     from safetensors.torch import load_file
 
     config = tiny(steps=4, checkpoint_every=2, label_embed=str(embed))
-    train_refiner(config, data, None, tmp_path / "series", progress=False)
+    train_refiner(config.replace(prefetch=0), data, None, tmp_path / "series", progress=False)
     train_refiner(config.replace(steps=2, prefetch=3), data, None, tmp_path / "ahead", progress=False)
     train_refiner(config.replace(prefetch=3), data, None, tmp_path / "ahead", resume=True, progress=False)
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("series", "ahead"))

@@ -104,7 +104,7 @@ class RefinerConfig:
     allow_tf32: bool = False  # CUDA only: TF32 matmuls/convolutions (changes numerics)
     channels_last: bool = False  # NHWC memory format for the model and the image batch
     compile: bool = False  # torch.compile the model's forward and the guidance encoder (minutes to compile)
-    prefetch: int = 0  # batches drawn ahead in a background thread (0: in series with the step); same batches
+    prefetch: int = 2  # batches drawn ahead in a background thread (0: in series with the step); same batches
 
     # --- inference defaults --------------------------------------------------------------------------------------
     tile_size: int = 256

@@ -10,6 +10,12 @@ once per optimiser step whatever the number of processes (§7), and checkpoints 
 written to a temporary folder and renamed into place, so ``kill -9`` never leaves a half-checkpoint that
 ``--resume`` would take).
 
+Throughput (issue 12; figures in ``docs/results/train_throughput.md``): a step reads nothing back to the host
+except every ``log_every`` steps and at checkpoints (labels are validated once at load); AdamW is foreach on CPU
+and fused on CUDA (``config.optimizer_impl``); crops resample only their window; ``config.prefetch`` draws batches
+in a background thread; ``config.train_minutes`` bounds the wall time. ``scripts/profile_train.py`` times a step
+per phase.
+
 Run layout::
 
     RUN/config.json, *.safetensors      the final model (``Refiner.from_pretrained(RUN)``)
@@ -563,6 +569,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     objective.train()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     clock = _Clock(config.train_minutes, accelerator, check_every=1 if accelerator.num_processes == 1 else log_every)
+    clip_params = unwrapped.trainable_parameters()  # listed once, not every step
     done = start
     try:
         for step in range(start, config.steps):
@@ -581,7 +588,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
             losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens)
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unwrapped.trainable_parameters(), config.max_grad_norm)
+                accelerator.clip_grad_norm_(clip_params, config.max_grad_norm)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
