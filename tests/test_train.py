@@ -314,3 +314,14 @@ def test_prefetch_gives_the_same_batches_and_exact_resume(data: Path, embed: Pat
     train_refiner(config.replace(prefetch=3), data, None, tmp_path / "ahead", resume=True, progress=False)
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("series", "ahead"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_throughput_switches_train(data: Path, embed: Path, tmp_path: Path) -> None:
+    """channels_last and fused AdamW run through the loop and save a loadable model."""
+    from idgbr.model import IDGBRModel
+
+    run = tmp_path / "run"
+    train_refiner(tiny(steps=2, channels_last=True, optimizer_impl="fused", label_embed=str(embed)), data, "c1", run,
+                  progress=False)
+    assert all(np.isfinite(logged_losses(run)))
+    assert IDGBRModel.from_pretrained(run).config.channels_last
