@@ -108,3 +108,62 @@ def test_compose_order():
     t = Compose([lambda s, r: calls.append(1) or s, lambda s, r: calls.append(2) or s], seed=0)
     t({"image": np.zeros((2, 2, 1))})
     assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_resized_crop_matches_resize_then_crop(seed):
+    """The one-warp crop draws the same ratio and window as RandomResize + RandomCrop and resamples alike."""
+    from idgbr.augment import RandomResizedCrop
+
+    sample = _sample(h=90, w=110, seed=seed)
+    sample["image"] = np.repeat(np.repeat(sample["image"][::8, ::8], 8, 0), 8, 1)[:90, :110]  # smooth-ish image
+    old = RandomCrop(32)(RandomResize(0.5, 2.0)(sample, np.random.default_rng(seed)), np.random.default_rng(seed + 100))
+    rng = np.random.default_rng(seed)
+    ratio = rng.uniform(0.5, 2.0)
+    new = RandomResizedCrop(32, (ratio, ratio))({**sample}, _Replay(ratio, np.random.default_rng(seed + 100)))
+    assert new["image"].shape == (32, 32, 3) and new["mask"].shape == new["coarse"].shape == (32, 32)
+    assert "geo" not in new and new["stem"] == "s"
+    assert (new["mask"] != old["mask"]).mean() < 0.02 and (new["coarse"] != old["coarse"]).mean() < 0.02
+    diff = np.abs(new["image"].astype(int) - old["image"])  # fixed-point weights of warpAffine vs resize
+    assert diff.mean() < 0.5 and diff.max() <= 8
+
+
+class _Replay:
+    """A generator whose first ``uniform`` returns ``ratio``; the rest comes from ``rng`` (the crop window)."""
+
+    def __init__(self, ratio, rng):
+        self.ratio, self.rng = ratio, rng
+
+    def uniform(self, *args):
+        return self.ratio
+
+    def __getattr__(self, name):
+        return getattr(self.rng, name)
+
+
+def test_resized_crop_n_band_and_padding():
+    from idgbr.augment import RandomResizedCrop
+
+    sample = _sample(h=20, w=30, bands=7, dtype=np.uint16)
+    out = RandomResizedCrop(48, (1.0, 1.0))(sample, np.random.default_rng(0))
+    assert out["image"].shape == (48, 48, 7) and out["image"].dtype == np.uint16
+    np.testing.assert_array_equal(out["image"][:20, :30], sample["image"])
+    assert (out["mask"][20:] == 255).all() and (out["mask"][:, 30:] == 255).all() and (out["image"][20:] == 0).all()
+
+
+def test_boundary_pixels_and_boundary_share():
+    from idgbr.augment import RandomResizedCrop, boundary_pixels
+
+    mask = np.zeros((6, 6), np.uint8)
+    mask[:, 3:] = 1
+    mask[0, 0] = 255  # edges to ignore pixels are not boundaries
+    assert sorted(np.unravel_index(boundary_pixels(mask), mask.shape)[1].tolist()) == [2] * 6 + [3] * 6
+    assert boundary_pixels(np.zeros((4, 4), np.uint8), None).size == 0
+    big = np.zeros((300, 300), np.uint8)
+    big[140:160, 140:160] = 1  # one small island: random crops rarely touch it
+    sample = {"image": np.zeros((300, 300, 3), np.uint8), "mask": big, "boundary": boundary_pixels(big)}
+    found = {}
+    for share in (0.0, 1.0):
+        crop = RandomResizedCrop(32, cat_max_ratio=1.0, boundary_share=share)
+        found[share] = sum(len(np.unique(crop(sample, np.random.default_rng(s))["mask"])) > 1 for s in range(30))
+    assert found[1.0] == 30 and found[0.0] < 15

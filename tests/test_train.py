@@ -221,3 +221,107 @@ def test_accelerate_launch_two_cpu_processes(data: Path, tmp_path: Path) -> None
     from idgbr.pipeline import Refiner
 
     Refiner.from_pretrained(run)
+
+
+def test_boundary_crops_contain_a_boundary() -> None:
+    """boundary_crops=1: every crop holds a class boundary; 0: most crops of a mostly-empty scene hold none."""
+    from idgbr.train import CropSampler
+
+    mask = np.zeros((300, 300), np.uint8)
+    mask[140:160, 140:160] = 1
+    samples = [{"image": np.zeros((300, 300, 3), np.uint8), "mask": mask}]
+    with_boundary = {}
+    for share in (0.0, 1.0):
+        sampler = CropSampler(samples, tiny(num_classes=2, crop_size=32, batch_size=16, boundary_crops=share))
+        batch = sampler(np.random.default_rng(0))
+        assert batch["image"].shape == (16, 3, 32, 32) and batch["mask"].shape == batch["coarse"].shape == (16, 32, 32)
+        with_boundary[share] = sum(len(torch.unique(m[m != 255])) > 1 for m in batch["mask"])
+    assert with_boundary[1.0] == 16 and with_boundary[0.0] < 16
+
+
+def test_time_budget_stops_then_resume(data: Path, embed: Path, tmp_path: Path) -> None:
+    """A tiny train_minutes stops after the first step with a checkpoint and the final model; resume finishes."""
+    run = tmp_path / "run"
+    train_refiner(tiny(steps=50, checkpoint_every=100, train_minutes=1e-9, label_embed=str(embed)), data, "c1", run,
+                  progress=False)
+    log = (run / "train.log").read_text()
+    assert "stopped by the time limit" in log and "at step 1 of 50" in log
+    assert [s for s, _ in list_checkpoints(run)] == [1] and (run / "model.safetensors").exists()
+    train_refiner(tiny(steps=3, checkpoint_every=100, label_embed=str(embed)), data, "c1", run, resume=True,
+                  progress=False)
+    log = (run / "train.log").read_text()
+    assert "resumed from step 1" in log and "finished 3 steps" in log
+    assert [s for s, _ in list_checkpoints(run)] == [1, 3]
+
+
+def test_cli_train_minutes_flag() -> None:
+    from idgbr.commands.train import build_config, register
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--train-minutes", "2.5"])
+    assert build_config(args).train_minutes == 2.5
+    assert RefinerConfig.preset_config("lite").checkpoint_every == 1000
+
+
+def test_labels_checked_once_at_load() -> None:
+    from idgbr.errors import IdgbrError
+    from idgbr.train import check_sample_labels
+
+    good = {"mask": np.array([[0, 2, 255]], np.uint8), "coarse": np.array([[1, 2, 0]], np.uint8)}
+    check_sample_labels([good], 3)
+    with pytest.raises(IdgbrError, match="coarse values"):
+        check_sample_labels([good, {**good, "coarse": np.array([[3, 0, 0]], np.uint8)}], 3)
+
+
+def test_foreach_optimizer_equals_the_loop_on_cpu() -> None:
+    """optimizer_impl auto (foreach on CPU) takes the same steps as the per-parameter loop, bit for bit."""
+    from idgbr.train import make_optimizer
+
+    results = []
+    for impl in ("loop", "auto"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((3, 4), (5,), (2, 2, 3))]
+        optimizer = make_optimizer(tiny(optimizer_impl=impl, lr=1e-2), params, "cpu")
+        assert optimizer.defaults["foreach"] is (impl == "auto")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        results.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_training_loss_goes_down(data: Path, embed: Path, tmp_path: Path) -> None:
+    """The training path (sampler, foreach AdamW, syncs every log_every) learns: finite losses that fall."""
+    run = tmp_path / "run"
+    train_refiner(tiny(steps=40, checkpoint_every=10, lr=2e-3, label_embed=str(embed)), data, "c1", run,
+                  progress=False, log_every=5)
+    losses = logged_losses(run)
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+
+
+def test_prefetch_gives_the_same_batches_and_exact_resume(data: Path, embed: Path, tmp_path: Path) -> None:
+    """prefetch draws the same batches in a background thread; a checkpoint stores the generator state of the
+    last consumed batch, so 2 steps + resume to 4 (prefetching) equals 4 steps in series."""
+    from safetensors.torch import load_file
+
+    config = tiny(steps=4, checkpoint_every=2, label_embed=str(embed))
+    train_refiner(config.replace(prefetch=0), data, None, tmp_path / "series", progress=False)
+    train_refiner(config.replace(steps=2, prefetch=3), data, None, tmp_path / "ahead", progress=False)
+    train_refiner(config.replace(prefetch=3), data, None, tmp_path / "ahead", resume=True, progress=False)
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("series", "ahead"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_throughput_switches_train(data: Path, embed: Path, tmp_path: Path) -> None:
+    """channels_last and fused AdamW run through the loop and save a loadable model."""
+    from idgbr.model import IDGBRModel
+
+    run = tmp_path / "run"
+    train_refiner(tiny(steps=2, channels_last=True, optimizer_impl="fused", label_embed=str(embed)), data, "c1", run,
+                  progress=False)
+    assert all(np.isfinite(logged_losses(run)))
+    assert IDGBRModel.from_pretrained(run).config.channels_last

@@ -10,6 +10,8 @@ global random state. :class:`Compose` can own a generator so that it also works 
 
 The paper's pipeline (mmseg-style; issue 2 §3): random resize with ratio 0.5-2.0, a random crop in which no class
 exceeds 75 % of the pixels, horizontal flip with p = 0.5, and photometric (brightness/contrast/saturation) jitter.
+:func:`paper_train_transform` does the resize and the crop as one :class:`RandomResizedCrop`, which resamples only
+the crop window instead of the whole tile.
 """
 
 from __future__ import annotations
@@ -126,6 +128,104 @@ class RandomCrop:
         return out
 
 
+def _warp(array: np.ndarray, matrix: np.ndarray, size: tuple[int, int], nearest: bool, fill: float) -> np.ndarray:
+    """``out[y, x] = array[matrix @ (x, y, 1)]`` for an (H, W) or (H, W, C) array, output ``size = (h, w)``."""
+    flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
+    dtype = array.dtype
+    work = array if dtype in _CV2_DTYPES else array.astype(np.float64)
+    height, width = size
+    if work.ndim == 2:
+        return cv2.warpAffine(work, matrix, (width, height), flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=fill).astype(dtype, copy=False)
+    parts = [cv2.warpAffine(np.ascontiguousarray(work[..., i:i + 4]), matrix, (width, height), flags=flags,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=(fill,) * 4).reshape(height, width, -1)
+             for i in range(0, work.shape[-1], 4)]
+    out = np.concatenate(parts, axis=-1)
+    if out.dtype != dtype:
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        out = out.astype(dtype)
+    return out
+
+
+class RandomResizedCrop:
+    """:class:`RandomResize` then :class:`RandomCrop` in one step that resamples only the crop window.
+
+    The ratio and the crop position are drawn as the two transforms draw them (a crop of the image scaled by
+    ``ratio``, no class above ``cat_max_ratio``, up to ``max_tries``), but only the ``size / ratio`` source window
+    is resampled, by one affine warp with the same pixel-centre mapping as ``cv2.resize``; outside the scaled image
+    the crop is 0 (image) and ``ignore_index`` (labels), as :class:`RandomCrop` pads.
+
+    ``boundary_share``: that share of crops is centred on a random pixel of ``sample["boundary"]`` (flat indices
+    into the source (H, W) grid, e.g. from :func:`boundary_pixels`); the others, and all when the key is absent
+    or empty, are drawn uniformly.
+    """
+
+    def __init__(self, size: int, ratio_range: tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
+                 ignore_index: int = IGNORE_INDEX, max_tries: int = 10, boundary_share: float = 0.0):
+        if not 0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"need 0 < low <= high, got {ratio_range}")
+        self.size, self.ratio_range, self.max_tries = size, ratio_range, max_tries
+        self.boundary_share = boundary_share
+        self._check = RandomCrop(size, cat_max_ratio, ignore_index)
+
+    def _window(self, scaled: tuple[int, int], ratio: float, boundary: np.ndarray | None, width: int,
+                rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left corner of the crop in scaled coordinates."""
+        room = [max(0, side - self.size) for side in scaled]
+        if boundary is None:
+            return int(rng.integers(0, room[0] + 1)), int(rng.integers(0, room[1] + 1))
+        y, x = divmod(int(boundary[rng.integers(len(boundary))]), width)
+        centre = ((y + 0.5) * ratio, (x + 0.5) * ratio)
+        return tuple(int(np.clip(round(c - self.size / 2), 0, r)) for c, r in zip(centre, room))  # type: ignore
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        ratio = rng.uniform(*self.ratio_range)
+        height, width = sample["image"].shape[:2]
+        scaled = (max(1, int(round(height * ratio))), max(1, int(round(width * ratio))))
+        scale_y, scale_x = height / scaled[0], width / scaled[1]  # cv2.resize's source step per output pixel
+        boundary = sample.get("boundary")
+        if boundary is None or len(boundary) == 0 or not self.boundary_share or rng.random() >= self.boundary_share:
+            boundary = None
+        out = {k: v for k, v in sample.items() if k not in ("geo", "boundary")}
+        keys = _label_keys(sample)
+        size, fill = (self.size, self.size), self._check.ignore_index
+        for _ in range(self.max_tries):  # only the mask is resampled until a window qualifies
+            top, left = self._window(scaled, ratio, boundary, width, rng)
+            matrix = np.array([[scale_x, 0, (left + 0.5) * scale_x - 0.5],
+                               [0, scale_y, (top + 0.5) * scale_y - 0.5]])
+            if "mask" not in keys:
+                break
+            out["mask"] = _warp(sample["mask"], matrix, size, True, fill)
+            if self._check._ok(out["mask"]):
+                break
+        for key in keys:
+            if key != "mask":
+                out[key] = _warp(sample[key], matrix, size, True, fill)
+        out["image"] = _warp(sample["image"], matrix, size, False, 0)
+        return out
+
+
+def boundary_pixels(*labels: np.ndarray | None, ignore_index: int | None = IGNORE_INDEX) -> np.ndarray:
+    """Flat indices of pixels whose 4-neighbourhood holds another class in any of the (H, W) ``labels``
+    (``None`` entries are skipped; both sides of each boundary count; edges to ``ignore_index`` do not)."""
+    edge = None
+    for label in labels:
+        if label is None:
+            continue
+        here = np.zeros(label.shape, bool)
+        valid = np.ones(label.shape, bool) if ignore_index is None else label != ignore_index
+        vertical = (label[1:] != label[:-1]) & valid[1:] & valid[:-1]
+        horizontal = (label[:, 1:] != label[:, :-1]) & valid[:, 1:] & valid[:, :-1]
+        here[1:] |= vertical
+        here[:-1] |= vertical
+        here[:, 1:] |= horizontal
+        here[:, :-1] |= horizontal
+        edge = here if edge is None else edge | here
+    return np.empty(0, np.int64) if edge is None else np.flatnonzero(edge)
+
+
 class RandomHorizontalFlip:
     """Mirror image and labels left-right with probability ``p``."""
 
@@ -228,15 +328,17 @@ class Compose:
 
 
 def paper_train_transform(crop_size: int = 512, seed: int | None = None, cat_max_ratio: float = 0.75,
-                          ratio_range: tuple[float, float] = (0.5, 2.0)) -> Compose:
-    """The paper's training augmentation: resize 0.5-2.0, ``crop_size`` crop (no class > 75 %), flip, jitter."""
+                          ratio_range: tuple[float, float] = (0.5, 2.0), boundary_share: float = 0.0) -> Compose:
+    """The paper's training augmentation: resize 0.5-2.0, ``crop_size`` crop (no class > 75 %), flip, jitter.
+
+    The resize and the crop are one :class:`RandomResizedCrop` (only the crop window is resampled).
+    """
     return Compose([
-        RandomResize(*ratio_range),
-        RandomCrop(crop_size, cat_max_ratio=cat_max_ratio),
+        RandomResizedCrop(crop_size, ratio_range, cat_max_ratio=cat_max_ratio, boundary_share=boundary_share),
         RandomHorizontalFlip(0.5),
         ColorJitter(),
     ], seed=seed)
 
 
-__all__ = ["RandomResize", "RandomCrop", "RandomHorizontalFlip", "ColorJitter", "Compose", "paper_train_transform",
+__all__ = ["RandomResize", "RandomCrop", "RandomResizedCrop", "boundary_pixels", "RandomHorizontalFlip", "ColorJitter", "Compose", "paper_train_transform",
            "resize_image", "resize_label"]

@@ -111,6 +111,15 @@ class RefinerConfig:
     # (and in the deterministic objective's).
     boundary_weight: float = 0.0
     boundary_width: int = 3
+    boundary_crops: float = 0.0  # share of training crops centred on a boundary pixel of the GT or coarse map
+    train_minutes: float | None = None  # stop after this much wall time of the loop (or at `steps`, if sooner)
+
+    # --- training throughput (numerics unchanged on CPU unless noted) -------------------------------------------
+    optimizer_impl: Literal["auto", "loop", "foreach", "fused"] = "auto"  # auto: fused on CUDA, foreach on CPU
+    allow_tf32: bool = False  # CUDA only: TF32 matmuls/convolutions (changes numerics)
+    channels_last: bool = False  # NHWC memory format for the model and the image batch
+    compile: bool = False  # torch.compile the model's forward and the guidance encoder (minutes to compile)
+    prefetch: int = 2  # batches drawn ahead in a background thread (0: in series with the step); same batches
 
     # --- inference defaults --------------------------------------------------------------------------------------
     tile_size: int = 256
@@ -132,6 +141,12 @@ class RefinerConfig:
         if self.coarse_residual and self.prediction_type != "sample" and self.objective == "diffusion":
             raise IdgbrError("coarse_residual needs prediction_type='sample' (the network predicts a correction of the "
                              f"coarse latent), got {self.prediction_type!r}")
+        if self.optimizer_impl not in ("auto", "loop", "foreach", "fused"):
+            raise IdgbrError(f"optimizer_impl must be auto, loop, foreach or fused, got {self.optimizer_impl!r}")
+        if not 0 <= self.boundary_crops <= 1:
+            raise IdgbrError(f"boundary_crops must lie in [0, 1], got {self.boundary_crops}")
+        if self.train_minutes is not None and self.train_minutes <= 0:
+            raise IdgbrError(f"train_minutes must be > 0, got {self.train_minutes}")
         if self.tile_size % self.size_multiple:
             raise IdgbrError(f"tile_size {self.tile_size} must be a multiple of {self.size_multiple} for this model")
 
@@ -215,7 +230,7 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
     # Sampling: the fast mode picked from `idgbr bench-speed` (docs/results/bench_speed_dubai_half.md): 4 DDIM steps
     # from noise without CFG, 4 network evaluations instead of the paper's 50.
     "lite": dict(latent_factor=4, block_out_channels=(16, 32, 64), norm_num_groups=8, crop_size=128, embed_steps=400,
-                 coarse_residual=True, sample_steps=4, guidance_scale=1.0),
+                 coarse_residual=True, sample_steps=4, guidance_scale=1.0, checkpoint_every=1000),
     # For tests: well under a second per step.
     "tiny": dict(
         block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

@@ -10,6 +10,12 @@ once per optimiser step whatever the number of processes (§7), and checkpoints 
 written to a temporary folder and renamed into place, so ``kill -9`` never leaves a half-checkpoint that
 ``--resume`` would take).
 
+Throughput (issue 12; figures in ``docs/results/train_throughput.md``): a step reads nothing back to the host
+except every ``log_every`` steps and at checkpoints (labels are validated once at load); AdamW is foreach on CPU
+and fused on CUDA (``config.optimizer_impl``); crops resample only their window; ``config.prefetch`` draws batches
+in a background thread; ``config.train_minutes`` bounds the wall time. ``scripts/profile_train.py`` times a step
+per phase.
+
 Run layout::
 
     RUN/config.json, *.safetensors      the final model (``Refiner.from_pretrained(RUN)``)
@@ -28,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,53 +175,103 @@ class CropSampler:
     """Draws training batches of random crops from samples cached in memory.
 
     Each sample: ``image`` (H, W, C), ``mask`` (H, W) uint8 with ``IGNORE_INDEX``, ``coarse`` (H, W) or absent.
+    Crops follow :func:`augment.paper_train_transform` (resize and crop in one warp of the crop window, flip,
+    jitter); ``config.boundary_crops`` of them are centred on a boundary pixel of the mask or the coarse map.
     With probability ``config.coarse_corruption`` (always, without coarse maps) the coarse crop is replaced by
     ``synthetic.degrade_mask`` of the target: coarse models fit their own training images too well, so their
     training-set maps are cleaner than the test-time ones; this mixes in realistic errors.
+    ``pin_memory``: return page-locked tensors (for asynchronous copies to a GPU).
     """
 
-    def __init__(self, samples: list[dict[str, Any]], config: RefinerConfig):
-        self.samples = samples
+    def __init__(self, samples: list[dict[str, Any]], config: RefinerConfig, pin_memory: bool = False):
+        from .augment import boundary_pixels, paper_train_transform
+
         self.config = config
         self.crop = config.crop_size
-        try:
-            from .augment import paper_train_transform
-
-            self.transform = paper_train_transform(self.crop)
-        except ImportError:  # augment.py not installed yet: plain crop + flips + 90° rotations
-            self.transform = None
+        self.pin_memory = pin_memory
+        self.samples = []
+        for sample in samples:  # padded once; boundary pixels found once
+            image, mask, coarse = _pad_to(sample, self.crop)
+            padded = {"image": image, "mask": mask, **({"coarse": coarse} if coarse is not None else {})}
+            if config.boundary_crops > 0:
+                padded["boundary"] = boundary_pixels(mask, coarse)
+            self.samples.append(padded)
+        self.transform = paper_train_transform(self.crop, boundary_share=config.boundary_crops)
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long."""
+        from .synthetic import degrade_mask
+
         images, masks, coarses = [], [], []
         for _ in range(self.config.batch_size):
-            sample = self.samples[int(rng.integers(len(self.samples)))]
-            image, mask, coarse = self._crop(sample, rng)
+            out = self.transform(self.samples[int(rng.integers(len(self.samples)))], rng)
+            mask, coarse = out["mask"], out.get("coarse")
             if coarse is None or rng.random() < self.config.coarse_corruption:
-                from .synthetic import degrade_mask
-
                 coarse = degrade_mask(mask, rng, self.config.num_classes)
             coarse = np.where(coarse == IGNORE_INDEX, np.where(mask == IGNORE_INDEX, 0, mask), coarse)
-            images.append(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            images.append(out["image"].transpose(2, 0, 1))
             masks.append(mask)
             coarses.append(coarse)
-        return {
+        batch = {
             "image": torch.from_numpy(np.stack(images)),
             "mask": torch.from_numpy(np.stack(masks).astype(np.int64)),
             "coarse": torch.from_numpy(np.stack(coarses).astype(np.int64)),
         }
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
-    def _crop(self, sample: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        image, mask, coarse = _pad_to(sample, self.crop)
-        if self.transform is not None:
-            out = self.transform({"image": image, "mask": mask, **({"coarse": coarse} if coarse is not None else {})}, rng)
-            return out["image"], out["mask"], out.get("coarse")
-        h, w = mask.shape
-        y, x = int(rng.integers(h - self.crop + 1)), int(rng.integers(w - self.crop + 1))
-        crops = [a[y:y + self.crop, x:x + self.crop] if a is not None else None for a in (image, mask, coarse)]
-        k, flip = int(rng.integers(4)), bool(rng.integers(2))
-        crops = [None if a is None else np.rot90(a[:, ::-1] if flip else a, k) for a in crops]
-        return tuple(np.ascontiguousarray(a) if a is not None else None for a in crops)  # type: ignore[return-value]
+
+class Prefetcher:
+    """Draws ``sampler`` batches in a background thread, up to ``depth`` ahead of the training step.
+
+    The generator ``rng`` belongs to the thread while it runs. Each batch carries the generator state right after it
+    was drawn; :attr:`rng` returns a generator in the state after the last *consumed* batch, which is what a
+    checkpoint stores (so resuming replays exactly the batches that were drawn ahead but not trained on).
+    """
+
+    def __init__(self, sampler: CropSampler, rng: np.random.Generator, depth: int):
+        import queue
+        import threading
+
+        self.sampler, self._rng, self._state = sampler, rng, rng.bit_generator.state
+        self._queue: Any = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="idgbr-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item: Any = (self.sampler(self._rng), self._rng.bit_generator.state)
+            except Exception as exc:  # noqa: BLE001 - re-raised in the training thread
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        batch, self._state = item
+        return batch
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """A generator in the state after the last consumed batch (a copy; the thread keeps its own)."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self._state
+        return rng
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _pad_to(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -256,6 +313,46 @@ def check_paths(config: RefinerConfig) -> None:
     for name, value in (("--pretrained", config.pretrained), ("--dinov2", config.dinov2), ("--label-embed", config.label_embed)):
         if value and not Path(value).exists():
             raise file_error(value, f"{name} path not found", "give a local folder or file (nothing is downloaded)")
+
+
+def check_sample_labels(samples: list[dict[str, Any]], num_classes: int) -> None:
+    """Every mask and coarse map holds classes in [0, num_classes) or ``IGNORE_INDEX``: checked once at load, so
+    the label embedding can skip its per-batch check (a host sync) during training."""
+    for index, sample in enumerate(samples):
+        for key in ("mask", "coarse"):
+            values = np.unique(sample[key]) if sample.get(key) is not None else np.empty(0)
+            bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+            if bad.size:
+                raise IdgbrError(f"training sample {index}: {key} values {bad[:5].tolist()} are outside the "
+                                 f"{num_classes} classes")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Throughput switches.
+# --------------------------------------------------------------------------------------------------------------
+def make_optimizer(config: RefinerConfig, params: list[nn.Parameter], device: torch.device | str) -> torch.optim.AdamW:
+    """AdamW as ``config.optimizer_impl`` says; "auto": fused kernels on CUDA, foreach (multi-tensor) on CPU.
+
+    On CPU, foreach gives the same numbers as the per-parameter loop (bit for bit) with fewer kernel launches;
+    fused is faster still but rounds differently, so it is opt-in there.
+    """
+    impl = config.optimizer_impl
+    if impl == "auto":
+        impl = "fused" if torch.device(device).type == "cuda" else "foreach"
+    kwargs = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **kwargs)
+
+
+def apply_throughput_switches(config: RefinerConfig, model: nn.Module, device: torch.device | str) -> None:
+    """``allow_tf32`` (CUDA), ``channels_last`` and ``compile`` (see :class:`RefinerConfig`), in place."""
+    if config.allow_tf32 and torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.compile:  # in place: the state-dict keys (and so the checkpoints) stay as they are
+        model.compile()
+        model.guidance.encoder.compile()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -416,8 +513,18 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
         out_dir: the run folder.
         resume: continue from the latest complete checkpoint in ``out_dir/checkpoints``.
         progress: show a tqdm bar.
-        log_every: TensorBoard logging interval in steps.
+        log_every: interval in steps of TensorBoard logging, of the progress bar's loss and of the finiteness
+            check (each reads values back to the host; a non-finite loss is also caught at every checkpoint).
+
+    Training stops at ``config.steps`` or after ``config.train_minutes`` of wall time in the loop, whichever comes
+    first; a time stop writes a checkpoint (so ``resume`` continues from it) and the final model as usual.
+
+    The learning rate is not rescaled with the batch size: when changing ``batch_size`` (or the number of
+    processes, which multiplies the global batch), scale ``lr`` by the square-root rule,
+    ``lr * sqrt(new_global_batch / old_global_batch)`` (the usual rule for Adam-type optimisers).
     """
+    import time
+
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm import tqdm
@@ -448,6 +555,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
 
     samples, dataset = load_training_samples(data_root, coarse)
     config = resolve_config(config, dataset, samples)
+    check_sample_labels(samples, config.num_classes)
     if coarse is None and config.use_coarse:
         log("no --coarse maps: every training coarse map is a synthetic degradation of the ground truth")
     if main:
@@ -466,10 +574,13 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     dinov2 = _repa_teacher(config, model, start=_checkpoint_step(checkpoint), log=log)
     projector = list(model.projector.parameters()) if model.projector is not None else []
     main_params = [p for p in model.trainable_parameters() if all(p is not q for q in projector)]
+    model.label_embed.check_labels = False  # every label map was checked at load
+    model.to(accelerator.device)
+    apply_throughput_switches(config, model, accelerator.device)
     objective = RefinerObjective(model, config)
-    optimizer = torch.optim.AdamW(main_params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, main_params, accelerator.device)
     # The REPA projector is never saved (reference §4), so it gets its own optimiser, left out of checkpoints.
-    repa_optimizer = torch.optim.AdamW(projector, lr=config.lr, weight_decay=config.weight_decay) if projector else None
+    repa_optimizer = make_optimizer(config, projector, accelerator.device) if projector else None
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))  # stepped once per step, not per process
 
     rank = accelerator.process_index
@@ -486,55 +597,109 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
 
     if main:
         accelerator.init_trackers("tb")
-    sampler = CropSampler(samples, config)
+    cuda = accelerator.device.type == "cuda"
+    sampler = CropSampler(samples, config, pin_memory=cuda)
+    prefetcher = Prefetcher(sampler, rng, config.prefetch) if config.prefetch > 0 else None
+    next_batch = prefetcher if prefetcher is not None else (lambda: sampler(rng))
     bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), desc="train", dynamic_ncols=True)
     objective.train()
-    for step in range(start, config.steps):
-        batch = {k: v.to(accelerator.device) for k, v in sampler(rng).items()}
-        tokens = None
-        if dinov2 is not None and step < config.repa_steps:
-            from .repa import teacher_tokens, to_imagenet
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    clock = _Clock(config.train_minutes, accelerator, check_every=1 if accelerator.num_processes == 1 else log_every)
+    clip_params = unwrapped.trainable_parameters()  # listed once, not every step
+    done = start
+    try:
+        for step in range(start, config.steps):
+            batch = {k: v.to(accelerator.device, non_blocking=cuda) for k, v in next_batch().items()}
+            batch["image"] = batch["image"].contiguous(memory_format=memory_format)
+            tokens = None
+            if dinov2 is not None and step < config.repa_steps:
+                from .repa import teacher_tokens, to_imagenet
 
-            with torch.no_grad():
-                x = to_imagenet(unwrapped.normalize_image(batch["image"]), config.image_normalization)
-                tokens = teacher_tokens(dinov2, x)
-        elif dinov2 is not None:
-            dinov2 = None  # free the DINOv2 teacher once REPA is over
-            log(f"REPA finished at step {step}; teacher freed")
-        losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens)
-        if not torch.isfinite(losses["loss"]):
-            raise IdgbrError(f"non-finite loss at step {step}; lower --lr or check the data in {data_root}")
-        accelerator.backward(losses["loss"])
-        if accelerator.sync_gradients and config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(unwrapped.trainable_parameters(), config.max_grad_norm)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if repa_optimizer is not None:
-            if tokens is not None:
-                repa_optimizer.step()
-            repa_optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
-        if done % log_every == 0 or done == config.steps:
-            scalars = {"loss": losses["loss"].item(), "lr": lr_schedule.get_last_lr()[0], "main": losses["main"].item()}
-            if tokens is not None:
-                scalars["repa"] = losses["repa"].item()
-            if config.ce_weight > 0:
-                scalars["ce"] = losses["ce"].item()
-            accelerator.log(scalars, step=done)
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            path = save_checkpoint(accelerator, unwrapped, optimizer, lr_schedule, done, out_dir, rng, gen)
-            log(f"checkpoint {path.name} (loss {losses['loss'].item():.4f})")
+                with torch.no_grad():
+                    x = to_imagenet(unwrapped.normalize_image(batch["image"]), config.image_normalization)
+                    tokens = teacher_tokens(dinov2, x)
+            elif dinov2 is not None:
+                dinov2 = None  # free the DINOv2 teacher once REPA is over
+                log(f"REPA finished at step {step}; teacher freed")
+            losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens)
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(clip_params, config.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if repa_optimizer is not None:
+                if tokens is not None:
+                    repa_optimizer.step()
+                repa_optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            out_of_time = clock.expired(done)
+            last = done == config.steps or out_of_time
+            if done % log_every == 0 or last:  # the only host syncs of a step, every log_every steps
+                loss = _finite_loss(losses, step, data_root)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                scalars = {"loss": loss, "lr": lr_schedule.get_last_lr()[0], "main": losses["main"].item()}
+                if tokens is not None:
+                    scalars["repa"] = losses["repa"].item()
+                if config.ce_weight > 0:
+                    scalars["ce"] = losses["ce"].item()
+                accelerator.log(scalars, step=done)
+            if done % config.checkpoint_every == 0 or last:
+                loss = _finite_loss(losses, step, data_root)  # never checkpoint a diverged model
+                path = save_checkpoint(accelerator, unwrapped, optimizer, lr_schedule, done, out_dir,
+                                       prefetcher.rng if prefetcher is not None else rng, gen)
+                log(f"checkpoint {path.name} (loss {loss:.4f})")
+            if out_of_time:
+                break
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
     bar.close()
 
     accelerator.wait_for_everyone()
     if main:
         _save_final(unwrapped, out_dir)
-        log(f"finished {config.steps} steps; model saved to {out_dir}")
+        if clock.stopped:
+            log(f"stopped by the time limit (train_minutes {config.train_minutes}) at step {done} of {config.steps}; "
+                f"model saved to {out_dir}")
+        else:
+            log(f"finished {config.steps} steps (the step limit); model saved to {out_dir}")
     accelerator.end_training()
     return out_dir
+
+
+def _finite_loss(losses: dict[str, torch.Tensor], step: int, data_root: str | Path) -> float:
+    """The total loss as a float (a host sync); a non-finite one is a one-line error."""
+    loss = losses["loss"].item()
+    if not math.isfinite(loss):
+        raise IdgbrError(f"non-finite loss by step {step}; lower --lr or check the data in {data_root}")
+    return loss
+
+
+class _Clock:
+    """The wall-time budget of the loop (``train_minutes``), measured from its construction.
+
+    With several processes the main process decides and broadcasts, every ``check_every`` steps, so that all ranks
+    stop at the same step.
+    """
+
+    def __init__(self, minutes: float | None, accelerator: Any, check_every: int = 1):
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+        self.accelerator, self.check_every = accelerator, max(1, check_every)
+        self.stopped = False
+
+    def expired(self, done: int) -> bool:
+        if self.deadline is None or done % self.check_every:
+            return False
+        late = time.monotonic() >= self.deadline
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            flag = torch.tensor([float(late)], device=self.accelerator.device)
+            late = bool(broadcast(flag, from_process=0).item())
+        self.stopped = late
+        return late
 
 
 def _save_final(model: nn.Module, out_dir: Path) -> None:

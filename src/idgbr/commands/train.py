@@ -23,6 +23,8 @@ def register(sub) -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size per process (default: the preset's)")
     parser.add_argument("--crop", type=int, default=None, help="training crop size (default: the preset's)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
+    parser.add_argument("--train-minutes", type=float, default=None, metavar="M",
+                        help="stop after M minutes of training (or at --steps, whichever comes first)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval in steps")
     parser.add_argument("--pretrained", default=None, metavar="PATH", help="SD-1.5 folder or .safetensors (sd15)")
     parser.add_argument("--dinov2", default=None, metavar="PATH", help="DINOv2 weights for REPA (off without)")
@@ -39,8 +41,8 @@ def build_config(args: argparse.Namespace):
     from ..config import RefinerConfig, parse_overrides
 
     overrides = {"steps": args.steps, "batch_size": args.batch, "crop_size": args.crop, "lr": args.lr,
-                 "checkpoint_every": args.checkpoint_every, "pretrained": args.pretrained, "dinov2": args.dinov2,
-                 "label_embed": args.label_embed}
+                 "checkpoint_every": args.checkpoint_every, "train_minutes": args.train_minutes,
+                 "pretrained": args.pretrained, "dinov2": args.dinov2, "label_embed": args.label_embed}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.update(parse_overrides(args.set))
     return RefinerConfig.preset_config(args.preset, **overrides)

@@ -1,0 +1,177 @@
+"""Split one refiner training step into phases and time each: ``python scripts/profile_train.py --preset lite``.
+
+Phases: data (sampler + copy to the device; with ``--set prefetch=N`` the wait for the background thread), encode (label and image latents), condition (guidance encoder),
+forward (noise, UNet with CG modules, loss), backward, optimiser (clipping, AdamW, LR schedule, zero_grad) and
+logging (host syncs: finiteness check and ``.item()``, every ``--log-every`` steps as the training loop does).
+The step mirrors ``RefinerObjective.forward`` for the diffusion objective (without REPA) and uses the training
+loop's own sampler, optimiser and clipping helpers, so their changes show up here. On CUDA every phase is
+bracketed by ``torch.cuda.synchronize()``; the summed phases are then slower than an unsynchronised step.
+
+Prints a markdown table: mean ms per phase over the timed steps (after ``--warmup`` steps), and steps/s.
+Without ``--data`` a small synthetic dataset is written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PHASES = ("data", "encode", "condition", "forward", "backward", "optimiser", "logging")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="lite", choices=("lite", "tiny", "sd15"))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--data", default=None, help="canonical dataset (default: synthetic, in a temp folder)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    return parser.parse_args(argv)
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase; synchronises CUDA before each reading."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+        self.last = 0.0
+        self.active = False
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.last = self._now()
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        if self.active:
+            self.totals[phase] += now - self.last
+        self.last = now
+
+
+def build(args: argparse.Namespace, data_root: str):
+    from idgbr.config import RefinerConfig, parse_overrides
+    from idgbr.model import IDGBRModel
+    from idgbr import train as T
+
+    overrides = {"batch_size": args.batch, "crop_size": args.crop, **parse_overrides(args.set)}
+    config = RefinerConfig.preset_config(args.preset, **overrides)
+    samples, dataset = T.load_training_samples(data_root, None)
+    config = T.resolve_config(config, dataset, samples)
+    model = IDGBRModel(config, load_weights=False).to(args.device)
+    model.train()
+    return config, model, samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from idgbr import train as T
+    from idgbr.data import IGNORE_INDEX
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = args.data
+        if data_root is None:
+            from idgbr.synthetic import write_synthetic_dataset
+
+            data_root = str(Path(tmp) / "synthetic")
+            write_synthetic_dataset(data_root, n=10, size=256, seed=0)
+        config, model, samples = build(args, data_root)
+    device = torch.device(args.device)
+    scheduler = model.make_scheduler()
+    params = model.trainable_parameters()
+    T.apply_throughput_switches(config, model, device)
+    model.label_embed.check_labels = False  # as the training loop: labels are checked once at load
+    optimizer = T.make_optimizer(config, params, device)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, T.lr_lambda(config))
+    cuda = device.type == "cuda"
+    sampler = T.CropSampler(samples, config, pin_memory=cuda)
+    rng = np.random.default_rng(config.seed)
+    prefetcher = T.Prefetcher(sampler, rng, config.prefetch) if config.prefetch else None
+    next_batch = prefetcher if prefetcher is not None else (lambda: sampler(rng))
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(config.seed)
+    timer = PhaseTimer(device)
+    losses: list[float] = []
+    total_steps = args.warmup + args.steps
+    wall = 0.0
+    for step in range(total_steps):
+        timer.active = step >= args.warmup
+        if step == args.warmup:
+            begin = timer._now()
+        timer.start()
+        batch = {k: v.to(device, non_blocking=cuda) for k, v in next_batch().items()}
+        batch["image"] = batch["image"].contiguous(memory_format=memory_format)
+        timer.mark("data")
+        image, mask, coarse = batch["image"], batch["mask"], batch["coarse"]
+        target = torch.where(mask == IGNORE_INDEX, coarse, mask)
+        with torch.no_grad():
+            z0 = model.encode_labels(target)
+            z_img = model.encode_image(model.normalize_image(image))
+            z_c = model.encode_labels(coarse)
+        timer.mark("encode")
+        cond = model.condition(z_img, z_c)
+        timer.mark("condition")
+        b = image.shape[0]
+        t = torch.randint(0, config.num_train_timesteps, (b,), generator=gen)
+        if config.cubic_timesteps:
+            t = ((1 - (t.float() / config.num_train_timesteps) ** 3) * config.num_train_timesteps).clamp(
+                max=config.num_train_timesteps - 1).long()
+        noise = torch.randn(z0.shape, generator=gen).to(z0)
+        drop = (torch.rand(b, generator=gen) < config.cond_dropout).to(device)
+        t = t.to(device)
+        z_t = scheduler.add_noise(z0, noise, t)
+        pred = model(z_t, t, cond, drop=drop)
+        goal = {"epsilon": noise, "sample": z0}.get(config.prediction_type)
+        goal = scheduler.get_velocity(z0, noise, t) if goal is None else goal
+        loss = F.mse_loss(pred.float(), goal.float())
+        timer.mark("forward")
+        loss.backward()
+        timer.mark("backward")
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        timer.mark("optimiser")
+        if (step + 1) % args.log_every == 0 or step + 1 == total_steps:  # the loop's only host syncs
+            losses.append(loss.item())
+            if not np.isfinite(losses[-1]):
+                raise RuntimeError(f"non-finite loss at step {step}")
+        timer.mark("logging")
+    wall = timer._now() - begin
+    if prefetcher is not None:
+        prefetcher.close()
+    ms = {p: 1000 * timer.totals[p] / args.steps for p in PHASES}
+    print(f"preset {config.preset}, batch {config.batch_size}, crop {config.crop_size}, device {device}, "
+          f"threads {torch.get_num_threads()}, {args.steps} timed steps after {args.warmup}, torch {torch.__version__}")
+    print("\n| phase | ms/step |\n|---|---:|")
+    for phase in PHASES:
+        print(f"| {phase} | {ms[phase]:.1f} |")
+    print(f"| **total** | **{sum(ms.values()):.1f}** |")
+    print(f"\nsteps/s: {args.steps / wall:.3f} (wall {wall:.1f} s); last logged loss {losses[-1]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
