@@ -30,8 +30,13 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     """prepare-free chain: train coarse -> predict -> train refiners (+ controls) -> refine -> evaluate -> report."""
     run = tmp_path / "bench"
     args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--preset", "tiny", "--coarse-iters", "2",
-            "--coarse-crop", "32", "--coarse-batch", "2", "--steps", "2", "--sample-steps", "2", "--out", str(run)]
+            "--coarse-crop", "32", "--coarse-batch", "2", "--steps", "2", "--sample-steps", "2", "--out", str(run),
+            "--train-minutes", "5", "--samples", "2", "--noise-scale", "0.5"]
     assert main(args) == 0
+    trained = json.loads((run / "refiners" / "diffusion_unet" / "train_config.json").read_text())
+    assert trained["train_minutes"] == 5 and trained["steps"] == 2
+    refined = json.loads((run / "refined" / "diffusion_unet" / "stage.json").read_text())["params"]
+    assert refined["samples"] == 2 and refined["noise_scale"] == 0.5
     report = json.loads((run / "report.json").read_text())
     (entry,) = report["results"]
     assert entry["coarse_arch"] == "unet"
@@ -234,3 +239,5 @@ def test_demo_passes_coarse_folds(monkeypatch, tmp_path):
         **{**idgbr.demo.DemoSettings.quick().__dict__, "coarse_folds": 3})
     assert main(["demo", "--out", str(tmp_path)]) == 0
     assert seen["settings"] == idgbr.demo.DemoSettings()
+    assert main(["demo", "--train-minutes", "7.5", "--out", str(tmp_path)]) == 0
+    assert seen["settings"].train_minutes == 7.5

@@ -37,6 +37,7 @@ class DemoSettings:
     guidance: float | None = 1.0
     strength: float | None = 1.0
     seed: int = 0
+    train_minutes: float | None = None  # stop the refiner's training after this many minutes (or at its steps)
     coarse_folds: int = 0  # K >= 2: the refiner trains on out-of-fold coarse train maps (0: in-sample maps)
 
     @classmethod
@@ -133,7 +134,8 @@ def run_demo(out: str | Path, quick: bool = False, source: str | Path | None = N
         stages("predict coarse train", out / "coarse_pred" / "train", {**cparams, "split": "train"},
                lambda: predict_coarse(coarse_dir, data, "train", name))
 
-    config = refiner_config(data, "lite", settings.refiner_steps, settings.seed, {})
+    config = refiner_config(data, "lite", settings.refiner_steps, settings.seed,
+                            {"train_minutes": settings.train_minutes} if settings.train_minutes else {})
     bench = BenchmarkSettings(sample_steps=settings.sample_steps, guidance=settings.guidance, strength=settings.strength)
     refined = train_and_refine(stages, data, out, "lite", config, name, bench)
     coarse = evaluate_folder(data, data / "coarse" / name, "test")

@@ -17,6 +17,8 @@ def register(sub) -> None:
     parser.add_argument("--coarse-crop", type=int, default=256)
     parser.add_argument("--coarse-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="refiner training steps (default: the preset's)")
+    parser.add_argument("--train-minutes", type=float, default=None, metavar="M",
+                        help="stop each refiner's training after M minutes, or at --steps if sooner")
     parser.add_argument("--sample-steps", type=int, default=4, help="DDIM steps (default 4; the paper: 25)")
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default 1 = off; the paper: 3)")
     parser.add_argument("--strength", type=float, default=1.0, help="SDEdit strength (default 1 = from noise)")
@@ -48,7 +50,8 @@ def run(args) -> int:
         refiner_steps=args.steps, sample_steps=args.sample_steps, guidance=args.guidance, strength=args.strength,
         samples=args.samples, noise_scale=args.noise_scale, controls=not args.no_controls,
         gate_width=None if args.gate < 0 else args.gate, seed=args.seed, coarse_folds=args.coarse_folds,
-        coarse_fold_group=args.coarse_fold_group, overrides=parse_overrides(args.set))
+        coarse_fold_group=args.coarse_fold_group,
+        overrides={**parse_overrides(args.set), **({"train_minutes": args.train_minutes} if args.train_minutes else {})})
     report = run_benchmark(args.data, args.out, settings)
     print(f"wrote {args.out}/report.json and report.md ({len(report['results'])} coarse models)")
     return 0

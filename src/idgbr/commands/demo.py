@@ -12,6 +12,8 @@ def register(sub) -> None:
     parser.add_argument("--coarse-folds", type=int, default=0, metavar="K",
                         help="train the refiner on out-of-fold coarse train maps from K >= 2 fold models "
                              "(default 0: in-sample maps of the coarse model)")
+    parser.add_argument("--train-minutes", type=float, default=None, metavar="M",
+                        help="stop the refiner's training after M minutes, or at its steps if sooner")
     parser.set_defaults(func=run)
 
 
@@ -20,5 +22,6 @@ def run(args) -> int:
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     settings.coarse_folds = args.coarse_folds
+    settings.train_minutes = args.train_minutes
     run_demo(args.out, quick=args.quick, source=args.source, settings=settings)
     return 0
