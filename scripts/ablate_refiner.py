@@ -32,15 +32,18 @@ def parse_items(text: str) -> dict:
     return parse_overrides([item for item in text.split(",") if item.strip()])
 
 
-def make_view(data: Path, out: Path, every: int) -> Path:
-    """A dataset folder with symlinked images/masks: train = train minus every ``every``-th stem, test = those."""
+def make_view(data: Path, out: Path, every: int, holdout: str | None) -> Path:
+    """A dataset folder with symlinked images/masks: train = train minus the held-out stems, test = those (the stems
+    matching the regular expression ``holdout``, else every ``every``-th stem)."""
+    import re
+
     from idgbr.data import SegmentationDataset, write_splits
 
     view = out / "data"
     if (view / "classes.json").exists():
         return view
     stems = SegmentationDataset(data, "train", load_mask=False).stems
-    held = stems[every // 2::every]
+    held = [s for s in stems if re.search(holdout, s)] if holdout else stems[every // 2::every]
     view.mkdir(parents=True, exist_ok=True)
     for name in ("images", "masks", "classes.json"):
         target = view / name
@@ -56,6 +59,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variant", action="append", required=True, help="NAME:TRAIN_OVERRIDES[;INFER_OVERRIDES]")
     parser.add_argument("--every", type=int, default=6, help="hold out every n-th train stem for validation (default 6)")
+    parser.add_argument("--holdout", default=None, metavar="REGEX",
+                        help="hold out the train stems matching REGEX instead (e.g. 'tile6': a whole source tile, as the "
+                             "test split holds out tiles 7-8)")
+    parser.add_argument("--fold-group", default=None, metavar="REGEX", help="keep stems with the same match in one fold")
     parser.add_argument("--arch", default="deeplabv3plus")
     parser.add_argument("--coarse-iters", type=int, default=200)
     parser.add_argument("--folds", type=int, default=0, help="out-of-fold coarse maps for training (0: in-sample)")
@@ -74,7 +81,7 @@ def main() -> int:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     args.out.mkdir(parents=True, exist_ok=True)
-    view = make_view(args.data, args.out, args.every)
+    view = make_view(args.data, args.out, args.every, args.holdout)
     coarse_model = args.out / "coarse_model"
     if not (coarse_model / "config.json").exists():
         train_coarse(view, args.arch, coarse_model, iters=args.coarse_iters, encoder="tu-mobilenetv3_small_100",
@@ -90,7 +97,7 @@ def main() -> int:
         if not (view / "coarse" / train_name).is_dir():
             predict_coarse_oof(view, args.arch, train_name, args.folds, args.out / "oof_models",
                                iters=args.coarse_iters, encoder="tu-mobilenetv3_small_100", batch=4, crop=256,
-                               seed=args.seed, progress=False)
+                               seed=args.seed, group=args.fold_group, progress=False)
     coarse_eval = evaluate_folder(view, view / "coarse" / eval_name, "test", progress=False)
     train_eval = evaluate_folder(view, view / "coarse" / train_name, "train", progress=False)
     rows = {"coarse (validation)": flat_metrics(coarse_eval), "coarse (its training maps)": flat_metrics(train_eval)}
@@ -100,7 +107,8 @@ def main() -> int:
         name, _, rest = spec.partition(":")
         train_text, _, infer_text = rest.partition(";")
         train_over, infer_over = parse_items(train_text), parse_items(infer_text)
-        key = json.dumps({"train": train_over, "infer": infer_over, "folds": args.folds}, sort_keys=True)
+        key = json.dumps({"train": train_over, "infer": infer_over, "folds": args.folds, "group": args.fold_group},
+                         sort_keys=True)
         if name in done and done[name]["key"] == key:
             rows[name] = done[name]["metrics"]
             continue
