@@ -13,9 +13,9 @@ torch.set_num_threads(1)  # the test machines are shared
 
 from idgbr.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel  # noqa: E402
+from idgbr.model import IDGBRModel, boundary_band, boundary_map  # noqa: E402
 from idgbr.pipeline import Refiner  # noqa: E402
-from idgbr.train import RefinerObjective, boundary_map, label_loss  # noqa: E402
+from idgbr.train import RefinerObjective, label_loss  # noqa: E402
 
 K = 3
 
@@ -117,3 +117,25 @@ def test_configs_saved_before_the_switches_keep_their_behaviour(tmp_path) -> Non
     loaded = RefinerConfig.load(tmp_path)
     assert loaded.pos_embed_size == "tile" and loaded.dropped_keeps_base is False
     assert RefinerConfig.preset_config("tiny").pos_embed_size == "crop"
+
+
+def test_residual_band_limits_corrections_to_coarse_boundaries() -> None:
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[:, :, 16:] = 1
+    band = boundary_band(labels, 3, 4)[0, 0]  # latent cells (factor 4) within 3 px of the edge at x = 16
+    assert band.shape == (8, 8) and band[:, 3:5].eq(1).all() and band[:, :3].eq(0).all() and band[:, 5:].eq(0).all()
+    config = RefinerConfig.preset_config("tiny", num_classes=K, coarse_residual=True, residual_band=3)
+    model = IDGBRModel(config).eval()
+    torch.nn.init.normal_(model.unet.conv_out.weight)  # a non-zero correction everywhere
+    z_img = torch.randn(1, model.codec.image_latent_channels(3), 32, 32)[..., :8, :8]
+    z = model.encode_labels(labels)
+    cond = model.condition(z_img, z, labels)
+    with torch.no_grad():
+        out = model(torch.randn_like(z), torch.tensor([999]), cond)
+    changed = (out - z).abs().amax(1)[0] > 0
+    assert changed[:, 3:5].all() and not changed[:, :3].any() and not changed[:, 5:].any()
+    with pytest.raises(IdgbrError, match="residual_band"):
+        model.condition(z_img, z)
+    _, agreement = Refiner(model).refine(np.zeros((32, 32, 3), np.uint8), labels[0].numpy().astype(np.uint8),
+                                         steps=2, guidance=1.0, samples=2, generator=gen(), return_agreement=True)
+    assert agreement[:, :8].min() == 1 and agreement[:, -8:].min() == 1  # far from the boundary: the coarse map

@@ -86,6 +86,9 @@ class RefinerConfig:
     # With coarse_residual, the CFG/dropout branch keeps the coarse base (x0 = z_coarse + unconditional
     # correction). False is the earlier behaviour (the dropped branch predicts the whole label latent).
     dropped_keeps_base: bool = True
+    # With coarse_residual, residual_band > 0 lets the correction act only on latent cells within this many pixels
+    # of a coarse-map boundary: the model can move boundaries, not repaint regions far from them. 0 = anywhere.
+    residual_band: int = 0
 
     # --- REPA (DINOv2 alignment) ---------------------------------------------------------------------------------
     dinov2: str | None = None  # local Hugging Face folder or official .pth; REPA is off without it

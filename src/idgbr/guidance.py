@@ -38,18 +38,23 @@ class GuidanceFeatures:
     """t-independent guidance features of one batch of tiles: per level, ``concat(f_img, f_coarse)`` (B, 2C, h, w).
 
     ``base``: the coarse label latent (B, C_lat, h, w) when the model predicts a residual on it, else None.
+    ``band``: (B, 1, h, w) float mask of the latent cells near a coarse boundary, where alone the residual may
+    correct the coarse latent (``residual_band``), else None.
     """
 
     levels: list[torch.Tensor]
     base: torch.Tensor | None = None
+    band: torch.Tensor | None = None
+
+    def _map(self, fn) -> "GuidanceFeatures":
+        return GuidanceFeatures([fn(f) for f in self.levels], *(None if t is None else fn(t) for t in (self.base, self.band)))
 
     @property
     def batch_size(self) -> int:
         return self.levels[0].shape[0]
 
     def to(self, *args, **kwargs) -> "GuidanceFeatures":
-        base = None if self.base is None else self.base.to(*args, **kwargs)
-        return GuidanceFeatures([f.to(*args, **kwargs) for f in self.levels], base)
+        return self._map(lambda t: t.to(*args, **kwargs))
 
     def expand(self, batch: int) -> "GuidanceFeatures":
         """Broadcast a batch of 1 to ``batch``; a batch equal to ``batch`` is returned as is."""
@@ -57,11 +62,10 @@ class GuidanceFeatures:
             return self
         if self.batch_size != 1:
             raise ValueError(f"guidance features have batch {self.batch_size}, expected 1 or {batch}")
-        base = None if self.base is None else self.base.expand(batch, *self.base.shape[1:])
-        return GuidanceFeatures([f.expand(batch, *f.shape[1:]) for f in self.levels], base)
+        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
 
     def __getitem__(self, index) -> "GuidanceFeatures":
-        return GuidanceFeatures([f[index] for f in self.levels], None if self.base is None else self.base[index])
+        return self._map(lambda t: t[index])
 
 
 class GuidanceEncoder(nn.Module):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import unet_parts
@@ -230,16 +231,22 @@ class IDGBRModel(nn.Module):
         """D_S: (B, C_lat, h, w) -> (B, K, h f, w f) logits."""
         return self.label_embed.decode(self.codec.decode_embedding(z))
 
-    def condition(self, z_img: torch.Tensor, z_coarse: torch.Tensor | None) -> GuidanceFeatures:
+    def condition(self, z_img: torch.Tensor, z_coarse: torch.Tensor | None,
+                  coarse_labels: torch.Tensor | None = None) -> GuidanceFeatures:
         """Guidance-encoder features of image and coarse latents (t-independent: compute once per tile).
 
         ``z_coarse`` None, or ``config.use_coarse`` False, gives image-only guidance (coarse features are zeros).
+        ``coarse_labels`` (B, H, W) long: the coarse map, needed for ``config.residual_band``.
         """
         if not self.config.use_coarse:
             z_coarse = None
         features = self.guidance.encode(z_img, z_coarse, self.context)
         if self.config.coarse_residual and z_coarse is not None:
             features.base = z_coarse
+            if self.config.residual_band > 0:
+                if coarse_labels is None:
+                    raise IdgbrError("residual_band needs the coarse labels: call condition(z_img, z_coarse, labels)")
+                features.band = boundary_band(coarse_labels, self.config.residual_band, self.codec.factor).to(z_coarse)
         return features
 
     # --- denoiser -------------------------------------------------------------------------------------------------
@@ -275,6 +282,8 @@ class IDGBRModel(nn.Module):
         skips = [s + r for s, r in zip(skips, residuals[:-1])]
         mid = mid + residuals[-1]
         pred = unet_parts.decode(self.unet, emb, skips, mid, context)
+        if cond.band is not None:  # residual_band: corrections only near coarse boundaries
+            pred = pred * cond.band.to(pred.dtype)
         if cond.base is not None:  # coarse_residual: x0 = z_coarse + correction
             base = cond.base if keep is None or self.config.dropped_keeps_base else cond.base * keep
             pred = pred + base.to(pred.dtype)
@@ -356,6 +365,20 @@ class IDGBRModel(nn.Module):
             raise file_error(path / WEIGHTS_NAME, f"weights do not match config.json (missing {missing_keys[:3]}, "
                              f"unexpected {result.unexpected_keys[:3]})", "the directory is from another version or was edited")
         return model
+
+
+def boundary_map(labels: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, W) bool: pixels with another label within a (2 width + 1)² window (class boundaries, ``width`` px)."""
+    x = labels[:, None].float()
+    size = 2 * width + 1
+    high = F.max_pool2d(x, size, stride=1, padding=width)
+    low = -F.max_pool2d(-x, size, stride=1, padding=width)
+    return (high != low)[:, 0]
+
+
+def boundary_band(labels: torch.Tensor, width: int, factor: int) -> torch.Tensor:
+    """(B, 1, H/f, W/f) float: 1 for latent cells holding a pixel within ``width`` px of a boundary of ``labels``."""
+    return F.max_pool2d(boundary_map(labels, width)[:, None].float(), factor)
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:

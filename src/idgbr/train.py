@@ -85,7 +85,7 @@ class RefinerObjective(nn.Module):
             z0 = model.encode_labels(target)
             z_img = model.encode_image(model.normalize_image(image))
             z_c = model.encode_labels(coarse) if cfg.use_coarse else torch.zeros_like(z0)
-        cond = model.condition(z_img, z_c)
+        cond = model.condition(z_img, z_c, coarse)
         zero = z0.new_zeros(())
         losses = {"main": zero, "ce": zero, "repa": zero}
         want_aux = teacher is not None
@@ -138,21 +138,14 @@ def sampler_timesteps(scheduler: Any, steps: int) -> torch.Tensor:
     return scheduler.timesteps.clone().long()
 
 
-def boundary_map(labels: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, H, W) bool: pixels with another label within a (2 width + 1)² window (class boundaries, ``width`` px)."""
-    x = labels[:, None].float()
-    size = 2 * width + 1
-    high = F.max_pool2d(x, size, stride=1, padding=width)
-    low = -F.max_pool2d(-x, size, stride=1, padding=width)
-    return (high != low)[:, 0]
-
-
 def label_loss(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, cfg: RefinerConfig) -> torch.Tensor:
     """Pixel cross-entropy of (B, K, H, W) logits against ``mask`` (ignore masked); with ``boundary_weight`` the
     pixels within ``boundary_width`` of a boundary of ``target`` (the mask, ignore filled) weigh 1 + boundary_weight."""
     if cfg.boundary_weight <= 0:
         return F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
     per_pixel = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="none")
+    from .model import boundary_map
+
     weight = 1 + cfg.boundary_weight * boundary_map(target, cfg.boundary_width).float()
     weight = weight * (mask != IGNORE_INDEX)
     return (per_pixel * weight).sum() / weight.sum().clamp(min=1)
