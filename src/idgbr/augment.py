@@ -33,6 +33,16 @@ def _label_keys(sample: Sample) -> list[str]:
     return [key for key in LABEL_KEYS if sample.get(key) is not None]
 
 
+def _cast_back(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``out`` (computed in a cv2 dtype) back in ``dtype``: integers rounded and clipped to their range."""
+    if out.dtype != dtype:
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        out = out.astype(dtype)
+    return out
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of an (H, W, C) image of any dtype and band count to ``size = (height, width)``."""
     height, width = size
@@ -42,12 +52,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     parts = [work[..., i:i + 512] for i in range(0, work.shape[-1], 512)]
     out = np.concatenate([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR).reshape(height, width, -1)
                           for p in parts], axis=-1)
-    if out.dtype != dtype:
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            out = np.clip(np.rint(out), info.min, info.max)
-        out = out.astype(dtype)
-    return out
+    return _cast_back(out, dtype)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -141,12 +146,7 @@ def _warp(array: np.ndarray, matrix: np.ndarray, size: tuple[int, int], nearest:
                             borderMode=cv2.BORDER_CONSTANT, borderValue=(fill,) * 4).reshape(height, width, -1)
              for i in range(0, work.shape[-1], 4)]
     out = np.concatenate(parts, axis=-1)
-    if out.dtype != dtype:
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            out = np.clip(np.rint(out), info.min, info.max)
-        out = out.astype(dtype)
-    return out
+    return _cast_back(out, dtype)
 
 
 class RandomResizedCrop:
