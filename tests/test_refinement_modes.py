@@ -65,6 +65,8 @@ def test_zero_noise_start_is_deterministic(refiner: Refiner) -> None:
     assert not np.array_equal(a, c)
     with pytest.raises(IdgbrError, match="samples"):
         refiner.refine(image, coarse, samples=0)
+    with pytest.raises(IdgbrError, match="noise-scale"):  # identical samples: refused, with the fix
+        refiner.refine(image, coarse, samples=3, noise_scale=0)
 
 
 def test_sampler_timesteps_are_the_ones_sampling_visits() -> None:

@@ -194,6 +194,7 @@ class Refiner:
             raise IdgbrError(f"need steps >= 1, 0 < strength <= 1, guidance >= 0, batch_size >= 1, samples >= 1 and "
                              f"noise_scale >= 0; got steps={steps}, strength={strength}, guidance={guidance}, "
                              f"batch_size={batch_size}, samples={samples}, noise_scale={noise_scale}")
+        check_noise_for_samples(samples, noise_scale)
         many = isinstance(image, (list, tuple))
         images = list(image) if many else [image]
         coarses = list(coarse) if isinstance(coarse, (list, tuple)) else [coarse]
@@ -306,6 +307,13 @@ class Refiner:
                 write_label(target, refined)
             written.append(target)
         return written
+
+
+def check_noise_for_samples(samples: int, noise_scale: float) -> None:
+    """Several samples differ only through their starting noise: refuse ``samples > 1`` with ``noise_scale`` 0."""
+    if samples > 1 and noise_scale == 0:
+        raise IdgbrError(f"--samples {samples} draws identical maps with a zero-noise start (this model's default); "
+                         "add --noise-scale 1")
 
 
 def _is_soft(coarse: Any) -> bool:

@@ -386,7 +386,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                  guidance: float | None = None, strength: float | None = None, seed: int = 0, samples: int = 1,
                  gate_width: int | None = None, confidence: float | None = None, batch_size: int = 4,
                  bands: Sequence[int] | None = None, resume: bool = True, progress: bool = True,
-                 callback: Callable[[list[int]], None] | None = None) -> dict[str, Any]:
+                 callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None) -> dict[str, Any]:
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
@@ -397,6 +397,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         tile, overlap: window size and overlap in pixels (default: the model's ``tile_size``/``tile_overlap``).
         steps, guidance, strength: sampling settings (default: the model's).
         seed: seed of the scene-level noise field; samples: refinements drawn (majority vote if > 1).
+        noise_scale: scale of the noise field (default: the model's; 0 = deterministic start, one sample only).
         gate_width: refine only within this many px of coarse boundaries (None: refine everything);
         confidence: with soft coarse input, also refine pixels whose max probability is below this.
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
@@ -415,6 +416,10 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     steps = cfg.sample_steps if steps is None else int(steps)
     guidance = cfg.guidance_scale if guidance is None else float(guidance)
     strength = cfg.strength if strength is None else float(strength)
+    noise_scale = cfg.noise_scale if noise_scale is None else float(noise_scale)
+    from .pipeline import check_noise_for_samples
+
+    check_noise_for_samples(samples, noise_scale)
     f, multiple = cfg.latent_factor, cfg.size_multiple
     if tile < multiple or tile % multiple or overlap % f or not 0 <= overlap < tile:
         raise IdgbrError(f"--tile {tile} must be a multiple of {multiple} and --overlap {overlap} a multiple of {f} "
@@ -439,7 +444,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         windows = tile_grid(*canvas, tile, overlap)
         signature = {"image": _file_id(image_path), "coarse": _file_id(coarse_path), "tile": tile, "overlap": overlap,
                      "steps": steps, "guidance": guidance, "strength": strength, "seed": seed, "samples": samples,
-                     "gate": gate_width, "confidence": confidence, "bands": scene.bands,
+                     "noise_scale": noise_scale, "gate": gate_width, "confidence": confidence, "bands": scene.bands,
                      "model": _model_id(refiner)}
         state = {"signature": signature, "done": [], "skipped_nodata": [], "skipped_gate": []}
         resumed = False
@@ -475,7 +480,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                 batch.append((index, item))
             if len(batch) == batch_size or (position == len(todo) - 1 and batch):
                 computed += len(batch)
-                _run_batch(refiner, scene, windows, batch, noise, ramp, scratch, samples, steps, guidance, strength)
+                _run_batch(refiner, scene, windows, batch, noise, ramp, scratch, samples, steps, guidance, strength,
+                           noise_scale)
                 state["done"].extend(index for index, _ in batch)
                 _write_json(paths["progress"], state)
                 scratch.journal.unlink(missing_ok=True)
@@ -572,7 +578,7 @@ def _prepare_tile(scene: _Scene, window: Window, gate_width: int | None, confide
 
 def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[int, dict[str, np.ndarray]]],
                noise: NoiseField, ramp: np.ndarray, scratch: _Scratch, samples: int, steps: int, guidance: float,
-               strength: float) -> None:
+               strength: float, noise_scale: float) -> None:
     """Sample every tile of ``batch`` ``samples`` times and add the weighted probabilities to the scratch arrays."""
     cfg, device = refiner.config, refiner.device
     image = torch.from_numpy(np.stack([item["image"] for _, item in batch]))
@@ -587,8 +593,8 @@ def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[
     for sample in range(samples):
         start = torch.stack([noise.cut(sample, windows[index].row // f, windows[index].col // f, lat_h, lat_w)
                              for index, _ in batch])
-        logits = refiner.sample(image.to(device), prior.to(device), steps, guidance, strength, start.to(device),
-                                noise_scale=cfg.noise_scale)
+        logits = refiner.sample(image.to(device), prior.to(device), steps, guidance, strength,
+                                (start * noise_scale).to(device))
         out[:, sample] = torch.softmax(logits.float(), dim=1)[..., crop[0], crop[1]].cpu().numpy()
     clipped = [_clip(windows[index], scene.height, scene.width) for index, _ in batch]
     scratch.add(clipped, [o[:, :, :w.height, :w.width] for o, w in zip(out, clipped)],

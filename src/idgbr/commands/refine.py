@@ -121,7 +121,8 @@ def _run_scene(args: argparse.Namespace, refiner) -> int:
     summary = refine_scene(refiner, args.image, args.coarse, args.out, tile=args.tile, overlap=args.overlap,
                            steps=args.steps, guidance=args.guidance, strength=args.strength, seed=args.seed,
                            samples=args.samples or 1, gate_width=args.gate, confidence=args.confidence,
-                           batch_size=args.batch, bands=bands, resume=not args.no_resume, progress=not args.no_progress)
+                           batch_size=args.batch, bands=bands, resume=not args.no_resume, progress=not args.no_progress,
+                           noise_scale=args.noise_scale)
     extra = f" and {summary['uncertainty']}" if summary["uncertainty"] else ""
     print(f"wrote {summary['out']}{extra}: {summary['tiles']} tiles, {summary['computed']} computed now, "
           f"{summary['done_before']} resumed, {100 * summary['skipped_fraction']:.1f}% skipped "
