@@ -516,8 +516,6 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     processes, which multiplies the global batch), scale ``lr`` by the square-root rule,
     ``lr * sqrt(new_global_batch / old_global_batch)`` (the usual rule for Adam-type optimisers).
     """
-    import time
-
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm import tqdm
