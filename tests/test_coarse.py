@@ -281,3 +281,48 @@ def test_cli_folds_needs_work_and_name(data, capsys):
     assert "--folds needs --name, --work" in capsys.readouterr().err
     assert main(["predict-coarse", "--data", str(data)]) == 2
     assert "needs --model RUN" in capsys.readouterr().err
+
+
+def test_validation_curve_is_recorded_on_held_out_stems(data, tmp_path):
+    train_coarse(data, "unet", tmp_path / "m", iters=3, batch=2, crop=32, progress=False, stems=["a1", "a2"],
+                 val_stems=["a3"], val_every=2)
+    record = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert record["val_stems"] == ["a3"] and [v["iter"] for v in record["validation"]] == [2, 3]
+    assert all(0 <= v["miou"] <= 1 and 0 <= v["wfm3"] <= 1 for v in record["validation"])
+    with pytest.raises(IdgbrError, match="validation stems are also trained on"):
+        train_coarse(data, "unet", tmp_path / "x", iters=1, batch=2, crop=32, progress=False, stems=["a1", "a2"],
+                     val_stems=["a2"], val_every=1)
+
+
+def test_predict_with_several_models_averages_their_probabilities(data, tmp_path):
+    dirs = []
+    for seed in (0, 1):
+        dirs.append(tmp_path / f"m{seed}")
+        train_coarse(data, "unet", dirs[-1], iters=2, batch=2, crop=32, seed=seed, progress=False)
+    out = predict_coarse(dirs, data, "test", name="ens", tile=32, overlap=8, progress=False)
+    models = [CoarseModel.load(d) for d in dirs]
+    from idgbr.data import SegmentationDataset
+
+    test = SegmentationDataset(data, "test", load_mask=False)
+    for i, stem in enumerate(test.stems):
+        image = test[i]["image"]
+        mean = sum(m.predict_probs(image, tile=32, overlap=8) for m in models) / 2
+        written = np.array(Image.open(out / f"{stem}.png"))
+        assert np.array_equal(written, mean.argmax(0))
+        single = models[0].predict_probs(image, tile=32, overlap=8).argmax(0)
+        assert written.shape == single.shape
+
+
+def test_cli_folds_with_test_and_validation_make_a_complete_track(data, tmp_path, capsys):
+    argv = ["predict-coarse", "--folds", "3", "--arch", "unet", "--data", str(data), "--name", "track", "--work",
+            str(tmp_path / "w"), "--iters", "2", "--crop", "32", "--train-batch", "2", "--tile", "32", "--overlap", "8",
+            "--val-every", "1", "--with-test", "--no-progress"]
+    assert main(argv) == 0
+    assert "test maps from the fold-model ensemble" in capsys.readouterr().out
+    out = data / "coarse" / "track"
+    assert sorted(p.stem for p in out.glob("*.png")) == ["a1", "a2", "a3", "b1", "b2"]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["test"]["stems"] == ["b1", "b2"] and "mean probabilities" in provenance["test"]["method"]
+    assert provenance["command"].startswith("idgbr predict-coarse --folds 3")
+    for fold in provenance["fold_models"]:
+        assert [v["iter"] for v in fold["validation"]] == [1, 2]

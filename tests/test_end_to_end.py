@@ -241,3 +241,36 @@ def test_demo_passes_coarse_folds(monkeypatch, tmp_path):
     assert seen["settings"] == idgbr.demo.DemoSettings()
     assert main(["demo", "--train-minutes", "7.5", "--out", str(tmp_path)]) == 0
     assert seen["settings"].train_minutes == 7.5
+
+
+def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
+    """--coarse-maps DIR: a complete track made beforehand replaces the coarse stages; a bad folder is one line."""
+    import shutil
+
+    from idgbr.data import SegmentationDataset
+
+    assert main(["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(synthetic), "--name", "conv",
+                 "--work", str(tmp_path / "w"), "--iters", "2", "--crop", "32", "--train-batch", "2", "--tile", "64", "--overlap", "8",
+                 "--val-every", "1", "--with-test", "--no-progress"]) == 0
+    fixture = tmp_path / "fixtures" / "unet_converged"
+    shutil.copytree(synthetic / "coarse" / "conv", fixture)
+    run = tmp_path / "bench_track"
+    args = ["benchmark", str(synthetic), "--preset", "tiny", "--steps", "1", "--sample-steps", "1", "--no-controls",
+            "--coarse-maps", str(fixture), "--out", str(run)]
+    assert main(args) == 0
+    (entry,) = json.loads((run / "report.json").read_text())["results"]
+    assert entry["coarse_arch"] == "unet" and entry["coarse_maps"] == str(fixture) and entry["coarse_folds"] == 2
+    assert "idgbr predict-coarse --folds 2" in entry["coarse_provenance"]
+    refiner = json.loads((run / "refiners" / "diffusion_unet" / "stage.json").read_text())
+    assert refiner["params"]["coarse"] == "track_unet_converged"
+    assert not (run / "coarse_models").exists()  # no coarse model was trained
+    assert "coarse track" in (run / "report.md").read_text()
+    test = SegmentationDataset(synthetic, "test").stems
+    (fixture / f"{test[0]}.png").unlink()
+    capsys.readouterr()
+    assert main(args[:-1] + [str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no coarse map for 1 train/test stems" in err
+    assert not (tmp_path / "bad").exists()
+    assert main(args[:-1] + [str(tmp_path / "bad"), "--coarse-arch", "unet"]) == 2
+    assert "drop --coarse-arch" in capsys.readouterr().err

@@ -44,6 +44,10 @@ class BenchmarkSettings:
     seed: int = 0
     coarse_folds: int = 0  # 0: the refiner trains on in-sample train maps; K >= 2: on K-fold out-of-fold maps
     coarse_fold_group: str | None = None  # regex: stems with the same match share a fold (e.g. r"tile\d+")
+    # Complete coarse tracks made beforehand (e.g. committed fixtures of a converged model): folders with a map for
+    # every train and test stem and a provenance.json ('idgbr predict-coarse --folds K --with-test'). When given, they
+    # replace the coarse stages above (coarse_archs and coarse_folds are not used).
+    coarse_maps: Sequence[str] = ()
     overrides: dict[str, Any] = field(default_factory=dict)  # RefinerConfig fields
 
 
@@ -128,6 +132,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
 
         fold_stems(SegmentationDataset(data_root, "train", load_mask=False).stems, settings.coarse_folds,
                    flag="--coarse-folds", group=settings.coarse_fold_group)
+    for folder in settings.coarse_maps:  # a bad track fails now, before anything is trained or written
+        check_coarse_track(data_root, Path(folder))
     run.mkdir(parents=True, exist_ok=True)
     stages = Stages(run, log)
     results = []
@@ -136,8 +142,13 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         config = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed,
                                 {**settings.overrides, "use_coarse": False})
         image_only = train_and_refine(stages, data_root, run, "image_only", config, None, settings)
-    for arch in settings.coarse_archs:
-        tag = coarse_stages(stages, data_root, run, arch, settings)
+    tracks = ([(import_coarse_track(stages, data_root, run, Path(folder)), Path(folder)) for folder in settings.coarse_maps]
+              if settings.coarse_maps else [(None, None)] * len(settings.coarse_archs))
+    for (imported, folder), arch in zip(tracks, settings.coarse_maps or settings.coarse_archs):
+        if imported is not None:
+            tag, arch = imported
+        else:
+            tag = coarse_stages(stages, data_root, run, arch, settings)
         coarse_eval = evaluate_folder(data_root, data_root / "coarse" / tag, "test")
         coarse_train = evaluate_folder(data_root, data_root / "coarse" / tag, "train")
         config = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
@@ -146,6 +157,11 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                                  "coarse_train": _strip(coarse_train), "coarse_folds": settings.coarse_folds,
                                  "coarse_fold_group": settings.coarse_fold_group,
                                  "repair": refined.get("repair", {})}
+        if folder is not None:
+            provenance = json.loads((folder / "provenance.json").read_text())
+            entry.update(coarse_maps=str(folder), coarse_folds=provenance.get("folds", 0),
+                         coarse_fold_group=provenance.get("settings", {}).get("fold_group"),
+                         coarse_provenance=provenance.get("command") or provenance.get("settings"))
         if "gated" in refined:
             entry["gated"] = refined["gated"]
         if settings.controls:
@@ -162,6 +178,51 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
     report = {"results": results}
     write_reports(run, report)
     return report
+
+
+def check_coarse_track(data_root: Path, folder: Path) -> tuple[str, list[str], str]:
+    """A complete coarse track's architecture (from ``folder/provenance.json``), its train + test stems and a digest
+    of their maps; a one-line :class:`IdgbrError` if the folder is not one."""
+    import hashlib
+
+    from .data import SegmentationDataset
+
+    provenance_file = folder / "provenance.json"
+    if not provenance_file.is_file():
+        raise IdgbrError(f"{provenance_file}: missing; --coarse-maps takes a folder written by 'idgbr predict-coarse "
+                         f"--folds K --with-test' (maps + provenance.json)")
+    try:
+        arch = json.loads(provenance_file.read_text())["settings"]["arch"]
+    except (ValueError, KeyError, TypeError):
+        raise IdgbrError(f"{provenance_file}: no settings.arch; give a provenance.json written by 'idgbr predict-coarse "
+                         f"--folds K --with-test'") from None
+    stems = [s for split in ("train", "test") for s in SegmentationDataset(data_root, split, load_mask=False).stems]
+    missing = [s for s in stems if not (folder / f"{s}.png").is_file()]
+    if missing:
+        raise IdgbrError(f"{folder}: no coarse map for {len(missing)} train/test stems ({', '.join(missing[:3])}); "
+                         f"give a track made for {data_root} (train out-of-fold + test maps)")
+    digest = hashlib.sha1(b"".join((folder / f"{s}.png").read_bytes() for s in stems)).hexdigest()[:12]
+    return arch, stems, digest
+
+
+def import_coarse_track(stages: Stages, data_root: Path, run: Path, folder: Path) -> tuple[str, str]:
+    """Copy a complete coarse track (:func:`check_coarse_track`) to ``DATA/coarse/track_<folder name>``; returns that
+    name and the track's architecture."""
+    import shutil
+
+    arch, stems, digest = check_coarse_track(data_root, folder)
+    tag = f"track_{folder.resolve().name}"
+
+    def copy() -> None:
+        target = data_root / "coarse" / tag
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for name in [f"{s}.png" for s in stems] + ["provenance.json"]:
+            shutil.copy2(folder / name, target / name)
+
+    stages(f"import coarse track {tag}", run / "coarse_pred" / tag, {"folder": str(folder), "sha1": digest}, copy)
+    return tag, arch
 
 
 def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, settings: BenchmarkSettings) -> str:
@@ -224,7 +285,11 @@ def write_reports(run: Path, report: dict) -> None:
         for name, result in entry.get("controls", {}).items():
             label = name.replace("_gated", f", gated {gate} px").replace("_", " ")
             rows[f"control: {label}"] = result
-        lines += [f"## Coarse model: {arch}", "", metrics_table(rows), ""]
+        track = entry.get("coarse_maps")
+        lines += [f"## Coarse model: {arch}" + (f" (coarse track `{track}`)" if track else ""), ""]
+        if track:
+            lines += [f"Coarse maps made beforehand: `{entry.get('coarse_provenance')}`.", ""]
+        lines += [metrics_table(rows), ""]
         if "coarse_train" in entry:
             folds = entry.get("coarse_folds", 0)
             group = entry.get("coarse_fold_group")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 
 from .errors import IdgbrError
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = "idgbr " + " ".join(shlex.quote(str(arg)) for arg in argv)  # for provenance records
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

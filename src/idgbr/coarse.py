@@ -344,11 +344,15 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
                  crop: int = 512, lr: float | None = None, encoder: str | None = None,
                  encoder_weights: str | Path | None = None, seed: int = 0, progress: bool = True, num_workers: int = 0,
                  checkpoint_every: int = 1000, transform: Callable | None = None,
-                 device: str | torch.device | None = None, stems: Sequence[str] | None = None) -> CoarseModel:
+                 device: str | torch.device | None = None, stems: Sequence[str] | None = None,
+                 val_stems: Sequence[str] | None = None, val_every: int = 0) -> CoarseModel:
     """Train a coarse segmentation model on ``DATA``'s train split and save it to the run directory ``out``.
 
     ``stems`` restricts training to those train-split stems (the out-of-fold models of
     :func:`predict_coarse_oof`); they are recorded in ``training.json`` as ``train_stems``.
+    With ``val_stems`` (train-split stems not trained on) and ``val_every`` N > 0, the model is scored on them
+    (full images, sliding windows) every N iterations and at the end; ``training.json`` records the curve as
+    ``validation``: ``[{"iter", "miou", "wfm3"}, ...]`` (fractions).
 
     Paper defaults: batch 8, 20k iterations, 512 crops with the paper's augmentations
     (:func:`idgbr.augment.paper_train_transform`). Cross-entropy ignoring 255, AdamW (weight decay 1e-2) with a
@@ -362,6 +366,14 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         raise IdgbrError(f"--crop {crop} must be a positive multiple of {INPUT_MULTIPLE}")
     device = torch.device(device) if device is not None else _default_device()
     dataset = SegmentationDataset(data_root, "train")
+    val_samples = []
+    if val_stems is not None and val_every > 0:
+        overlap = sorted(set(val_stems) & set(stems if stems is not None else dataset.stems))
+        if overlap:
+            raise IdgbrError(f"validation stems are also trained on ({', '.join(overlap[:3])}); give held-out stems")
+        val_set = SegmentationDataset(data_root, "train")
+        val_set.stems = _subset(val_set.stems, val_stems, "train")
+        val_samples = [val_set[i] for i in range(len(val_set))]
     if stems is not None:
         dataset.stems = _subset(dataset.stems, stems, "train")
     samples = []
@@ -396,6 +408,8 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
                               "batch": batch, "crop": crop, "lr": lr, "seed": seed, "encoder_weights":
                               str(encoder_weights) if encoder_weights else None, "train_images": len(samples),
                               **({"train_stems": dataset.stems} if stems is not None else {})}
+    if val_samples:
+        record.update(val_every=val_every, val_stems=[v["stem"] for v in val_samples], validation=[])
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -418,6 +432,11 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         if bar is not None:
             bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
             bar.update(1)
+        if val_samples and (step % val_every == 0 or step == iters):
+            record["validation"].append({"iter": step, **_validate(model, val_samples, config.class_names)})
+            model.train()
+            if bar is not None:
+                bar.set_description(f"train-coarse {config.arch} (val mIoU {100 * record['validation'][-1]['miou']:.1f})")
         if checkpoint_every and step % checkpoint_every == 0 and step < iters:
             model.save(out, {**record, "done_iters": step, "loss": smoothed})
     if bar is not None:
@@ -428,14 +447,26 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     return model
 
 
+def _validate(model: CoarseModel, samples: list[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
+    """mIoU and WFm(3px) (fractions) of ``model`` on decoded samples (image + mask), full images."""
+    from .metrics import evaluate_maps
+
+    pairs = ((s["mask"], model.predict_probs(s["image"]).argmax(0).astype(np.uint8)) for s in samples)
+    result = evaluate_maps(pairs, model.config.num_classes, tolerances=(3,), class_names=class_names)
+    return {"miou": round(float(result["miou"]), 5), "wfm3": round(float(result["wfm"]["3"]), 5)}
+
+
 # --- prediction ----------------------------------------------------------------------------------------------------
 
-def predict_coarse(model_dir: str | Path, data_root: str | Path, split: str | None = "test", name: str | None = None,
+def predict_coarse(model_dir: str | Path | Sequence[str | Path], data_root: str | Path, split: str | None = "test", name: str | None = None,
                    probs: Literal["npy", "tif"] | None = None, tile: int = 512, overlap: int = 64, batch: int = 4,
                    progress: bool = True, device: str | torch.device | None = None,
                    stems: Sequence[str] | None = None) -> Path:
     """Write ``DATA/coarse/<name>/<stem>.png`` (class indices, full image size) for every image of ``split``
     (or only for ``stems``, which must belong to ``split``).
+
+    ``model_dir`` may be a list of run folders (e.g. the fold models of :func:`predict_coarse_oof`): the maps are
+    then the argmax of their mean probabilities (the models must agree on classes and bands).
 
     With ``probs`` the blended class probabilities are also written as float32 (K, H, W) ``.npy`` or as a K-band
     GeoTIFF (keeping the image's CRS/transform) under ``DATA/coarse/<name>_probs/``. Returns the map folder.
@@ -444,14 +475,20 @@ def predict_coarse(model_dir: str | Path, data_root: str | Path, split: str | No
         raise IdgbrError(f"unknown --probs {probs!r}; choose npy or tif")
     if tile < INPUT_MULTIPLE or not 0 <= overlap < tile:
         raise IdgbrError(f"need --tile >= {INPUT_MULTIPLE} and 0 <= --overlap < --tile, got {tile} and {overlap}")
-    model = CoarseModel.load(model_dir, device=device if device is not None else _default_device())
+    dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+    models = [CoarseModel.load(d, device=device if device is not None else _default_device()) for d in dirs]
+    model = models[0]
+    for other, path in zip(models[1:], dirs[1:]):
+        if (other.config.num_classes, other.config.in_channels) != (model.config.num_classes, model.config.in_channels):
+            raise file_error(Path(path) / CONFIG_FILE, "classes or bands differ from the first model's",
+                             "ensemble models trained on the same dataset")
     dataset = SegmentationDataset(data_root, split, load_mask=False)
     if stems is not None:
         dataset.stems = _subset(dataset.stems, stems, split)
     if dataset.classes.num_classes != model.config.num_classes:
         raise file_error(dataset.root / "classes.json", f"{dataset.classes.num_classes} classes, but the model in "
                          f"{model_dir} predicts {model.config.num_classes}", "use a model trained on this dataset")
-    name = name or Path(model_dir).resolve().name
+    name = name or Path(dirs[0]).resolve().name
     if not name or "/" in name or name.startswith("."):
         raise IdgbrError(f"invalid --name {name!r}; use a plain folder name")
     out_dir = dataset.root / "coarse" / name
@@ -467,7 +504,7 @@ def predict_coarse(model_dir: str | Path, data_root: str | Path, split: str | No
         if image.shape[-1] != model.config.in_channels:
             raise file_error(dataset.image_path(stem), f"{image.shape[-1]} bands, the model expects "
                              f"{model.config.in_channels}", "predict with a model trained on the same bands")
-        prob = model.predict_probs(image, tile=tile, overlap=overlap, batch=batch)
+        prob = sum(m.predict_probs(image, tile=tile, overlap=overlap, batch=batch) for m in models) / len(models)
         write_label(out_dir / f"{stem}.png", prob.argmax(0).astype(np.uint8))
         if probs is not None:
             write_array(probs_dir / f"{stem}.{probs}", prob, sample.get("geo"))
@@ -518,14 +555,20 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
                        iters: int = 20000, encoder: str | None = None, batch: int = 8, crop: int = 512,
                        lr: float | None = None, seed: int = 0, tile: int = 512, overlap: int = 64,
                        group: str | None = None, progress: bool = True,
-                       device: str | torch.device | None = None) -> Path:
+                       device: str | torch.device | None = None, val_every: int = 0, test: bool = False,
+                       command: str | None = None) -> Path:
     """Out-of-fold coarse maps of the train split: ``DATA/coarse/<name>/<stem>.png`` from models that never saw ``stem``.
 
     The train stems are split by :func:`fold_stems` (seeded with ``seed``; ``group`` keeps stems with the same
     regular-expression match, e.g. crops of one source tile, in one fold); for each fold ``i`` a model is trained
     with :func:`train_coarse` on the other folds (same arch/encoder/iters/batch/crop/lr/seed) into
     ``work_dir/fold<i>`` and predicts the held-out fold. ``DATA/coarse/<name>/provenance.json`` records the settings,
-    the folds and each fold's model folder. Returns the map folder.
+    the folds and each fold's model folder (and ``command``, when given). Returns the map folder.
+
+    ``val_every`` N > 0 scores each fold model on its held-out fold every N iterations (a validation curve that
+    never touches the test split; recorded per fold in the provenance). ``test=True`` also writes the test split's
+    maps into the same folder, from the mean probabilities of the K fold models, so that the folder is a complete
+    coarse track (train out-of-fold + test).
     """
     data_root, work_dir = Path(data_root), Path(work_dir)
     dataset = SegmentationDataset(data_root, "train", load_mask=False)
@@ -543,15 +586,27 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
         if progress:
             print(f"fold {index + 1}/{folds}: train on {len(trained_on)} images, predict {len(held_out)}")
         train_coarse(data_root, arch, model_dir, iters=iters, batch=batch, crop=crop, lr=lr, encoder=encoder,
-                     seed=seed, progress=progress, device=device, stems=trained_on)
+                     seed=seed, progress=progress, device=device, stems=trained_on, val_stems=held_out,
+                     val_every=val_every)
         predict_coarse(model_dir, data_root, "train", name=name, tile=tile, overlap=overlap, progress=progress,
                        device=device, stems=held_out)
+        training = json.loads((model_dir / TRAINING_FILE).read_text())
         records.append({"fold": index, "model_dir": str(model_dir), "seed": seed, "iters": iters,
-                        "held_out": held_out, "trained_on": trained_on})
+                        "seconds": training.get("seconds"), "held_out": held_out, "trained_on": trained_on,
+                        **({"validation": training["validation"]} if "validation" in training else {})})
+    test_record = None
+    if test:
+        if progress:
+            print(f"test split: mean probabilities of the {folds} fold models")
+        predict_coarse([r["model_dir"] for r in records], data_root, "test", name=name, tile=tile, overlap=overlap,
+                       progress=progress, device=device)
+        test_record = {"split": "test", "method": f"argmax of the mean probabilities of the {folds} fold models",
+                       "stems": SegmentationDataset(data_root, "test", load_mask=False).stems}
     provenance = {"kind": "idgbr-coarse-oof", "split": "train", "folds": folds,
                   "fold_assignment": f"sorted {'stems' if group is None else f'groups of {group!r}'} permuted by numpy "
                                      f"default_rng({seed}), dealt round-robin",
-                  "settings": settings, "fold_models": records}
+                  "settings": settings, "fold_models": records,
+                  **({"test": test_record} if test_record else {}), **({"command": command} if command else {})}
     with atomic_path(out_dir / PROVENANCE_FILE) as tmp:
         tmp.write_text(json.dumps(provenance, indent=2) + "\n")
     return out_dir

@@ -36,6 +36,10 @@ def register(sub) -> None:
     parser.add_argument("--coarse-fold-group", default=None, metavar="REGEX",
                         help="with --coarse-folds: stems with the same first match of REGEX share a fold (e.g. "
                              "'tile\\d+' holds out whole source tiles, as a tile-wise test split does)")
+    parser.add_argument("--coarse-maps", action="append", default=[], metavar="DIR",
+                        help="a complete coarse track instead of training coarse models (repeatable): a folder with a "
+                             "map for every train (out-of-fold) and test stem and provenance.json, e.g. the committed "
+                             "fixtures/coarse/dubai_half/* or 'idgbr predict-coarse --folds K --with-test' output")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
@@ -50,8 +54,12 @@ def run(args) -> int:
         refiner_steps=args.steps, sample_steps=args.sample_steps, guidance=args.guidance, strength=args.strength,
         samples=args.samples, noise_scale=args.noise_scale, controls=not args.no_controls,
         gate_width=None if args.gate < 0 else args.gate, seed=args.seed, coarse_folds=args.coarse_folds,
-        coarse_fold_group=args.coarse_fold_group,
+        coarse_fold_group=args.coarse_fold_group, coarse_maps=tuple(args.coarse_maps),
         overrides={**parse_overrides(args.set), **({"train_minutes": args.train_minutes} if args.train_minutes else {})})
+    if args.coarse_maps and (args.archs or args.coarse_folds):
+        from ..errors import IdgbrError
+
+        raise IdgbrError("--coarse-maps brings its own coarse maps; drop --coarse-arch / --coarse-folds")
     report = run_benchmark(args.data, args.out, settings)
     print(f"wrote {args.out}/report.json and report.md ({len(report['results'])} coarse models)")
     return 0

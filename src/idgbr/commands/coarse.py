@@ -66,6 +66,11 @@ def register(sub) -> None:
     oof.add_argument("--fold-group", default=None, metavar="REGEX",
                      help="keep stems with the same first match of REGEX in one fold (e.g. 'tile\\d+': hold out whole "
                           "source tiles; default: each stem alone)")
+    oof.add_argument("--val-every", type=int, default=0, metavar="N",
+                     help="score each fold model on its held-out fold every N iterations (validation curve in "
+                          "provenance.json; default: off)")
+    oof.add_argument("--with-test", action="store_true",
+                     help="also write the test split's maps (mean probabilities of the K fold models) into NAME")
     predict.set_defaults(func=run_predict)
 
 
@@ -110,6 +115,9 @@ def run_predict_oof(args: argparse.Namespace) -> int:
         raise IdgbrError("--probs is not supported with --folds; drop it")
     out = predict_coarse_oof(args.data, args.arch, args.name, args.folds, args.work, iters=args.iters,
                              encoder=args.encoder, batch=args.train_batch, crop=args.crop, lr=args.lr, seed=args.seed,
-                             tile=args.tile, overlap=args.overlap, group=args.fold_group, progress=not args.no_progress)
-    print(f"wrote {out} (out-of-fold, {args.folds} folds; provenance.json)")
+                             tile=args.tile, overlap=args.overlap, group=args.fold_group, progress=not args.no_progress,
+                             val_every=args.val_every, test=args.with_test, command=args.command_line)
+    extra = " + test maps from the fold-model ensemble" if args.with_test else ""
+    print(f"wrote {out} (out-of-fold, {args.folds} folds{extra}; provenance.json)")
     return 0
+
