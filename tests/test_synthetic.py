@@ -87,3 +87,25 @@ def test_degrade_mask_keeps_ignore_and_strength():
     np.testing.assert_array_equal(degrade_mask(truth, np.random.default_rng(0), 5, strength=0), truth)
     a = degrade_mask(truth, np.random.default_rng(9), 5)
     np.testing.assert_array_equal(a, degrade_mask(truth, np.random.default_rng(9), 5))
+
+
+def test_degrade_regions_makes_errors_away_from_boundaries():
+    from idgbr.synthetic import degrade_regions
+
+    far_region, far_boundary = [], []
+    for seed in range(6):
+        truth = make_scene(192, seed)["mask"]
+        edges = cv2.morphologyEx(truth, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+        far = ~(cv2.dilate(edges.astype(np.uint8), np.ones((11, 11), np.uint8)) > 0)  # > 5 px from any boundary
+        regions = degrade_regions(truth, np.random.default_rng(seed), len(CLASS_NAMES))
+        boundary = degrade_mask(truth, np.random.default_rng(seed), len(CLASS_NAMES))
+        assert regions.shape == truth.shape and regions.dtype == np.uint8 and regions.max() < len(CLASS_NAMES)
+        assert (regions != truth).any()
+        far_region.append(((regions != truth) & far).sum())
+        far_boundary.append(((boundary != truth) & far).sum())
+        np.testing.assert_array_equal(regions, degrade_regions(truth, np.random.default_rng(seed), len(CLASS_NAMES)))
+    assert sum(far_region) > 2 * sum(far_boundary)  # whole segments change, not only their rims
+    truth = make_scene(128, 1)["mask"].copy()
+    truth[:7] = IGNORE_INDEX
+    out = degrade_regions(truth, np.random.default_rng(0), len(CLASS_NAMES))
+    assert (out[:7] == IGNORE_INDEX).all() and not (out[7:] == IGNORE_INDEX).any()

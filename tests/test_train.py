@@ -239,6 +239,24 @@ def test_boundary_crops_contain_a_boundary() -> None:
     assert with_boundary[1.0] == 16 and with_boundary[0.0] < 16
 
 
+def test_region_errors_change_the_synthetic_coarse_maps() -> None:
+    """region_errors=1: synthetic coarse maps differ more from the mask than boundary-scale degradation alone."""
+    from idgbr.errors import IdgbrError
+    from idgbr.synthetic import make_scene
+    from idgbr.train import CropSampler
+
+    scenes = [make_scene(96, seed) for seed in range(3)]
+    samples = [{"image": s["image"], "mask": s["mask"]} for s in scenes]
+    wrong = {}
+    for share in (0.0, 1.0):
+        config = tiny(num_classes=5, crop_size=64, batch_size=16, coarse_corruption=1.0, region_errors=share)
+        batch = CropSampler(samples, config)(np.random.default_rng(0))
+        wrong[share] = (batch["coarse"] != batch["mask"]).float().mean().item()
+    assert wrong[1.0] > wrong[0.0] > 0
+    with pytest.raises(IdgbrError, match="region_errors"):
+        tiny(region_errors=1.5)
+
+
 def test_time_budget_stops_then_resume(data: Path, embed: Path, tmp_path: Path) -> None:
     """A tiny train_minutes stops after the first step with a checkpoint and the final model; resume finishes."""
     run = tmp_path / "run"

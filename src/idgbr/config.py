@@ -109,6 +109,9 @@ class RefinerConfig:
     checkpoint_every: int = 100
     seed: int = 0
     coarse_corruption: float = 0.5  # share of training samples whose coarse map is a synthetic degradation of GT
+    # Share of those synthetic coarse maps that also get region-level errors (synthetic.degrade_regions: whole
+    # segments swapped to a neighbour's class, small objects missed, neighbours merged). 0 = boundary-scale only.
+    region_errors: float = 0.0
     ce_weight: float = 0.0  # extra cross-entropy on the decoded predicted x0 (pixel space, ignore masked)
     # Pixels within boundary_width px of a ground-truth boundary weigh 1 + boundary_weight in that cross-entropy
     # (and in the deterministic objective's).
@@ -146,6 +149,8 @@ class RefinerConfig:
                              f"coarse latent), got {self.prediction_type!r}")
         if self.optimizer_impl not in ("auto", "loop", "foreach", "fused"):
             raise IdgbrError(f"optimizer_impl must be auto, loop, foreach or fused, got {self.optimizer_impl!r}")
+        if not 0 <= self.region_errors <= 1:
+            raise IdgbrError(f"region_errors must lie in [0, 1], got {self.region_errors}")
         if not 0 <= self.boundary_crops <= 1:
             raise IdgbrError(f"boundary_crops must lie in [0, 1], got {self.boundary_crops}")
         if self.train_minutes is not None and self.train_minutes <= 0:

@@ -244,4 +244,67 @@ def degrade_mask(mask: np.ndarray, rng: np.random.Generator, num_classes: int, s
     return labels
 
 
-__all__ = ["CLASS_NAMES", "make_scene", "write_synthetic_dataset", "degrade_mask"]
+def degrade_regions(mask: np.ndarray, rng: np.random.Generator, num_classes: int) -> np.ndarray:
+    """Region-level errors of a coarse model (H, W) uint8, beside :func:`degrade_mask`'s boundary-scale ones.
+
+    One to three of, each drawn with probability 1/2 (at least one always happens):
+    **class swap**: one or two whole connected segments (0.5-15 % of the map) take the class of the neighbour they
+    touch most (a confusion between adjacent classes, e.g. road vs land); **missed objects**: every segment
+    below 0.1-1 % of the map is filled from its surroundings; **merged neighbours**: one class is closed with a
+    3-8 px radius, joining nearby segments over the gaps between them. ``IGNORE_INDEX`` pixels stay as they are.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got {mask.shape}")
+    out = mask.astype(np.uint8).copy()
+    ignore = out == IGNORE_INDEX
+    if ignore.all():
+        return out
+    labels = _fill_from_nearest(out, ignore)
+    area = labels.size
+    kinds = rng.random(3) < 0.5
+    if not kinds.any():
+        kinds[int(rng.integers(3))] = True
+    swap, missed, merged = (bool(k) for k in kinds)
+
+    if swap:
+        candidates = []
+        for cls in np.unique(labels):
+            components, count = ndimage.label(labels == cls)
+            sizes = np.bincount(components.ravel())[1:]
+            candidates += [(components, i + 1) for i in np.flatnonzero((sizes >= 0.005 * area) & (sizes <= 0.15 * area))]
+        for index in rng.permutation(len(candidates))[: int(rng.integers(1, 3))]:
+            components, component = candidates[index]
+            segment = components == component
+            ring = cv2.dilate(segment.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~segment
+            neighbours = labels[ring]
+            neighbours = neighbours[neighbours != labels[segment][0]]
+            if neighbours.size:
+                labels[segment] = np.bincount(neighbours, minlength=num_classes).argmax()
+
+    if missed:
+        min_area = int(area * rng.uniform(0.001, 0.01))
+        holes = np.zeros(labels.shape, bool)
+        for cls in np.unique(labels):
+            components, count = ndimage.label(labels == cls)
+            sizes = np.bincount(components.ravel())
+            small = np.flatnonzero(sizes < min_area)
+            small = small[small > 0]
+            if small.size:
+                holes |= np.isin(components, small)
+        if holes.any() and not holes.all():
+            labels = _fill_from_nearest(labels, holes)
+
+    if merged:
+        present = np.unique(labels)
+        cls = int(present[int(rng.integers(len(present)))])
+        radius = int(rng.integers(3, 9))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        closed = cv2.morphologyEx((labels == cls).astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
+        labels[closed] = cls
+
+    labels[ignore] = IGNORE_INDEX
+    return labels
+
+
+__all__ = ["CLASS_NAMES", "make_scene", "write_synthetic_dataset", "degrade_mask", "degrade_regions"]

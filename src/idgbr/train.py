@@ -172,7 +172,8 @@ class CropSampler:
     jitter); ``config.boundary_crops`` of them are centred on a boundary pixel of the mask or the coarse map.
     With probability ``config.coarse_corruption`` (always, without coarse maps) the coarse crop is replaced by
     ``synthetic.degrade_mask`` of the target: coarse models fit their own training images too well, so their
-    training-set maps are cleaner than the test-time ones; this mixes in realistic errors.
+    training-set maps are cleaner than the test-time ones; this mixes in realistic errors. A
+    ``config.region_errors`` share of those also gets ``synthetic.degrade_regions`` (segment-level errors).
     ``pin_memory``: return page-locked tensors (for asynchronous copies to a GPU).
     """
 
@@ -193,7 +194,7 @@ class CropSampler:
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long."""
-        from .synthetic import degrade_mask
+        from .synthetic import degrade_mask, degrade_regions
 
         images, masks, coarses = [], [], []
         for _ in range(self.config.batch_size):
@@ -201,6 +202,8 @@ class CropSampler:
             mask, coarse = out["mask"], out.get("coarse")
             if coarse is None or rng.random() < self.config.coarse_corruption:
                 coarse = degrade_mask(mask, rng, self.config.num_classes)
+                if self.config.region_errors > 0 and rng.random() < self.config.region_errors:
+                    coarse = degrade_regions(coarse, rng, self.config.num_classes)
             coarse = np.where(coarse == IGNORE_INDEX, np.where(mask == IGNORE_INDEX, 0, mask), coarse)
             images.append(out["image"].transpose(2, 0, 1))
             masks.append(mask)
