@@ -51,6 +51,7 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     assert entry["coarse_folds"] == 0 and 0 <= entry["coarse_train"]["miou"] <= 1
     text = (run / "report.md").read_text()
     assert "Coarse model: unet" in text and "beat" in text and "gated 8 px" in text
+    assert text.splitlines()[2].startswith("Targets:") and "deterministic control" in text.splitlines()[4]
     assert "train split, in-sample" in text
     assert (run / "bench_unet.png").stat().st_size > 0
     # a rerun reuses every finished stage
@@ -274,3 +275,18 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     assert main(args[:-1] + [str(tmp_path / "bad"), "--coarse-arch", "unet"]) == 2
     assert "drop --coarse-arch" in capsys.readouterr().err
+
+
+def test_benchmark_verdict_names_targets_and_the_control():
+    from idgbr.benchmark import verdict_lines
+
+    def scores(wfm3, miou):
+        return {"wfm": {"3": wfm3}, "miou": miou}
+
+    good = {"coarse_arch": "a", "coarse": scores(0.40, 0.30), "refined": scores(0.425, 0.298),
+            "repair": {"iou_rtm": 0.975}, "controls": {"deterministic": scores(0.41, 0.30)}}
+    bad = {"coarse_arch": "b", "coarse": scores(0.40, 0.30), "refined": scores(0.425, 0.298),
+           "repair": {"iou_rtm": 0.96}, "controls": {"deterministic": scores(0.43, 0.30)}}
+    lines = verdict_lines({"results": [good, bad]})
+    assert "+2.50" in lines[2] and "targets met" in lines[2] and "beats the deterministic" in lines[2]
+    assert "targets NOT met" in lines[3] and "does NOT beat the deterministic control (WFm(3px) +3.00)" in lines[3]

@@ -269,13 +269,40 @@ def _strip(result: dict | None) -> dict:
     return {k: v for k, v in result.items() if k not in ("repair", "gated")}
 
 
+# Issue 11's targets for the refined map against its coarse map (points; IoU_RTm as a fraction).
+TARGETS = {"wfm3": 2.0, "miou": -0.3, "iou_rtm": 0.97}
+
+
+def verdict_lines(report: dict) -> list[str]:
+    """The first lines of report.md: per coarse model, the refiner against the coarse map, the targets and the
+    deterministic control, in words, so that a miss is never below the fold."""
+    lines = [f"Targets: WFm(3px) >= coarse {TARGETS['wfm3']:+.1f}, mIoU >= coarse {TARGETS['miou']:+.1f} points, "
+             f"IoU_RTm >= {TARGETS['iou_rtm']:.2f}.", ""]
+    for entry in report["results"]:
+        coarse, refined = entry["coarse"], entry["refined"]
+        gain = 100 * (refined["wfm"]["3"] - coarse["wfm"]["3"])
+        dmiou = 100 * (refined["miou"] - coarse["miou"])
+        rtm = entry.get("repair", {}).get("iou_rtm")
+        met = [gain >= TARGETS["wfm3"], dmiou >= TARGETS["miou"], rtm is not None and rtm >= TARGETS["iou_rtm"]]
+        track = f" (track `{entry['coarse_maps']}`)" if entry.get("coarse_maps") else ""
+        text = (f"- **{entry['coarse_arch']}{track}**: WFm(3px) {gain:+.2f}, mIoU {dmiou:+.2f}, IoU_RTm "
+                f"{'n/a' if rtm is None else f'{rtm:.3f}'}: targets {'met' if all(met) else 'NOT met'}")
+        det = entry.get("controls", {}).get("deterministic")
+        if det:
+            det_gain = 100 * (det["wfm"]["3"] - coarse["wfm"]["3"])
+            text += (f"; {'beats' if gain > det_gain else 'does NOT beat'} the deterministic control "
+                     f"(WFm(3px) {det_gain:+.2f})")
+        lines.append(text + ".")
+    return lines
+
+
 def write_reports(run: Path, report: dict) -> None:
     from .io import atomic_path
     from .report import bar_chart, flat_metrics, metrics_table
 
     with atomic_path(run / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
-    lines = ["# Benchmark", ""]
+    lines = ["# Benchmark", "", *verdict_lines(report), ""]
     for entry in report["results"]:
         arch = entry["coarse_arch"]
         rows = {f"coarse ({arch})": entry["coarse"], "IDGBR refined": entry["refined"]}
