@@ -256,12 +256,14 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     fixture = tmp_path / "fixtures" / "unet_converged"
     shutil.copytree(synthetic / "coarse" / "conv", fixture)
     run = tmp_path / "bench_track"
-    args = ["benchmark", str(synthetic), "--preset", "tiny", "--steps", "1", "--sample-steps", "1", "--no-controls",
+    args = ["benchmark", str(synthetic), "--preset", "tiny", "--steps", "1", "--sample-steps", "1", "--no-image-only",
             "--coarse-maps", str(fixture), "--out", str(run)]
     assert main(args) == 0
     (entry,) = json.loads((run / "report.json").read_text())["results"]
     assert entry["coarse_arch"] == "unet" and entry["coarse_maps"] == str(fixture) and entry["coarse_folds"] == 2
     assert "idgbr predict-coarse --folds 2" in entry["coarse_provenance"]
+    assert set(entry["controls"]) == {"deterministic", "deterministic_gated"}  # --no-image-only
+    assert not (run / "refiners" / "image_only").exists()
     refiner = json.loads((run / "refiners" / "diffusion_unet" / "stage.json").read_text())
     assert refiner["params"]["coarse"] == "track_unet_converged"
     assert not (run / "coarse_models").exists()  # no coarse model was trained

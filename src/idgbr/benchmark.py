@@ -40,6 +40,7 @@ class BenchmarkSettings:
     samples: int | None = None  # samples averaged per tile (None: the model's config)
     noise_scale: float | None = None  # starting-noise scale (None: the model's config)
     controls: bool = True
+    image_only: bool = True  # with controls: also the image-only control (it does not depend on the coarse maps)
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
     seed: int = 0
     coarse_folds: int = 0  # 0: the refiner trains on in-sample train maps; K >= 2: on K-fold out-of-fold maps
@@ -138,7 +139,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
     stages = Stages(run, log)
     results = []
     image_only = None
-    if settings.controls:
+    if settings.controls and settings.image_only:
         config = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed,
                                 {**settings.overrides, "use_coarse": False})
         image_only = train_and_refine(stages, data_root, run, "image_only", config, None, settings)
@@ -167,7 +168,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         if settings.controls:
             det = train_and_refine(stages, data_root, run, f"deterministic_{arch}",
                                    config.replace(objective="deterministic"), tag, settings)
-            entry["controls"] = {"image_only": _strip(image_only), "deterministic": _strip(det)}
+            entry["controls"] = {**({"image_only": _strip(image_only)} if image_only else {}),
+                                 "deterministic": _strip(det)}
             if "gated" in det:
                 entry["controls"]["deterministic_gated"] = det["gated"]
         entry["seconds"] = {k: round(v, 1) for k, v in stages.seconds.items() if arch in k or "image_only" in k}
