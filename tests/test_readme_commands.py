@@ -19,7 +19,7 @@ import pytest
 from idgbr.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "fixtures" / "coarse" / "README.md"]
 PREFIX = re.compile(r"^(?:\$\s+)?(?:\S*/)?idgbr\s")  # idgbr ..., .venv/bin/idgbr ..., $ idgbr ...
 SYNOPSIS = ("[", "|", "...", "…")
 
