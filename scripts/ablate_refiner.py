@@ -68,6 +68,10 @@ def main() -> int:
     parser.add_argument("--folds", type=int, default=0, help="out-of-fold coarse maps for training (0: in-sample)")
     parser.add_argument("--preset", default="lite")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--coarse-maps", type=Path, default=None, metavar="DIR",
+                        help="use a complete coarse track (maps for every train stem, e.g. fixtures/coarse/dubai_half/"
+                             "*_converged) for training and validation instead of training a coarse model; its train "
+                             "maps are out-of-fold, so the held-out stems' maps never saw their labels")
     args = parser.parse_args()
 
     import torch
@@ -83,7 +87,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     view = make_view(args.data, args.out, args.every, args.holdout)
     coarse_model = args.out / "coarse_model"
-    if not (coarse_model / "config.json").exists():
+    if args.coarse_maps is not None:  # the track's maps serve both roles
+        link = view / "coarse" / "val_coarse"
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(args.coarse_maps.resolve())
+    elif not (coarse_model / "config.json").exists():
         train_coarse(view, args.arch, coarse_model, iters=args.coarse_iters, encoder="tu-mobilenetv3_small_100",
                      batch=4, crop=256, seed=args.seed, progress=False)
     eval_name, train_name = "val_coarse", "val_coarse"
