@@ -12,7 +12,7 @@ TRACKS = sorted((ROOT / "fixtures" / "coarse").glob("*/*_converged"))
 
 
 def test_there_are_tracks_for_both_coarse_architectures():
-    assert {t.name for t in TRACKS} >= {"deeplabv3plus_converged"}
+    assert {t.name for t in TRACKS} >= {"deeplabv3plus_converged", "unet_converged"}
 
 
 @pytest.mark.parametrize("track", TRACKS, ids=lambda t: t.name)
