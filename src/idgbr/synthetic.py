@@ -181,6 +181,20 @@ def _fill_from_nearest(labels: np.ndarray, holes: np.ndarray) -> np.ndarray:
     return labels[rows, cols]
 
 
+def _drop_small_segments(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """``labels`` with every connected segment smaller than ``min_area`` pixels filled from its surroundings."""
+    holes = np.zeros(labels.shape, bool)
+    for cls in np.unique(labels):
+        components, count = ndimage.label(labels == cls)
+        if count == 0:
+            continue
+        small = np.flatnonzero(np.bincount(components.ravel()) < min_area)
+        small = small[small > 0]
+        if small.size:
+            holes |= np.isin(components, small)
+    return _fill_from_nearest(labels, holes) if holes.any() and not holes.all() else labels
+
+
 def degrade_mask(mask: np.ndarray, rng: np.random.Generator, num_classes: int, strength: float = 1.0) -> np.ndarray:
     """A plausible coarse prediction (H, W) uint8 from a true mask (H, W) uint8, erring mostly near boundaries.
 
@@ -219,19 +233,7 @@ def degrade_mask(mask: np.ndarray, rng: np.random.Generator, num_classes: int, s
         labels[grown] = cls
 
     # 3. drop small objects (a model misses them), filled from their surroundings
-    min_area = max(4, int(round((height * width) * 2e-4 * strength)))
-    holes = np.zeros_like(ignore)
-    for cls in np.unique(labels):
-        components, count = ndimage.label(labels == cls)
-        if count == 0:
-            continue
-        areas = np.bincount(components.ravel())
-        small_ids = np.flatnonzero(areas < min_area)
-        small_ids = small_ids[small_ids > 0]
-        if small_ids.size:
-            holes |= np.isin(components, small_ids)
-    if holes.any() and not holes.all():
-        labels = _fill_from_nearest(labels, holes)
+    labels = _drop_small_segments(labels, max(4, int(round((height * width) * 2e-4 * strength))))
 
     # 4. a few spurious blobs
     for _ in range(int(rng.poisson(2.0 * strength))):
@@ -283,17 +285,7 @@ def degrade_regions(mask: np.ndarray, rng: np.random.Generator, num_classes: int
                 labels[segment] = np.bincount(neighbours, minlength=num_classes).argmax()
 
     if missed:
-        min_area = int(area * rng.uniform(0.001, 0.01))
-        holes = np.zeros(labels.shape, bool)
-        for cls in np.unique(labels):
-            components, count = ndimage.label(labels == cls)
-            sizes = np.bincount(components.ravel())
-            small = np.flatnonzero(sizes < min_area)
-            small = small[small > 0]
-            if small.size:
-                holes |= np.isin(components, small)
-        if holes.any() and not holes.all():
-            labels = _fill_from_nearest(labels, holes)
+        labels = _drop_small_segments(labels, int(area * rng.uniform(0.001, 0.01)))
 
     if merged:
         present = np.unique(labels)
