@@ -257,7 +257,7 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     shutil.copytree(synthetic / "coarse" / "conv", fixture)
     run = tmp_path / "bench_track"
     args = ["benchmark", str(synthetic), "--preset", "tiny", "--steps", "1", "--sample-steps", "1", "--no-image-only",
-            "--coarse-maps", str(fixture), "--out", str(run)]
+            "--coarse-maps", str(fixture) + "/", "--out", str(run)]
     assert main(args) == 0
     (entry,) = json.loads((run / "report.json").read_text())["results"]
     assert entry["coarse_arch"] == "unet" and entry["coarse_maps"] == str(fixture) and entry["coarse_folds"] == 2

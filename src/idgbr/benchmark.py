@@ -133,8 +133,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
 
         fold_stems(SegmentationDataset(data_root, "train", load_mask=False).stems, settings.coarse_folds,
                    flag="--coarse-folds", group=settings.coarse_fold_group)
-    for folder in settings.coarse_maps:  # a bad track fails now, before anything is trained or written
-        check_coarse_track(data_root, Path(folder))
+    # a bad track fails now, before anything is trained or written
+    checked = {str(Path(f)): check_coarse_track(data_root, Path(f)) for f in settings.coarse_maps}
     run.mkdir(parents=True, exist_ok=True)
     stages = Stages(run, log)
     results = []
@@ -143,11 +143,10 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         config = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed,
                                 {**settings.overrides, "use_coarse": False})
         image_only = train_and_refine(stages, data_root, run, "image_only", config, None, settings)
-    tracks = ([(import_coarse_track(stages, data_root, run, Path(folder)), Path(folder)) for folder in settings.coarse_maps]
-              if settings.coarse_maps else [(None, None)] * len(settings.coarse_archs))
-    for (imported, folder), arch in zip(tracks, settings.coarse_maps or settings.coarse_archs):
-        if imported is not None:
-            tag, arch = imported
+    sources = [(Path(folder), None) for folder in settings.coarse_maps] or [(None, a) for a in settings.coarse_archs]
+    for folder, arch in sources:
+        if folder is not None:
+            tag, arch = import_coarse_track(stages, data_root, run, folder, checked[str(folder)])
         else:
             tag = coarse_stages(stages, data_root, run, arch, settings)
         coarse_eval = evaluate_folder(data_root, data_root / "coarse" / tag, "test")
@@ -207,12 +206,13 @@ def check_coarse_track(data_root: Path, folder: Path) -> tuple[str, list[str], s
     return arch, stems, digest
 
 
-def import_coarse_track(stages: Stages, data_root: Path, run: Path, folder: Path) -> tuple[str, str]:
-    """Copy a complete coarse track (:func:`check_coarse_track`) to ``DATA/coarse/track_<folder name>``; returns that
-    name and the track's architecture."""
+def import_coarse_track(stages: Stages, data_root: Path, run: Path, folder: Path,
+                        checked: tuple[str, list[str], str]) -> tuple[str, str]:
+    """Copy a complete coarse track (``checked``: what :func:`check_coarse_track` returned for it) to
+    ``DATA/coarse/track_<folder name>``; returns that name and the track's architecture."""
     import shutil
 
-    arch, stems, digest = check_coarse_track(data_root, folder)
+    arch, stems, digest = checked
     tag = f"track_{folder.resolve().name}"
 
     def copy() -> None:
