@@ -281,6 +281,8 @@ def test_cli_folds_needs_work_and_name(data, capsys):
     assert "--folds needs --name, --work" in capsys.readouterr().err
     assert main(["predict-coarse", "--data", str(data)]) == 2
     assert "needs --model RUN" in capsys.readouterr().err
+    assert main(["predict-coarse", "--model", "m", "--data", str(data), "--with-test"]) == 2
+    assert "belong to out-of-fold maps; add --folds K" in capsys.readouterr().err
 
 
 def test_validation_curve_is_recorded_on_held_out_stems(data, tmp_path):

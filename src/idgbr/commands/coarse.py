@@ -89,6 +89,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
     if args.folds is not None:
         return run_predict_oof(args)
+    if args.val_every or args.with_test:
+        raise IdgbrError("--val-every and --with-test belong to out-of-fold maps; add --folds K --arch A --work DIR "
+                         "or drop them")
     if args.model is None:
         raise IdgbrError("predict-coarse needs --model RUN (or --folds K --arch A --name NAME --work DIR for out-of-fold "
                          "train maps)")
