@@ -53,6 +53,28 @@ def make_view(data: Path, out: Path, every: int, holdout: str | None) -> Path:
     return view
 
 
+# Fields that only change sampling: a trained model is reused whatever they are.
+INFERENCE_FIELDS = ("sample_steps", "guidance_scale", "strength", "samples", "noise_scale", "tta", "tile_size",
+                    "tile_overlap")
+
+
+def find_trained(models: Path, config, suffix: str) -> Path | None:
+    """A finished model under ``models`` trained with ``config`` (inference fields aside). Configs saved before a
+    field existed read it at its default, which is what they were trained with, so adding a field to RefinerConfig
+    does not orphan the models trained before."""
+    from idgbr.config import RefinerConfig
+
+    def key(cfg) -> str:
+        values = {k: v for k, v in cfg.to_dict().items() if k not in INFERENCE_FIELDS}
+        return json.dumps(values, sort_keys=True, default=str)
+
+    wanted = key(config)
+    for folder in sorted(models.glob(f"*_{suffix}")):
+        if (folder / "config.json").exists() and key(RefinerConfig.load(folder)) == wanted:
+            return folder
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -123,7 +145,7 @@ def main() -> int:
             continue
         config = refiner_config(view, args.preset, None, args.seed, train_over)
         digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-        model_dir = args.out / "models" / f"{digest}_{train_name}"
+        model_dir = find_trained(args.out / "models", config, train_name) or args.out / "models" / f"{digest}_{train_name}"
         if not (model_dir / "config.json").exists():
             print(f"[train] {name}: {train_over}", flush=True)
             train_refiner(config, view, train_name, model_dir, resume=True, progress=False)

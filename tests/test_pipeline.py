@@ -173,6 +173,10 @@ def test_cli_single_file_and_folder(refiner: Refiner, tmp_path, capsys) -> None:
     assert main(["refine", "--model", str(run), "--image", str(image), "--coarse", str(coarse), "--out", str(out),
                  "--steps", "1", "--seed", "3"]) == 0
     assert np.asarray(Image.open(out)).shape == (30, 27)
+    flipped = tmp_path / "flipped.png"
+    assert main(["refine", "--model", str(run), "--image", str(image), "--coarse", str(coarse), "--out", str(flipped),
+                 "--steps", "1", "--seed", "3", "--tta", "flips"]) == 0
+    assert np.asarray(Image.open(flipped)).shape == (30, 27)
     assert main(["refine", "--model", str(run), "--data", str(data), "--coarse", "c1", "--split", "test",
                  "--steps", "1", "--guidance", "1", "--no-progress"]) == 0
     written = sorted((data / "refined" / "run").iterdir())
@@ -229,3 +233,25 @@ def test_trailing_spacing_starts_from_the_last_timestep(steps: int) -> None:
     leading = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, timestep_spacing="leading")).make_scheduler()
     leading.set_timesteps(steps)
     assert int(leading.timesteps[0]) == 1000 - 1000 // steps + 1
+
+
+@pytest.mark.parametrize("tta, axes_turn", [("d4", "rot90"), ("d4", "transpose"), ("flips", "hflip"), ("flips", "rot180")])
+def test_tta_averages_over_the_group(refiner: Refiner, tta: str, axes_turn: str) -> None:
+    """With a zero-noise start, the group-averaged refiner commutes with every transform of its group (the plain
+    one does not), and it costs one pass per transform."""
+    turns = {"rot90": lambda a, ax: np.rot90(a, 1, axes=ax), "transpose": lambda a, ax: np.swapaxes(a, *ax),
+             "hflip": lambda a, ax: np.flip(a, ax[1]), "rot180": lambda a, ax: np.rot90(a, 2, axes=ax)}
+    turn = turns[axes_turn]
+    image, coarse = inputs()  # 32 x 32: one tile of the tiny model
+    kw = dict(steps=2, guidance=1.0, noise_scale=0.0, return_probs=True, generator=gen())
+    turned = np.ascontiguousarray(turn(image, (0, 1))), np.ascontiguousarray(turn(coarse, (0, 1)))
+    _, plain = refiner.refine(image, coarse, tta="none", **kw)
+    _, plain_turned = refiner.refine(*turned, tta="none", **kw)
+    assert not np.allclose(plain_turned, turn(plain, (1, 2)), atol=1e-4)
+    _, probs = refiner.refine(image, coarse, tta=tta, **kw)
+    assert refiner.last_nfe == 2 * {"flips": 4, "d4": 8}[tta]
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+    _, probs_turned = refiner.refine(*turned, tta=tta, **kw)
+    np.testing.assert_allclose(probs_turned, turn(probs, (1, 2)), atol=1e-5)
+    with pytest.raises(IdgbrError, match="unknown tta"):
+        refiner.refine(image, coarse, tta="rot", **kw)

@@ -71,10 +71,11 @@ class FakeSampler:
     pattern) or from the starting noise (``mode="noise"``); records every call."""
 
     def __init__(self, mode="content"):
-        self.mode, self.calls, self.noises, self.priors = mode, 0, [], []
+        self.mode, self.calls, self.noises, self.priors, self.ttas = mode, 0, [], [], []
 
-    def __call__(self, image, coarse, steps, guidance, strength, noise):
+    def __call__(self, image, coarse, steps, guidance, strength, noise, tta="none"):
         self.calls += len(image)
+        self.ttas.append(tta)
         self.noises.append(noise.clone())
         self.priors.append(coarse.clone())
         if self.mode == "noise":
@@ -124,6 +125,19 @@ def test_blending_leaves_no_seam(scene, tmp_path):
     seamy[:, 24:48] = (seamy[:, 24:48] + 1) % K
     assert seam_score(seamy, 32, 8)["ratio"] > 1.5 * seam_score(scene["truth"], 32, 8)["ratio"]
     assert seam_score(np.zeros((64, 64), np.uint8), 32, 8) == {"border_rate": 0.0, "interior_rate": 0.0, "ratio": 1.0}
+
+
+def test_tta_reaches_every_tile_and_is_checked(scene, tmp_path):
+    refiner = fake_refiner()
+    refine_scene(refiner, scene["image"], scene["coarse"], tmp_path / "a.tif", tile=32, overlap=8, progress=False)
+    assert set(refiner.sample.ttas) == {"none"}  # the model's default
+    refiner = fake_refiner()
+    refine_scene(refiner, scene["image"], scene["coarse"], tmp_path / "b.tif", tile=32, overlap=8, progress=False,
+                 tta="d4")
+    assert refiner.sample.ttas and set(refiner.sample.ttas) == {"d4"}
+    with pytest.raises(IdgbrError, match="unknown tta"):
+        refine_scene(refiner, scene["image"], scene["coarse"], tmp_path / "c.tif", tile=32, progress=False, tta="x")
+    assert not (tmp_path / "c.tif").exists()
 
 
 def test_overlapping_tiles_get_identical_noise(scene, tmp_path):

@@ -112,6 +112,36 @@ def test_train_checkpoint_resume(data: Path, embed: Path, tmp_path: Path) -> Non
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ema_final_model_is_the_average_and_resumes(data: Path, embed: Path, tmp_path: Path) -> None:
+    """With ema_decay the final model is the weight average (not the raw weights the checkpoint keeps, and equal to
+    the checkpoint's ema.safetensors); 2 steps + resume to 4 gives the same average as 4 straight steps."""
+    from safetensors.torch import load_file
+
+    from idgbr.errors import IdgbrError
+
+    config = tiny(steps=4, checkpoint_every=2, label_embed=str(embed), ema_decay=0.99)
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    train_refiner(config, data, "c1", straight, progress=False)
+    final = load_file(straight / "model.safetensors")
+    raw = load_file(straight / "checkpoints" / "step-000004" / "model.safetensors")
+    ema = load_file(straight / "checkpoints" / "step-000004" / "ema.safetensors")
+    assert ema and all(torch.equal(final[k], ema[k]) for k in ema)  # the final model is the average ...
+    assert any(not torch.equal(final[k], raw[k]) for k in ema)  # ... which differs from the raw weights
+    assert "exponential moving average" in (straight / "train.log").read_text()
+
+    train_refiner(config.replace(steps=2), data, "c1", resumed, progress=False)
+    train_refiner(config, data, "c1", resumed, resume=True, progress=False)
+    again = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+    plain = tmp_path / "plain"
+    train_refiner(config.replace(steps=2, ema_decay=0.0), data, "c1", plain, progress=False)
+    with pytest.raises(IdgbrError, match="ema.safetensors.*ema_decay=0"):  # a checkpoint without the average
+        train_refiner(config, data, "c1", plain, resume=True, progress=False)
+    with pytest.raises(IdgbrError, match="ema_decay"):
+        tiny(ema_decay=1.0)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(prediction_type="epsilon", cubic_timesteps=False),
     dict(prediction_type="v_prediction", ce_weight=0.1),

@@ -39,6 +39,7 @@ class BenchmarkSettings:
     strength: float | None = 1.0
     samples: int | None = None  # samples averaged per tile (None: the model's config)
     noise_scale: float | None = None  # starting-noise scale (None: the model's config)
+    tta: str | None = None  # test-time augmentation "none" / "flips" / "d4" (None: the model's config)
     controls: bool = True
     image_only: bool = True  # with controls: also the image-only control (it does not depend on the coarse maps)
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
@@ -108,7 +109,7 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
            lambda: train_refiner(config, data_root, coarse, model_dir, resume=True))
     pred_dir = run / "refined" / name
     infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength,
-             "samples": settings.samples, "noise_scale": settings.noise_scale}
+             "samples": settings.samples, "noise_scale": settings.noise_scale, "tta": settings.tta}
     stages(f"refine test with {name}", pred_dir, {"model": str(model_dir), "coarse": coarse, **infer},
            lambda: Refiner.from_pretrained(model_dir).refine_folder(data_root, "test", coarse, pred_dir, **infer))
     coarse_dir = data_root / "coarse" / coarse if coarse else None

@@ -119,6 +119,9 @@ class RefinerConfig:
     boundary_width: int = 3
     boundary_crops: float = 0.0  # share of training crops centred on a boundary pixel of the GT or coarse map
     train_minutes: float | None = None  # stop after this much wall time of the loop (or at `steps`, if sooner)
+    # Exponential moving average of the weights (diffusers' EMAModel with its warm-up, decay 1 - (1 + step)^(-2/3),
+    # capped at ema_decay): the final model is the average; checkpoints keep both for resume. 0 = off.
+    ema_decay: float = 0.0
 
     # --- training throughput (numerics unchanged on CPU unless noted) -------------------------------------------
     optimizer_impl: Literal["auto", "loop", "foreach", "fused"] = "auto"  # auto: fused on CUDA, foreach on CPU
@@ -135,6 +138,10 @@ class RefinerConfig:
     strength: float = 1.0
     samples: int = 1  # samples per tile whose probabilities are averaged (a posterior-mean estimate)
     noise_scale: float = 1.0  # scale of the starting noise; 0 = deterministic zero-noise start
+    # Test-time augmentation: sample the tile under each transform of a dihedral group and average the
+    # probabilities mapped back. "flips": identity, horizontal, vertical and both (4 passes); "d4": also the
+    # transposes (the 4 rotations and their mirrors, 8 passes).
+    tta: Literal["none", "flips", "d4"] = "none"
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -149,6 +156,8 @@ class RefinerConfig:
                              f"coarse latent), got {self.prediction_type!r}")
         if self.optimizer_impl not in ("auto", "loop", "foreach", "fused"):
             raise IdgbrError(f"optimizer_impl must be auto, loop, foreach or fused, got {self.optimizer_impl!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise IdgbrError(f"ema_decay must be in [0, 1) (0 = no weight averaging), got {self.ema_decay}")
         if not 0 <= self.region_errors <= 1:
             raise IdgbrError(f"region_errors must lie in [0, 1], got {self.region_errors}")
         if not 0 <= self.boundary_crops <= 1:

@@ -94,7 +94,7 @@ class Refiner:
     @torch.no_grad()
     def sample(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
                noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None = None,
-               noise_scale: float = 1.0) -> torch.Tensor:
+               noise_scale: float = 1.0, tta: str | None = None) -> torch.Tensor:
         """Class logits (S B, K, H, W) for image tiles (B, C, H, W) and coarse probabilities (B, K, H, W).
 
         ``noise`` (S B, C_lat, H/f, W/f) is the starting noise of S samples per tile (sample-major: rows s B .. s B
@@ -103,11 +103,33 @@ class Refiner:
         itself when ``strength`` < 1). ``strength`` < 1 starts from the coarse latent noised to the first kept
         timestep and runs only the remaining ``round(steps * strength)`` steps. ``callback(step, t, x0_hat)`` sees
         the predicted clean latent after every step (for analyses).
+
+        ``tta`` ("none", "flips", "d4"; default ``config.tta``) samples the tiles (and their noise) under each
+        transform of that group, maps the outputs back and returns the log of the mean probability, so a softmax of
+        the result is the average over the transforms; ``last_nfe`` then counts every pass.
         """
+        tta = self.config.tta if tta is None else tta
+        if tta not in TTA_TRANSFORMS:
+            raise IdgbrError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_TRANSFORMS)}")
+        transforms = TTA_TRANSFORMS[tta]
+        if len(transforms) == 1:
+            return self._sample_dtype(image, coarse, steps, guidance, strength, noise * noise_scale, callback)
+        probs, nfe = None, 0
+        for forward, inverse in transforms:
+            logits = self._sample_dtype(forward(image), forward(coarse), steps, guidance, strength,
+                                        forward(noise) * noise_scale, callback)
+            p = torch.softmax(inverse(logits).float(), dim=1)
+            probs = p if probs is None else probs + p
+            nfe += self.last_nfe
+        self.last_nfe = nfe
+        return torch.log((probs / len(transforms)).clamp_min(1e-12))
+
+    def _sample_dtype(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
+                      noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None) -> torch.Tensor:
         if self.autocast_dtype is not None and self.device.type != "cpu":
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                return self._sample(image, coarse, steps, guidance, strength, noise * noise_scale, callback).float()
-        return self._sample(image, coarse, steps, guidance, strength, noise * noise_scale, callback)
+                return self._sample(image, coarse, steps, guidance, strength, noise, callback).float()
+        return self._sample(image, coarse, steps, guidance, strength, noise, callback)
 
     def _sample(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
                 noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None) -> torch.Tensor:
@@ -162,7 +184,7 @@ class Refiner:
                steps: int | None = None, guidance: float | None = None, strength: float | None = None,
                generator: torch.Generator | None = None, return_probs: bool = False, batch_size: int = 4,
                callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int | None = None,
-               noise_scale: float | None = None, return_agreement: bool = False):
+               noise_scale: float | None = None, return_agreement: bool = False, tta: str | None = None):
         """Refine one image or a list of images.
 
         Args:
@@ -180,6 +202,8 @@ class Refiner:
                 ``config.noise_scale``.
             return_agreement: also return the (H, W) float32 share of the S samples whose label equals the returned
                 one (1 everywhere for S = 1): a per-pixel confidence.
+            tta: test-time augmentation, "none", "flips" (4 passes) or "d4" (8 passes); the probabilities are
+                averaged over the transforms (default ``config.tta``).
         Returns:
             (H, W) uint8 index map (nodata pixels stay ``IGNORE_INDEX``), or a tuple ``(map, probs)``, ``(map,
             agreement)`` or ``(map, probs, agreement)``; lists for list input.
@@ -203,7 +227,7 @@ class Refiner:
         results = []
         for img, crs in zip(images, coarses):
             probs = self._refine_one(img, crs, steps, guidance, strength, generator, batch_size, callback, samples,
-                                     noise_scale)
+                                     noise_scale, tta)
             probs, agreement = probs[:cfg.num_classes], probs[cfg.num_classes]
             labels = probs.argmax(0).astype(np.uint8)
             if not _is_soft(crs):
@@ -215,7 +239,7 @@ class Refiner:
     def _refine_one(self, image: np.ndarray, coarse: np.ndarray, steps: int, guidance: float, strength: float,
                     generator: torch.Generator | None, batch_size: int,
                     callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int = 1,
-                    noise_scale: float = 1.0) -> np.ndarray:
+                    noise_scale: float = 1.0, tta: str | None = None) -> np.ndarray:
         """Blended (K + 1, H, W) for one image, tile by tile: the class probabilities (the mean over ``samples``)
         and, last, the share of samples agreeing with the mean's label."""
         from .tiling import sliding_window
@@ -233,7 +257,8 @@ class Refiner:
             prior = prior.to(self.device)
             z_shape = self._latent_shape(tiles.shape[-2:])
             noise = torch.stack([torch.randn(z_shape, generator=generator) for _ in range(samples * len(tiles))])
-            logits = self.sample(tiles, prior, steps, guidance, strength, noise.to(self.device), callback, noise_scale)
+            logits = self.sample(tiles, prior, steps, guidance, strength, noise.to(self.device), callback, noise_scale,
+                                 tta)
             probs = torch.softmax(logits.float(), dim=1).unflatten(0, (samples, len(tiles)))  # (S, B, K, h, w)
             mean = probs.mean(0)
             agreement = (probs.argmax(2) == mean.argmax(1)).float().mean(0)  # (B, h, w)
@@ -307,6 +332,32 @@ class Refiner:
                 write_label(target, refined)
             written.append(target)
         return written
+
+
+def _dihedral(k: int, transpose: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """(forward, inverse) on the last two axes: optional transpose, then ``k`` quarter turns."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(x.transpose(-1, -2) if transpose else x, k, dims=(-2, -1))
+
+    def inverse(x: torch.Tensor) -> torch.Tensor:
+        x = torch.rot90(x, -k, dims=(-2, -1))
+        return x.transpose(-1, -2) if transpose else x
+
+    return forward, inverse
+
+
+def _flip(dims: tuple[int, ...]) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    def flip(x: torch.Tensor) -> torch.Tensor:
+        return torch.flip(x, dims) if dims else x
+
+    return flip, flip
+
+
+TTA_TRANSFORMS = {
+    "none": [_flip(())],
+    "flips": [_flip(()), _flip((-1,)), _flip((-2,)), _flip((-2, -1))],
+    "d4": [_dihedral(k, t) for t in (False, True) for k in range(4)],
+}
 
 
 def check_noise_for_samples(samples: int, noise_scale: float) -> None:

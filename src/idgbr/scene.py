@@ -386,7 +386,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                  guidance: float | None = None, strength: float | None = None, seed: int = 0, samples: int = 1,
                  gate_width: int | None = None, confidence: float | None = None, batch_size: int = 4,
                  bands: Sequence[int] | None = None, resume: bool = True, progress: bool = True,
-                 callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None) -> dict[str, Any]:
+                 callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None,
+                 tta: str | None = None) -> dict[str, Any]:
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
@@ -398,6 +399,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         steps, guidance, strength: sampling settings (default: the model's).
         seed: seed of the scene-level noise field; samples: refinements drawn (majority vote if > 1).
         noise_scale: scale of the noise field (default: the model's; 0 = deterministic start, one sample only).
+        tta: test-time augmentation per tile, "none", "flips" or "d4" (default: the model's ``tta``).
         gate_width: refine only within this many px of coarse boundaries (None: refine everything);
         confidence: with soft coarse input, also refine pixels whose max probability is below this.
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
@@ -417,7 +419,11 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     guidance = cfg.guidance_scale if guidance is None else float(guidance)
     strength = cfg.strength if strength is None else float(strength)
     noise_scale = cfg.noise_scale if noise_scale is None else float(noise_scale)
-    from .pipeline import check_noise_for_samples
+    tta = cfg.tta if tta is None else tta
+    from .pipeline import TTA_TRANSFORMS, check_noise_for_samples
+
+    if tta not in TTA_TRANSFORMS:
+        raise IdgbrError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_TRANSFORMS)}")
 
     check_noise_for_samples(samples, noise_scale)
     f, multiple = cfg.latent_factor, cfg.size_multiple
@@ -444,7 +450,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         windows = tile_grid(*canvas, tile, overlap)
         signature = {"image": _file_id(image_path), "coarse": _file_id(coarse_path), "tile": tile, "overlap": overlap,
                      "steps": steps, "guidance": guidance, "strength": strength, "seed": seed, "samples": samples,
-                     "noise_scale": noise_scale, "gate": gate_width, "confidence": confidence, "bands": scene.bands,
+                     "noise_scale": noise_scale, "tta": tta, "gate": gate_width, "confidence": confidence, "bands": scene.bands,
                      "model": _model_id(refiner)}
         state = {"signature": signature, "done": [], "skipped_nodata": [], "skipped_gate": []}
         resumed = False
@@ -481,7 +487,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
             if len(batch) == batch_size or (position == len(todo) - 1 and batch):
                 computed += len(batch)
                 _run_batch(refiner, scene, windows, batch, noise, ramp, scratch, samples, steps, guidance, strength,
-                           noise_scale)
+                           noise_scale, tta)
                 state["done"].extend(index for index, _ in batch)
                 _write_json(paths["progress"], state)
                 scratch.journal.unlink(missing_ok=True)
@@ -578,7 +584,7 @@ def _prepare_tile(scene: _Scene, window: Window, gate_width: int | None, confide
 
 def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[int, dict[str, np.ndarray]]],
                noise: NoiseField, ramp: np.ndarray, scratch: _Scratch, samples: int, steps: int, guidance: float,
-               strength: float, noise_scale: float) -> None:
+               strength: float, noise_scale: float, tta: str) -> None:
     """Sample every tile of ``batch`` ``samples`` times and add the weighted probabilities to the scratch arrays."""
     cfg, device = refiner.config, refiner.device
     image = torch.from_numpy(np.stack([item["image"] for _, item in batch]))
@@ -594,7 +600,7 @@ def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[
         start = torch.stack([noise.cut(sample, windows[index].row // f, windows[index].col // f, lat_h, lat_w)
                              for index, _ in batch])
         logits = refiner.sample(image.to(device), prior.to(device), steps, guidance, strength,
-                                (start * noise_scale).to(device))
+                                (start * noise_scale).to(device), tta=tta)
         out[:, sample] = torch.softmax(logits.float(), dim=1)[..., crop[0], crop[1]].cpu().numpy()
     clipped = [_clip(windows[index], scene.height, scene.width) for index, _ in batch]
     scratch.add(clipped, [o[:, :, :w.height, :w.width] for o, w in zip(out, clipped)],

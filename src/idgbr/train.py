@@ -22,6 +22,7 @@ Run layout::
     RUN/train_config.json               the resolved training config (+ data root and coarse source)
     RUN/label_embed/                    the label embedding trained before the refiner (when none was given)
     RUN/checkpoints/step-000100/        model + training_state.pt (optimiser, LR schedule) + rng-<rank>.json
+                                        (+ ema.safetensors, the averaged weights, with ``ema_decay`` > 0)
     RUN/logs/                           TensorBoard scalars (loss, lr, repa)
     RUN/train.log                       the text log (resumed from step N, REPA off, ...)
 """
@@ -50,6 +51,7 @@ from .io import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 TRAINING_STATE = "training_state.pt"
+EMA_FILE = "ema.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -381,8 +383,10 @@ def _set_rng_state(state: dict[str, Any], rng: np.random.Generator, gen: torch.G
 
 
 def save_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, lr_schedule: Any, step: int, run_dir: Path,
-                    rng: np.random.Generator, gen: torch.Generator) -> Path:
-    """Write ``checkpoints/step-N`` atomically: every rank writes its RNG state, the main rank the rest, then rename."""
+                    rng: np.random.Generator, gen: torch.Generator, ema: "WeightAverage | None" = None) -> Path:
+    """Write ``checkpoints/step-N`` atomically: every rank writes its RNG state, the main rank the rest, then rename.
+
+    The checkpoint's model holds the raw weights (what training resumes from); ``ema`` adds the averaged ones."""
     final = run_dir / "checkpoints" / f"step-{step:06d}"
     tmp = run_dir / "checkpoints" / f".step-{step:06d}.partial"
     if accelerator.is_main_process:
@@ -397,6 +401,8 @@ def save_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, lr_sched
         if getattr(accelerator, "scaler", None) is not None:
             state["scaler"] = accelerator.scaler.state_dict()
         torch.save(state, tmp / TRAINING_STATE)
+        if ema is not None:
+            ema.save(tmp / EMA_FILE)
         if final.exists():  # only after a crash between two saves of the same step
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -420,6 +426,47 @@ def load_training_state(path: Path, accelerator: Any, optimizer: Any, lr_schedul
     if rng_file.exists():
         _set_rng_state(json.loads(rng_file.read_text()), rng, gen)
     return int(state["step"])
+
+
+class WeightAverage:
+    """An exponential moving average of named parameters: diffusers' ``EMAModel`` (warm-up decay
+    ``1 - (1 + step)^(-2/3)``, capped at ``decay``), saved as safetensors keyed by parameter name."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], decay: float):
+        from diffusers.training_utils import EMAModel
+
+        wanted = {id(p) for p in params}
+        self.named = [(name, p) for name, p in model.named_parameters() if id(p) in wanted]
+        self.params = [p for _, p in self.named]
+        self.ema = EMAModel(self.params, decay=decay, use_ema_warmup=True, foreach=True)
+
+    def step(self) -> None:
+        self.ema.step(self.params)
+
+    def copy_to_model(self) -> None:
+        self.ema.copy_to(self.params)
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({name: shadow.detach().cpu().contiguous() for (name, _), shadow in
+                   zip(self.named, self.ema.shadow_params)}, str(path))
+
+    def load(self, path: Path, step: int) -> None:
+        """Restore the averaged weights of a checkpoint written at optimiser step ``step``."""
+        from safetensors.torch import load_file
+
+        if not path.exists():
+            raise file_error(path, "missing: this checkpoint was written without ema_decay",
+                             "resume with --set ema_decay=0, or start a new run")
+        saved = load_file(str(path))
+        missing = [name for name, _ in self.named if name not in saved]
+        if missing:
+            raise file_error(path, f"lacks {len(missing)} averaged weights (e.g. {missing[0]})",
+                             "delete this checkpoint folder to resume from the previous one")
+        for (name, p), shadow in zip(self.named, self.ema.shadow_params):
+            shadow.copy_(saved[name].to(shadow.device, shadow.dtype))
+        self.ema.optimization_step = step
 
 
 def lr_lambda(config: RefinerConfig):
@@ -576,6 +623,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     # The REPA projector is never saved (reference §4), so it gets its own optimiser, left out of checkpoints.
     repa_optimizer = make_optimizer(config, projector, accelerator.device) if projector else None
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))  # stepped once per step, not per process
+    ema = WeightAverage(model, main_params, config.ema_decay) if config.ema_decay > 0 else None
 
     rank = accelerator.process_index
     rng = np.random.default_rng([config.seed, rank])
@@ -583,6 +631,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     start = 0
     if checkpoint is not None:
         start = load_training_state(checkpoint, accelerator, optimizer, lr_schedule, rng, gen)
+        if ema is not None:
+            ema.load(checkpoint / EMA_FILE, start)
         log(f"resumed from step {start} ({checkpoint})")
     objective, optimizer = accelerator.prepare(objective, optimizer)
     unwrapped = accelerator.unwrap_model(objective).model
@@ -622,6 +672,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step()
             if repa_optimizer is not None:
                 if tokens is not None:
                     repa_optimizer.step()
@@ -642,7 +694,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
             if done % config.checkpoint_every == 0 or last:
                 loss = _finite_loss(losses, step, data_root)  # never checkpoint a diverged model
                 path = save_checkpoint(accelerator, unwrapped, optimizer, lr_schedule, done, out_dir,
-                                       prefetcher.rng if prefetcher is not None else rng, gen)
+                                       prefetcher.rng if prefetcher is not None else rng, gen, ema)
                 log(f"checkpoint {path.name} (loss {loss:.4f})")
             if out_of_time:
                 break
@@ -653,6 +705,10 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
 
     accelerator.wait_for_everyone()
     if main:
+        if ema is not None:  # the final model is the average (the last checkpoint keeps the raw weights too)
+            ema.copy_to_model()
+            log(f"final model: exponential moving average of the weights (decay "
+                f"{ema.ema.get_decay(ema.ema.optimization_step):.4f} at step {done})")
         _save_final(unwrapped, out_dir)
         if clock.stopped:
             log(f"stopped by the time limit (train_minutes {config.train_minutes}) at step {done} of {config.steps}; "

@@ -29,6 +29,9 @@ def register(sub) -> None:
     parser.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (default: 1)")
     parser.add_argument("--noise-scale", type=float, default=None,
                         help="scale of the starting noise, 0 = deterministic start (default: the model's)")
+    parser.add_argument("--tta", default=None, choices=["none", "flips", "d4"],
+                        help="test-time augmentation: average over flips (4 passes) or all 8 rotations/mirrors "
+                             "(default: the model's, none)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--batch", type=int, default=4, help="tiles per network batch (default: 4)")
     scene = parser.add_argument_group("scene mode (GeoTIFF / large images)")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import Refiner
 
     refiner = Refiner.from_pretrained(args.model)
-    kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch)
+    kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch, tta=args.tta)
     if folder:
         out = Path(args.out) if args.out else Path(args.data) / "refined" / Path(args.model).resolve().name
         written = refiner.refine_folder(args.data, args.split, args.coarse, out, seed=args.seed,
@@ -122,7 +125,7 @@ def _run_scene(args: argparse.Namespace, refiner) -> int:
                            steps=args.steps, guidance=args.guidance, strength=args.strength, seed=args.seed,
                            samples=args.samples or 1, gate_width=args.gate, confidence=args.confidence,
                            batch_size=args.batch, bands=bands, resume=not args.no_resume, progress=not args.no_progress,
-                           noise_scale=args.noise_scale)
+                           noise_scale=args.noise_scale, tta=args.tta)
     extra = f" and {summary['uncertainty']}" if summary["uncertainty"] else ""
     print(f"wrote {summary['out']}{extra}: {summary['tiles']} tiles, {summary['computed']} computed now, "
           f"{summary['done_before']} resumed, {100 * summary['skipped_fraction']:.1f}% skipped "
