@@ -92,6 +92,25 @@ def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_benchmark_shares_a_refiner_trained_on_synthetic_maps_only(synthetic, tmp_path, capsys):
+    """coarse_corruption=1: the refiner never reads a coarse model's maps, so one is trained for both architectures
+    (and one deterministic control); each architecture's test maps are still refined and scored on their own."""
+    run = tmp_path / "bench_syn"
+    args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--coarse-arch", "deeplabv3plus", "--preset", "tiny",
+            "--coarse-iters", "1", "--coarse-crop", "32", "--coarse-batch", "2", "--steps", "1", "--sample-steps", "1",
+            "--no-image-only", "--gate", "-1", "--set", "coarse_corruption=1.0", "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (run / "refiners").iterdir()) == ["deterministic_synthetic", "diffusion_synthetic"]
+    assert out.count("[stage] train refiner diffusion_synthetic") == 1
+    assert "[reuse] train refiner diffusion_synthetic" in out
+    assert json.loads((run / "refiners" / "diffusion_synthetic" / "stage.json").read_text())["params"]["coarse"] is None
+    assert {p.name for p in (run / "refined").iterdir()} >= {"diffusion_unet", "diffusion_deeplabv3plus"}
+    report = json.loads((run / "report.json").read_text())
+    assert [e["coarse_arch"] for e in report["results"]] == ["unet", "deeplabv3plus"]
+    assert all("train refiner diffusion_synthetic" in e["seconds"] for e in report["results"])
+
+
 def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
     from idgbr.config import RefinerConfig
     from idgbr.model import IDGBRModel

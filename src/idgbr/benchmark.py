@@ -99,14 +99,19 @@ def refiner_config(data_root: Path, preset: str, steps: int | None, seed: int, o
 
 def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, config, coarse: str | None,
                      settings: BenchmarkSettings) -> dict:
-    """Train one refiner, refine the test split with it, evaluate; returns the evaluation result."""
+    """Train one refiner, refine the test split with it, evaluate; returns the evaluation result.
+
+    A refiner that trains on synthetic coarse maps only (``coarse_corruption`` 1) never reads the coarse model's
+    maps, so it is trained once, as ``<kind>_synthetic``, and shared by every coarse model."""
     from .evaluate import evaluate_folder
     from .pipeline import Refiner
     from .train import train_refiner
 
-    model_dir = run / "refiners" / name
-    stages(f"train refiner {name}", model_dir, {"config": config.to_dict(), "coarse": coarse},
-           lambda: train_refiner(config, data_root, coarse, model_dir, resume=True))
+    synthetic = coarse is not None and config.use_coarse and config.coarse_corruption >= 1
+    model_name, train_coarse = (f"{name.split('_')[0]}_synthetic", None) if synthetic else (name, coarse)
+    model_dir = run / "refiners" / model_name
+    stages(f"train refiner {model_name}", model_dir, {"config": config.to_dict(), "coarse": train_coarse},
+           lambda: train_refiner(config, data_root, train_coarse, model_dir, resume=True))
     pred_dir = run / "refined" / name
     infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength,
              "samples": settings.samples, "noise_scale": settings.noise_scale, "tta": settings.tta}
@@ -172,7 +177,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                                  "deterministic": _strip(det)}
             if "gated" in det:
                 entry["controls"]["deterministic_gated"] = det["gated"]
-        entry["seconds"] = {k: round(v, 1) for k, v in stages.seconds.items() if arch in k or "image_only" in k}
+        entry["seconds"] = {k: round(v, 1) for k, v in stages.seconds.items()
+                            if arch in k or "image_only" in k or "synthetic" in k}
         entry["settings"] = {"preset": settings.preset, "sample_steps": settings.sample_steps,
                              "guidance": settings.guidance, "strength": settings.strength,
                              "gate_width": settings.gate_width}
