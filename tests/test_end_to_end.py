@@ -52,7 +52,7 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     text = (run / "report.md").read_text()
     assert "Coarse model: unet" in text and "beat" in text and "gated 8 px" in text
     assert text.splitlines()[2].startswith("Targets:") and "deterministic control" in text.splitlines()[4]
-    assert "train split, in-sample" in text
+    assert "train split, in-sample" in text and "50 % of its samples" in text
     assert (run / "bench_unet.png").stat().st_size > 0
     # a rerun reuses every finished stage
     capsys.readouterr()
@@ -109,6 +109,7 @@ def test_benchmark_shares_a_refiner_trained_on_synthetic_maps_only(synthetic, tm
     report = json.loads((run / "report.json").read_text())
     assert [e["coarse_arch"] for e in report["results"]] == ["unet", "deeplabv3plus"]
     assert all("train refiner diffusion_synthetic" in e["seconds"] for e in report["results"])
+    assert (run / "report.md").read_text().count("synthetic degradations of the ground truth only") == 2
 
 
 def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):

@@ -162,7 +162,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         entry: dict[str, Any] = {"coarse_arch": arch, "coarse": _strip(coarse_eval), "refined": _strip(refined),
                                  "coarse_train": _strip(coarse_train), "coarse_folds": settings.coarse_folds,
                                  "coarse_fold_group": settings.coarse_fold_group,
-                                 "repair": refined.get("repair", {})}
+                                 "repair": refined.get("repair", {}),
+                                 "coarse_corruption": config.coarse_corruption}
         if folder is not None:
             provenance = json.loads((folder / "provenance.json").read_text())
             entry.update(coarse_maps=str(folder), coarse_folds=provenance.get("folds", 0),
@@ -332,7 +333,12 @@ def write_reports(run: Path, report: dict) -> None:
             kind = (f"out-of-fold, {folds} folds" + (f" grouped by {group!r}" if group else "") if folds
                     else "in-sample: the coarse model trained on these images")
             train, test = entry["coarse_train"], entry["coarse"]
-            lines += [f"Coarse maps the refiner trains on (train split, {kind}): mIoU {100 * train['miou']:.2f}, "
+            share = entry.get("coarse_corruption", 0.0)
+            head = ("The refiner trains on synthetic degradations of the ground truth only (coarse_corruption 1), "
+                    "never on a coarse model's maps. The coarse model's train-split maps" if share >= 1 else
+                    f"Coarse maps the refiner trains on ({100 * (1 - share):.0f} % of its samples; the rest are "
+                    "synthetic degradations of the ground truth)")
+            lines += [f"{head} (train split, {kind}): mIoU {100 * train['miou']:.2f}, "
                       f"WFm(3px) {100 * train['wfm']['3']:.2f}; on test: mIoU {100 * test['miou']:.2f}, "
                       f"WFm(3px) {100 * test['wfm']['3']:.2f}.", ""]
         gain = entry["refined"]["wfm"]["3"] - entry["coarse"]["wfm"]["3"]
