@@ -31,7 +31,7 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     run = tmp_path / "bench"
     args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--preset", "tiny", "--coarse-iters", "2",
             "--coarse-crop", "32", "--coarse-batch", "2", "--steps", "2", "--sample-steps", "2", "--out", str(run),
-            "--train-minutes", "5", "--samples", "2", "--noise-scale", "0.5"]
+            "--train-minutes", "5", "--samples", "2", "--noise-scale", "0.5", "--image-only"]
     assert main(args) == 0
     trained = json.loads((run / "refiners" / "diffusion_unet" / "train_config.json").read_text())
     assert trained["train_minutes"] == 5 and trained["steps"] == 2

@@ -5,8 +5,8 @@ For each coarse architecture A:
 maps are out-of-fold: :func:`idgbr.coarse.predict_coarse_oof`);
 3. train the refiner on ``train`` with A's coarse maps of its own training images;
 4. refine ``test``; 5. evaluate coarse and refined maps.
-Controls: (a) *image only* (no coarse guidance, the paper's Experiment A; trained once), and (b) the
-*deterministic refiner*: the same network and inputs trained with cross-entropy instead of diffusion.
+Controls: the *deterministic refiner* (the same network and inputs trained with cross-entropy instead of diffusion)
+and, on request, *image only* (no coarse guidance, the paper's Experiment A; trained once).
 
 Every stage writes ``<stage dir>/stage.json`` with its parameters when it finishes; a rerun into the same RUN
 reuses finished stages whose parameters match.
@@ -41,7 +41,7 @@ class BenchmarkSettings:
     noise_scale: float | None = None  # starting-noise scale (None: the model's config)
     tta: str | None = None  # test-time augmentation "none" / "flips" / "d4" (None: the model's config)
     controls: bool = True
-    image_only: bool = True  # with controls: also the image-only control (it does not depend on the coarse maps)
+    image_only: bool = False  # with controls: also the image-only control (it does not depend on the coarse maps)
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
     seed: int = 0
     coarse_folds: int = 0  # 0: the refiner trains on in-sample train maps; K >= 2: on K-fold out-of-fold maps
