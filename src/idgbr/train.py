@@ -464,7 +464,7 @@ class WeightAverage:
         if missing:
             raise file_error(path, f"lacks {len(missing)} averaged weights (e.g. {missing[0]})",
                              "delete this checkpoint folder to resume from the previous one")
-        for (name, p), shadow in zip(self.named, self.ema.shadow_params):
+        for (name, _), shadow in zip(self.named, self.ema.shadow_params):
             shadow.copy_(saved[name].to(shadow.device, shadow.dtype))
         self.ema.optimization_step = step
 
