@@ -3,7 +3,8 @@
 For each coarse architecture A:
 1. train A on ``train``; 2. predict coarse maps on ``train`` and ``test`` (with ``coarse_folds`` K >= 2 the train
 maps are out-of-fold: :func:`idgbr.coarse.predict_coarse_oof`);
-3. train the refiner on ``train`` with A's coarse maps of its own training images;
+3. train the refiner on ``train``: on A's coarse maps of its own training images mixed with synthetic ones, or (the
+lite default, ``coarse_corruption`` 1) on synthetic degradations of the ground truth only, once for every A;
 4. refine ``test``; 5. evaluate coarse and refined maps.
 Controls: the *deterministic refiner* (the same network and inputs trained with cross-entropy instead of diffusion)
 and, on request, *image only* (no coarse guidance, the paper's Experiment A; trained once).

@@ -253,7 +253,8 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
     # Then (2026-11-29, docs/results/refiner_ablation.md Table 5, validation only): training on synthetic coarse
     # maps only (coarse_corruption=1: degradations of the ground truth, never a coarse model's maps) and 2400 steps.
     # On the converged coarse track's held-out tile: +2.0 WFm3 / -0.9 mIoU / IoU_RTm 98.0, against -0.5 / -2.4 / 92.3
-    # for 1200 steps on half coarse-model maps; on the cheap track +2.1 (seed 0) vs +2.1. Such a refiner never reads
+    # for 1200 steps on half coarse-model maps; on the cheap track +2.07 / +1.97 (seeds 0 / 1) vs +2.07 / +1.08. On
+    # test it gains less (+0.5 to +1.6; docs/results/benchmark_dubai_half.md). Such a refiner never reads
     # a coarse model's maps, so one model serves every coarse model of a dataset (the benchmark trains it once).
     "lite": dict(latent_factor=4, block_out_channels=(16, 32, 64), norm_num_groups=8, crop_size=128, embed_steps=400,
                  coarse_residual=True, sample_steps=4, guidance_scale=1.0, checkpoint_every=1000, steps=2400,

@@ -108,10 +108,7 @@ class Refiner:
         transform of that group, maps the outputs back and returns the log of the mean probability, so a softmax of
         the result is the average over the transforms; ``last_nfe`` then counts every pass.
         """
-        tta = self.config.tta if tta is None else tta
-        if tta not in TTA_TRANSFORMS:
-            raise IdgbrError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_TRANSFORMS)}")
-        transforms = TTA_TRANSFORMS[tta]
+        transforms = TTA_TRANSFORMS[check_tta(self.config.tta if tta is None else tta)]
         if len(transforms) == 1:
             return self._sample_dtype(image, coarse, steps, guidance, strength, noise * noise_scale, callback)
         probs, nfe = None, 0
@@ -358,6 +355,13 @@ TTA_TRANSFORMS = {
     "flips": [_flip(()), _flip((-1,)), _flip((-2,)), _flip((-2, -1))],
     "d4": [_dihedral(k, t) for t in (False, True) for k in range(4)],
 }
+
+
+def check_tta(tta: str) -> str:
+    """``tta`` if it names a transform group of ``TTA_TRANSFORMS``, else a one-line error."""
+    if tta not in TTA_TRANSFORMS:
+        raise IdgbrError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_TRANSFORMS)}")
+    return tta
 
 
 def check_noise_for_samples(samples: int, noise_scale: float) -> None:

@@ -419,11 +419,9 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     guidance = cfg.guidance_scale if guidance is None else float(guidance)
     strength = cfg.strength if strength is None else float(strength)
     noise_scale = cfg.noise_scale if noise_scale is None else float(noise_scale)
-    tta = cfg.tta if tta is None else tta
-    from .pipeline import TTA_TRANSFORMS, check_noise_for_samples
+    from .pipeline import check_noise_for_samples, check_tta
 
-    if tta not in TTA_TRANSFORMS:
-        raise IdgbrError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_TRANSFORMS)}")
+    tta = check_tta(cfg.tta if tta is None else tta)
 
     check_noise_for_samples(samples, noise_scale)
     f, multiple = cfg.latent_factor, cfg.size_multiple
