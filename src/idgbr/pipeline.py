@@ -106,7 +106,8 @@ class Refiner:
 
         ``tta`` ("none", "flips", "d4"; default ``config.tta``) samples the tiles (and their noise) under each
         transform of that group, maps the outputs back and returns the log of the mean probability, so a softmax of
-        the result is the average over the transforms; ``last_nfe`` then counts every pass.
+        the result is the average over the transforms; ``last_nfe`` then counts every pass, and ``callback`` sees each
+        pass's x0 estimates in that pass's transformed frame.
         """
         transforms = TTA_TRANSFORMS[check_tta(self.config.tta if tta is None else tta)]
         if len(transforms) == 1:
