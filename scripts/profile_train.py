@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             z_img = model.encode_image(model.normalize_image(image))
             z_c = model.encode_labels(coarse)
         timer.mark("encode")
-        cond = model.condition(z_img, z_c)
+        cond = model.condition(z_img, z_c, coarse)
         timer.mark("condition")
         b = image.shape[0]
         t = torch.randint(0, config.num_train_timesteps, (b,), generator=gen)
