@@ -116,3 +116,39 @@ def test_parameter_counts(preset):
     assert counts["label_embed"][1] == 0 and counts["codec"] == (0, 0)
     assert counts["guidance_encoder"][1] == counts["guidance_encoder"][0] > 0  # trainable in lite/tiny
     assert counts["total"][1] == sum(p.numel() for p in model.trainable_parameters())
+
+
+def test_attention_free_unet_and_guidance_attention_on_coarse_levels_only(tmp_path):
+    """The fast geometry switches: no transformer blocks anywhere (UNet and its guidance-encoder copy), CG
+    cross-attention only at levels with stride >= 2; it runs, trains its fusion everywhere and round-trips."""
+    from idgbr import unet_parts
+
+    torch.manual_seed(0)
+    config = RefinerConfig.preset_config(
+        "tiny", num_classes=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D", guidance_attention_stride=2)
+    model = IDGBRModel(config).eval()
+    assert not [n for n, m in model.named_modules() if type(m).__name__ in ("Transformer2DModel", "Attention")
+                and not n.startswith("guidance.cg")]
+    strides = unet_parts.level_strides(model.unet)
+    assert [m.mode for m in model.guidance.cg] == ["live" if s >= 2 else "none" for s in strides]
+    assert {m.mode for m in model.guidance.cg} == {"live", "none"}
+    default = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=4))
+    assert {m.mode for m in default.guidance.cg} == {"live"}
+    with torch.no_grad():
+        for module in model.guidance.cg:
+            module.fuse.weight.normal_(0, 0.1)
+            if module.mode != "none":
+                module.proj.weight.normal_(0, 0.1)
+    image, labels, coarse = _inputs(model)
+    model.save_pretrained(tmp_path / "run")
+    loaded = IDGBRModel.from_pretrained(tmp_path / "run").eval()
+    assert loaded.config.mid_block_type == "UNetMidBlock2D" and loaded.config.guidance_attention_stride == 2
+    with torch.no_grad():
+        outs = []
+        for m in (model, loaded):
+            cond = m.condition(m.encode_image(m.normalize_image(image)), m.encode_labels(coarse))
+            outs.append(m(m.encode_labels(labels), torch.tensor([3, 700]), cond))
+    assert outs[0].shape == (2, 48, 8, 8) and torch.equal(outs[0], outs[1])
+    with pytest.raises(IdgbrError, match="guidance_attention_stride"):
+        RefinerConfig.preset_config("tiny", guidance_attention_stride=0)

@@ -45,6 +45,9 @@ class RefinerConfig:
     layers_per_block: int = 1
     down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    # "UNetMidBlock2D" (with down/up blocks without "CrossAttn") is a UNet without transformer blocks: in lite its
+    # cross-attention reads one learned token, i.e. a learned bias, at the cost of ~40 % of the UNet's operator calls.
+    mid_block_type: Literal["UNetMidBlock2DCrossAttn", "UNetMidBlock2D"] = "UNetMidBlock2DCrossAttn"
     cross_attention_dim: int = 32
     attention_head_dim: int = 4
     norm_num_groups: int = 16
@@ -56,6 +59,9 @@ class RefinerConfig:
     guidance_heads: int = 4  # 8 in the paper's model
     freeze_guidance_encoder: bool = False  # True for sd15 (a frozen pretrained copy); trained in lite/tiny
     use_coarse: bool = True  # False: image only (the paper's Experiment A)
+    # CG cross-attention only at feature levels downsampled at least this much relative to the latent (1 = every
+    # level, the paper); the finer levels keep the zero-conv fusion alone, which is most of the CG cost on a CPU.
+    guidance_attention_stride: int = 1
     guidance_kv_grid: int = 16  # CG keys/values avg-pooled to at most this grid side (CPU cost); 0 = full (reference)
     # Side (in pixels) at which the CG positional embeddings are built: "crop" trains every entry at crop_size
     # (other sizes interpolate it, once per size at inference); "tile" is the earlier behaviour (built at
@@ -164,6 +170,8 @@ class RefinerConfig:
             raise IdgbrError(f"boundary_crops must lie in [0, 1], got {self.boundary_crops}")
         if self.train_minutes is not None and self.train_minutes <= 0:
             raise IdgbrError(f"train_minutes must be > 0, got {self.train_minutes}")
+        if self.guidance_attention_stride < 1:
+            raise IdgbrError(f"guidance_attention_stride must be >= 1, got {self.guidance_attention_stride}")
         if self.tile_size % self.size_multiple:
             raise IdgbrError(f"tile_size {self.tile_size} must be a multiple of {self.size_multiple} for this model")
 

@@ -195,6 +195,7 @@ class GuidanceNetwork(nn.Module):
         base_grid: int = 64,
         kv_grid: int = 0,
         freeze_encoder: bool = False,
+        attention_stride: int = 1,
     ):
         super().__init__()
         self.encoder = GuidanceEncoder(unet, image_latent_channels)
@@ -205,7 +206,8 @@ class GuidanceNetwork(nn.Module):
         channels = unet_parts.level_channels(unet)
         strides = unet_parts.level_strides(unet)
         self.cg = nn.ModuleList(
-            CGModule(c, width, heads, mode, grid=max(1, base_grid // s), kv_grid=kv_grid) for c, s in zip(channels, strides)
+            CGModule(c, width, heads, mode if s >= attention_stride else "none", grid=max(1, base_grid // s), kv_grid=kv_grid)
+            for c, s in zip(channels, strides)
         )
 
     def train(self, mode: bool = True) -> "GuidanceNetwork":

@@ -56,6 +56,7 @@ def unet_config(config: RefinerConfig, latent_channels: int) -> dict[str, Any]:
         up_block_types=tuple(config.up_block_types), block_out_channels=tuple(config.block_out_channels),
         layers_per_block=config.layers_per_block, cross_attention_dim=config.cross_attention_dim,
         attention_head_dim=config.attention_head_dim, norm_num_groups=config.norm_num_groups,
+        mid_block_type=config.mid_block_type,
     )
 
 
@@ -166,6 +167,7 @@ class IDGBRModel(nn.Module):
             config.guidance_heads, config.guidance_attention,
             base_grid=max(1, (config.crop_size if config.pos_embed_size == "crop" else config.tile_size) // self.codec.factor),
             kv_grid=config.guidance_kv_grid, freeze_encoder=config.freeze_guidance_encoder,
+            attention_stride=config.guidance_attention_stride,
         )
         # --- label embedding (trained first, frozen here) ----------------------------------------------------
         if load_weights and config.label_embed:
