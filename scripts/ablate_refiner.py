@@ -27,9 +27,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def parse_items(text: str) -> dict:
+    """``key=value,key=[a,b]`` -> overrides; commas inside brackets belong to the (JSON) value."""
     from idgbr.config import parse_overrides
 
-    return parse_overrides([item for item in text.split(",") if item.strip()])
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return parse_overrides([item for item in items if item.strip()])
 
 
 def make_view(data: Path, out: Path, every: int, holdout: str | None) -> Path:
