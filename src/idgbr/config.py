@@ -264,8 +264,16 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
     # for 1200 steps on half coarse-model maps; on the cheap track +2.07 / +1.97 (seeds 0 / 1) vs +2.07 / +1.08. On
     # test it gains less (+0.5 to +1.6; docs/results/benchmark_dubai_half.md). Such a refiner never reads
     # a coarse model's maps, so one model serves every coarse model of a dataset (the benchmark trains it once).
+    # Then (issue 12, docs/results/train_throughput.md section 7; refiner_ablation.md Table 6): no transformer blocks
+    # in the UNet (its cross-attention read one learned token) and CG cross-attention only on the levels at stride
+    # >= 2 halve the operator calls: 0.10-0.12 s/step instead of 0.22 on 2 idle cores. Per step it learns a little
+    # less (2400 steps, seed 0: +1.37 mean WFm3 over the held-out tile's two coarse tracks vs +2.04), but at twice
+    # the steps, in the same wall time, it gains more: 4800 steps +2.60 WFm3 / +0.75 mIoU (mean of 2 seeds x 2
+    # tracks) vs +2.10 / +0.59 for the previous geometry at 2400 steps and +2.11 / +0.60 at 4800.
     "lite": dict(latent_factor=4, block_out_channels=(16, 32, 64), norm_num_groups=8, crop_size=128, embed_steps=400,
-                 coarse_residual=True, sample_steps=4, guidance_scale=1.0, checkpoint_every=1000, steps=2400,
+                 down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, mid_block_type="UNetMidBlock2D",
+                 guidance_attention_stride=2,
+                 coarse_residual=True, sample_steps=4, guidance_scale=1.0, checkpoint_every=1000, steps=4800,
                  noise_scale=0.0, residual_band=4, coarse_corruption=1.0),
     # For tests: well under a second per step.
     "tiny": dict(
