@@ -270,6 +270,8 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
     # less (2400 steps, seed 0: +1.37 mean WFm3 over the held-out tile's two coarse tracks vs +2.04), but at twice
     # the steps, in the same wall time, it gains more: 4800 steps +2.60 WFm3 / +0.75 mIoU (mean of 2 seeds x 2
     # tracks) vs +2.10 / +0.59 for the previous geometry at 2400 steps and +2.11 / +0.60 at 4800.
+    # On test (docs/results/benchmark_dubai_half.md): +6.00 / +2.10 WFm3 on the cheap coarse tracks, +1.74 on the
+    # converged DeepLabV3+ one, and -0.73 on the converged U-Net one (the best coarse map; the previous default: +0.48).
     "lite": dict(latent_factor=4, block_out_channels=(16, 32, 64), norm_num_groups=8, crop_size=128, embed_steps=400,
                  down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, mid_block_type="UNetMidBlock2D",
                  guidance_attention_stride=2,
