@@ -59,6 +59,22 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "[stage]" not in out and "[reuse]" in out
+    # the coarse maps live in DATA/coarse/, shared by every run: if another run overwrote them, they are predicted
+    # again from this run's coarse model instead of being scored as they are
+    from idgbr.data import SegmentationDataset
+
+    maps = synthetic / "coarse" / "bench_unet"
+    victim = sorted(maps.glob("*.png"))[0]
+    original = victim.read_bytes()
+    other = sorted(maps.glob("*.png"))[1].read_bytes()
+    assert other != original
+    victim.write_bytes(other)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("[redo]")] == [
+        f"[redo] predict coarse unet {split}: its output changed since it ran (another run wrote there)"
+        for split in (["test"] if victim.stem in SegmentationDataset(synthetic, "test", load_mask=False).stems else ["train"])]
+    assert victim.read_bytes() == original
 
 
 def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):

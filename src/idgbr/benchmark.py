@@ -62,15 +62,21 @@ class Stages:
         self.log = log
         self.seconds: dict[str, float] = {}
 
-    def __call__(self, name: str, folder: Path, params: dict, fn: Callable[[], Any]) -> float:
+    def __call__(self, name: str, folder: Path, params: dict, fn: Callable[[], Any],
+                 fingerprint: Callable[[], str] | None = None) -> float:
+        """Run ``fn`` unless ``folder`` records a finished run with ``params``. ``fingerprint`` digests outputs that
+        live outside the run folder (coarse maps under ``DATA/coarse/``, which another run may overwrite): a
+        finished stage whose outputs no longer match it is run again."""
         marker = folder / "stage.json"
         params = json.loads(json.dumps(params, default=str))
         if marker.exists():
             done = json.loads(marker.read_text())
             if done.get("params") == params:
-                self.log(f"[reuse] {name} ({folder})")
-                self.seconds[name] = done.get("seconds", 0.0)
-                return self.seconds[name]
+                if fingerprint is None or done.get("fingerprint") == fingerprint():
+                    self.log(f"[reuse] {name} ({folder})")
+                    self.seconds[name] = done.get("seconds", 0.0)
+                    return self.seconds[name]
+                self.log(f"[redo] {name}: its output changed since it ran (another run wrote there)")
         self.log(f"[stage] {name}")
         start = time.perf_counter()
         fn()
@@ -79,7 +85,10 @@ class Stages:
         from .io import atomic_path
 
         with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps({"params": params, "seconds": seconds}, indent=2))
+            record = {"params": params, "seconds": seconds}
+            if fingerprint is not None:
+                record["fingerprint"] = fingerprint()
+            tmp.write_text(json.dumps(record, indent=2))
         self.seconds[name] = seconds
         return seconds
 
@@ -255,17 +264,33 @@ def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, setting
     stages(f"train coarse {arch}", coarse_dir, coarse_params, lambda: train_coarse(data_root, arch, coarse_dir, **train))
     suffix = tag[len(f"bench_{arch}"):]
     extra = {"name": tag, "folds": folds, "fold_group": group} if folds else {}  # in-sample: the stages as before
+    def maps(split: str) -> Callable[[], str]:
+        return lambda: maps_digest(data_root, tag, split)
+
     stages(f"predict coarse {arch} test", run / "coarse_pred" / f"{arch}_test{suffix}", {**coarse_params, "split": "test", **extra},
-           lambda: predict_coarse(coarse_dir, data_root, "test", tag))
+           lambda: predict_coarse(coarse_dir, data_root, "test", tag), maps("test"))
     if folds:
         stages(f"predict coarse {arch} train out-of-fold", run / "coarse_pred" / f"{arch}_train{suffix}",
                {**coarse_params, "split": "train", **extra},
                lambda: predict_coarse_oof(data_root, arch, tag, folds, run / "coarse_models" / f"{arch}{suffix}",
-                                          group=group, **train))
+                                          group=group, **train), maps("train"))
     else:
         stages(f"predict coarse {arch} train", run / "coarse_pred" / f"{arch}_train", {**coarse_params, "split": "train"},
-               lambda: predict_coarse(coarse_dir, data_root, "train", tag))
+               lambda: predict_coarse(coarse_dir, data_root, "train", tag), maps("train"))
     return tag
+
+
+def maps_digest(data_root: Path, name: str, split: str) -> str:
+    """SHA-1 of the maps ``DATA/coarse/<name>/<stem>.png`` of ``split`` (a missing map counts as such)."""
+    import hashlib
+
+    from .data import SegmentationDataset
+
+    digest = hashlib.sha1()
+    for stem in SegmentationDataset(data_root, split, load_mask=False).stems:
+        path = Path(data_root) / "coarse" / name / f"{stem}.png"
+        digest.update(stem.encode() + b"\0" + (path.read_bytes() if path.exists() else b"missing") + b"\0")
+    return digest.hexdigest()
 
 
 def _short_hash(text: str) -> str:
