@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -68,7 +68,8 @@ class RefinerObjective(nn.Module):
         self.visited = sampler_timesteps(model.make_scheduler(), config.sample_steps)  # train_timesteps="sampler"
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, generator: torch.Generator,
-                teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                teacher: torch.Tensor | None = None,
+                mark: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
         """Losses for one batch.
 
         Args:
@@ -77,6 +78,7 @@ class RefinerObjective(nn.Module):
             coarse: (B, H, W) long coarse map (no ignore values).
             generator: CPU generator for t, noise and dropout.
             teacher: (B, N, D) REPA teacher tokens, or None.
+            mark: called with "encode", "condition" and "forward" as each phase ends (the profiler's timer).
         Returns:
             ``{"loss", "main", "ce", "repa"}`` scalar tensors.
         """
@@ -87,7 +89,10 @@ class RefinerObjective(nn.Module):
             z0 = model.encode_labels(target)
             z_img = model.encode_image(model.normalize_image(image))
             z_c = model.encode_labels(coarse) if cfg.use_coarse else torch.zeros_like(z0)
+        mark = mark or (lambda phase: None)
+        mark("encode")
         cond = model.condition(z_img, z_c, coarse)
+        mark("condition")
         zero = z0.new_zeros(())
         losses = {"main": zero, "ce": zero, "repa": zero}
         want_aux = teacher is not None
