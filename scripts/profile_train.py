@@ -1,11 +1,13 @@
 """Split one refiner training step into phases and time each: ``python scripts/profile_train.py --preset lite``.
 
-Phases: data (sampler + copy to the device; with ``--set prefetch=N`` the wait for the background thread), encode (label and image latents), condition (guidance encoder),
-forward (noise, UNet with CG modules, loss), backward, optimiser (clipping, AdamW, LR schedule, zero_grad) and
-logging (host syncs: finiteness check and ``.item()``, every ``--log-every`` steps as the training loop does).
-The step mirrors ``RefinerObjective.forward`` for the diffusion objective (without REPA) and uses the training
-loop's own sampler, optimiser and clipping helpers, so their changes show up here. On CUDA every phase is
-bracketed by ``torch.cuda.synchronize()``; the summed phases are then slower than an unsynchronised step.
+Phases: data (sampler + copy to the device; with ``--set prefetch=N`` the wait for the background thread), encode
+(label and image latents), condition (guidance encoder), forward (noise, UNet with CG modules, loss; for
+``--set objective=deterministic`` the one pass and the label decoder's cross-entropy), backward, optimiser
+(clipping, AdamW, LR schedule, zero_grad) and logging (host syncs: finiteness check and ``.item()``, every
+``--log-every`` steps as the training loop does). The step is the training loop's own: ``RefinerObjective``
+(without REPA; it marks the ends of encode, condition and forward), sampler, optimiser and clipping helpers, so
+their changes show up here. On CUDA every phase is bracketed by ``torch.cuda.synchronize()``; the summed phases
+are then slower than an unsynchronised step.
 
 Prints a markdown table: mean ms per phase over the timed steps (after ``--warmup`` steps), and steps/s.
 Without ``--data`` a small synthetic dataset is written to a temporary folder.
@@ -23,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 PHASES = ("data", "encode", "condition", "forward", "backward", "optimiser", "logging")
 
@@ -87,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from idgbr import train as T
-    from idgbr.data import IGNORE_INDEX
 
     with tempfile.TemporaryDirectory() as tmp:
         data_root = args.data
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             write_synthetic_dataset(data_root, n=10, size=256, seed=0)
         config, model, samples = build(args, data_root)
     device = torch.device(args.device)
-    scheduler = model.make_scheduler()
+    objective = T.RefinerObjective(model, config)
     params = model.trainable_parameters()
     T.apply_throughput_switches(config, model, device)
     model.label_embed.check_labels = False  # as the training loop: labels are checked once at load
@@ -123,29 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = {k: v.to(device, non_blocking=cuda) for k, v in next_batch().items()}
         batch["image"] = batch["image"].contiguous(memory_format=memory_format)
         timer.mark("data")
-        image, mask, coarse = batch["image"], batch["mask"], batch["coarse"]
-        target = torch.where(mask == IGNORE_INDEX, coarse, mask)
-        with torch.no_grad():
-            z0 = model.encode_labels(target)
-            z_img = model.encode_image(model.normalize_image(image))
-            z_c = model.encode_labels(coarse)
-        timer.mark("encode")
-        cond = model.condition(z_img, z_c, coarse)
-        timer.mark("condition")
-        b = image.shape[0]
-        t = torch.randint(0, config.num_train_timesteps, (b,), generator=gen)
-        if config.cubic_timesteps:
-            t = ((1 - (t.float() / config.num_train_timesteps) ** 3) * config.num_train_timesteps).clamp(
-                max=config.num_train_timesteps - 1).long()
-        noise = torch.randn(z0.shape, generator=gen).to(z0)
-        drop = (torch.rand(b, generator=gen) < config.cond_dropout).to(device)
-        t = t.to(device)
-        z_t = scheduler.add_noise(z0, noise, t)
-        pred = model(z_t, t, cond, drop=drop)
-        goal = {"epsilon": noise, "sample": z0}.get(config.prediction_type)
-        goal = scheduler.get_velocity(z0, noise, t) if goal is None else goal
-        loss = F.mse_loss(pred.float(), goal.float())
-        timer.mark("forward")
+        loss = objective(batch["image"], batch["mask"], batch["coarse"], gen, mark=timer.mark)["loss"]
         loss.backward()
         timer.mark("backward")
         if config.max_grad_norm > 0:
