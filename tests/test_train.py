@@ -287,6 +287,32 @@ def test_region_errors_change_the_synthetic_coarse_maps() -> None:
         tiny(region_errors=1.5)
 
 
+def test_corruption_min_strength_mixes_in_milder_synthetic_coarse_maps() -> None:
+    """corruption_min_strength < 1 draws degrade_mask strengths below 1: fewer wrong coarse pixels on average; at 1
+    the batch is the one drawn before the field existed (no extra random draw)."""
+    from idgbr.errors import IdgbrError
+    from idgbr.synthetic import degrade_mask, make_scene
+    from idgbr.train import CropSampler
+
+    scenes = [make_scene(96, seed) for seed in range(3)]
+    samples = [{"image": s["image"], "mask": s["mask"]} for s in scenes]
+    wrong = {}
+    for low in (0.0, 1.0):
+        config = tiny(num_classes=5, crop_size=64, batch_size=32, coarse_corruption=1.0, corruption_min_strength=low)
+        batch = CropSampler(samples, config)(np.random.default_rng(0))
+        wrong[low] = (batch["coarse"] != batch["mask"]).float().mean().item()
+    assert wrong[1.0] > wrong[0.0] > 0
+    # strength 1 by default: the first crop's coarse map is degrade_mask at full strength with the same draws
+    config = tiny(num_classes=5, crop_size=64, batch_size=1, coarse_corruption=1.0)
+    rng = np.random.default_rng(3)
+    sampler = CropSampler(samples, config)
+    first = sampler(np.random.default_rng(3))
+    crop = sampler.transform(sampler.samples[int(rng.integers(len(sampler.samples)))], rng)
+    assert np.array_equal(first["coarse"][0].numpy(), degrade_mask(crop["mask"], rng, 5))
+    with pytest.raises(IdgbrError, match="corruption_min_strength"):
+        tiny(corruption_min_strength=1.5)
+
+
 def test_time_budget_stops_then_resume(data: Path, embed: Path, tmp_path: Path) -> None:
     """A tiny train_minutes stops after the first step with a checkpoint and the final model; resume finishes."""
     run = tmp_path / "run"

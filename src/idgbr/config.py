@@ -118,6 +118,10 @@ class RefinerConfig:
     # Share of those synthetic coarse maps that also get region-level errors (synthetic.degrade_regions: whole
     # segments swapped to a neighbour's class, small objects missed, neighbours merged). 0 = boundary-scale only.
     region_errors: float = 0.0
+    # Strength of those synthetic degradations (synthetic.degrade_mask's ``strength``), drawn uniformly per sample
+    # from [corruption_min_strength, 1]: below 1 the refiner also sees nearly right coarse maps, whose boundaries it
+    # should leave alone. 1 = always full strength (the earlier behaviour, and no extra random draw).
+    corruption_min_strength: float = 1.0
     ce_weight: float = 0.0  # extra cross-entropy on the decoded predicted x0 (pixel space, ignore masked)
     # Pixels within boundary_width px of a ground-truth boundary weigh 1 + boundary_weight in that cross-entropy
     # (and in the deterministic objective's).
@@ -166,6 +170,8 @@ class RefinerConfig:
             raise IdgbrError(f"ema_decay must be in [0, 1) (0 = no weight averaging), got {self.ema_decay}")
         if not 0 <= self.region_errors <= 1:
             raise IdgbrError(f"region_errors must lie in [0, 1], got {self.region_errors}")
+        if not 0 <= self.corruption_min_strength <= 1:
+            raise IdgbrError(f"corruption_min_strength must lie in [0, 1], got {self.corruption_min_strength}")
         if not 0 <= self.boundary_crops <= 1:
             raise IdgbrError(f"boundary_crops must lie in [0, 1], got {self.boundary_crops}")
         if self.train_minutes is not None and self.train_minutes <= 0:

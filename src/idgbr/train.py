@@ -125,6 +125,7 @@ class RefinerObjective(nn.Module):
 
             losses["repa"] = repa_loss(aux["repa"], teacher, model.projector)
         losses["loss"] = losses["main"] + cfg.ce_weight * losses["ce"] + cfg.repa_weight * losses["repa"]
+        mark("forward")
         return losses
 
     def draw_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -179,7 +180,8 @@ class CropSampler:
     jitter); ``config.boundary_crops`` of them are centred on a boundary pixel of the mask or the coarse map.
     With probability ``config.coarse_corruption`` (always, without coarse maps) the coarse crop is replaced by
     ``synthetic.degrade_mask`` of the target: coarse models fit their own training images too well, so their
-    training-set maps are cleaner than the test-time ones; this mixes in realistic errors. A
+    training-set maps are cleaner than the test-time ones; this mixes in realistic errors (at a strength drawn from
+    ``[config.corruption_min_strength, 1]``). A
     ``config.region_errors`` share of those also gets ``synthetic.degrade_regions`` (segment-level errors).
     ``pin_memory``: return page-locked tensors (for asynchronous copies to a GPU).
     """
@@ -208,7 +210,9 @@ class CropSampler:
             out = self.transform(self.samples[int(rng.integers(len(self.samples)))], rng)
             mask, coarse = out["mask"], out.get("coarse")
             if coarse is None or rng.random() < self.config.coarse_corruption:
-                coarse = degrade_mask(mask, rng, self.config.num_classes)
+                low = self.config.corruption_min_strength
+                strength = 1.0 if low >= 1 else float(rng.uniform(low, 1.0))
+                coarse = degrade_mask(mask, rng, self.config.num_classes, strength=strength)
                 if self.config.region_errors > 0 and rng.random() < self.config.region_errors:
                     coarse = degrade_regions(coarse, rng, self.config.num_classes)
             coarse = np.where(coarse == IGNORE_INDEX, np.where(mask == IGNORE_INDEX, 0, mask), coarse)
