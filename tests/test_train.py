@@ -269,19 +269,27 @@ def test_boundary_crops_contain_a_boundary() -> None:
     assert with_boundary[1.0] == 16 and with_boundary[0.0] < 16
 
 
+def _synthetic_wrong_share(samples: list[dict], **config: object) -> float:
+    """Share of wrong coarse pixels in one batch of fully synthetic coarse maps (5 classes, 64² crops, seed 0)."""
+    from idgbr.train import CropSampler
+
+    batch = CropSampler(samples, tiny(num_classes=5, crop_size=64, coarse_corruption=1.0, **config))(
+        np.random.default_rng(0))
+    return (batch["coarse"] != batch["mask"]).float().mean().item()
+
+
+def _scene_samples() -> list[dict]:
+    from idgbr.synthetic import make_scene
+
+    return [{"image": s["image"], "mask": s["mask"]} for s in (make_scene(96, seed) for seed in range(3))]
+
+
 def test_region_errors_change_the_synthetic_coarse_maps() -> None:
     """region_errors=1: synthetic coarse maps differ more from the mask than boundary-scale degradation alone."""
     from idgbr.errors import IdgbrError
-    from idgbr.synthetic import make_scene
-    from idgbr.train import CropSampler
 
-    scenes = [make_scene(96, seed) for seed in range(3)]
-    samples = [{"image": s["image"], "mask": s["mask"]} for s in scenes]
-    wrong = {}
-    for share in (0.0, 1.0):
-        config = tiny(num_classes=5, crop_size=64, batch_size=16, coarse_corruption=1.0, region_errors=share)
-        batch = CropSampler(samples, config)(np.random.default_rng(0))
-        wrong[share] = (batch["coarse"] != batch["mask"]).float().mean().item()
+    samples = _scene_samples()
+    wrong = {share: _synthetic_wrong_share(samples, batch_size=16, region_errors=share) for share in (0.0, 1.0)}
     assert wrong[1.0] > wrong[0.0] > 0
     with pytest.raises(IdgbrError, match="region_errors"):
         tiny(region_errors=1.5)
@@ -291,16 +299,11 @@ def test_corruption_min_strength_mixes_in_milder_synthetic_coarse_maps() -> None
     """corruption_min_strength < 1 draws degrade_mask strengths below 1: fewer wrong coarse pixels on average; at 1
     the batch is the one drawn before the field existed (no extra random draw)."""
     from idgbr.errors import IdgbrError
-    from idgbr.synthetic import degrade_mask, make_scene
+    from idgbr.synthetic import degrade_mask
     from idgbr.train import CropSampler
 
-    scenes = [make_scene(96, seed) for seed in range(3)]
-    samples = [{"image": s["image"], "mask": s["mask"]} for s in scenes]
-    wrong = {}
-    for low in (0.0, 1.0):
-        config = tiny(num_classes=5, crop_size=64, batch_size=32, coarse_corruption=1.0, corruption_min_strength=low)
-        batch = CropSampler(samples, config)(np.random.default_rng(0))
-        wrong[low] = (batch["coarse"] != batch["mask"]).float().mean().item()
+    samples = _scene_samples()
+    wrong = {low: _synthetic_wrong_share(samples, batch_size=32, corruption_min_strength=low) for low in (0.0, 1.0)}
     assert wrong[1.0] > wrong[0.0] > 0
     # strength 1 by default: the first crop's coarse map is degrade_mask at full strength with the same draws
     config = tiny(num_classes=5, crop_size=64, batch_size=1, coarse_corruption=1.0)
