@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from idgbr.augment import (ColorJitter, Compose, RandomCrop, RandomHorizontalFlip, RandomResize,
+from idgbr.augment import (ColorJitter, Compose, RandomCrop, RandomHorizontalFlip, RandomResize, RandomRotate90,
                            paper_train_transform)
 
 
@@ -70,6 +70,29 @@ def test_flip_is_a_mirror():
     np.testing.assert_array_equal(out["image"], sample["image"][:, ::-1])
     np.testing.assert_array_equal(out["mask"], sample["mask"][:, ::-1])
     assert RandomHorizontalFlip(p=0.0)(sample, np.random.default_rng(0)) is sample
+
+
+def test_rotate90_turns_image_and_labels_together():
+    """Each of the four turns occurs, and image, mask and coarse map turn by the same k (square crops)."""
+    sample = _sample(h=32, w=32)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        out = RandomRotate90()(sample, rng)
+        k = next(k for k in range(4) if np.array_equal(out["image"], np.rot90(sample["image"], k)))
+        seen.add(k)
+        for key in ("mask", "coarse"):
+            np.testing.assert_array_equal(out[key], np.rot90(sample[key], k))
+        assert ("geo" in out) == (k == 0)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_dihedral_switch_adds_only_the_rotation():
+    """dihedral=True inserts RandomRotate90 after the flip; False keeps the paper's three transforms."""
+    names = lambda t: [type(x).__name__ for x in t.transforms]  # noqa: E731
+    assert names(paper_train_transform(32)) == ["RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter"]
+    assert names(paper_train_transform(32, dihedral=True)) == [
+        "RandomResizedCrop", "RandomHorizontalFlip", "RandomRotate90", "ColorJitter"]
 
 
 @pytest.mark.parametrize("bands,dtype", [(1, np.uint8), (4, np.uint16), (6, np.float32)])

@@ -316,6 +316,37 @@ def test_corruption_min_strength_mixes_in_milder_synthetic_coarse_maps() -> None
         tiny(corruption_min_strength=1.5)
 
 
+def test_augmentation_fields_reach_the_crop_sampler() -> None:
+    """augment_scale_range=[1, 1] crops without resampling (every crop is a window of a source mask);
+    augment_dihedral adds the rotation; a reversed range is refused in one line."""
+    from idgbr.errors import IdgbrError
+    from idgbr.train import CropSampler
+
+    samples = _scene_samples()
+    config = tiny(num_classes=5, crop_size=32, batch_size=8, augment_scale_range=[1.0, 1.0], augment_dihedral=True)
+    sampler = CropSampler(samples, config)
+    assert [type(t).__name__ for t in sampler.transform.transforms][2] == "RandomRotate90"
+    assert sampler.transform.transforms[0].ratio_range == (1.0, 1.0)
+    batch = sampler(np.random.default_rng(0))
+
+    def is_window(crop: np.ndarray) -> bool:  # some orientation of it is a 32x32 slice of some source mask
+        for source in (s["mask"] for s in samples):
+            for k in range(4):
+                for flip in (False, True):
+                    view = np.rot90(crop[:, ::-1] if flip else crop, -k)
+                    for y in range(source.shape[0] - 31):
+                        for x in range(source.shape[1] - 31):
+                            if np.array_equal(source[y:y + 32, x:x + 32], view):
+                                return True
+        return False
+
+    assert all(is_window(m.numpy()) for m in batch["mask"])
+    resized = CropSampler(samples, tiny(num_classes=5, crop_size=32, batch_size=8, augment_scale_range=[1.5, 2.0]))
+    assert not all(is_window(m.numpy()) for m in resized(np.random.default_rng(0))["mask"])
+    with pytest.raises(IdgbrError, match="augment_scale_range"):
+        tiny(augment_scale_range=[2.0, 1.0])
+
+
 def test_time_budget_stops_then_resume(data: Path, embed: Path, tmp_path: Path) -> None:
     """A tiny train_minutes stops after the first step with a checkpoint and the final model; resume finishes."""
     run = tmp_path / "run"

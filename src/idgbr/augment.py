@@ -243,6 +243,22 @@ class RandomHorizontalFlip:
         return out
 
 
+class RandomRotate90:
+    """Rotate image and labels by k x 90 degrees, k uniform in {0, 1, 2, 3} (with :class:`RandomHorizontalFlip`:
+    the 8 orientations of the dihedral group D4)."""
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        k = int(rng.integers(4))
+        if k == 0:
+            return sample
+        out = dict(sample)
+        out.pop("geo", None)
+        out["image"] = np.ascontiguousarray(np.rot90(sample["image"], k, axes=(0, 1)))
+        for key in _label_keys(sample):
+            out[key] = np.ascontiguousarray(np.rot90(sample[key], k, axes=(0, 1)))
+        return out
+
+
 class ColorJitter:
     """Photometric jitter on the image only, for N bands of any dtype.
 
@@ -328,17 +344,20 @@ class Compose:
 
 
 def paper_train_transform(crop_size: int = 512, seed: int | None = None, cat_max_ratio: float = 0.75,
-                          ratio_range: tuple[float, float] = (0.5, 2.0), boundary_share: float = 0.0) -> Compose:
+                          ratio_range: tuple[float, float] = (0.5, 2.0), boundary_share: float = 0.0,
+                          dihedral: bool = False) -> Compose:
     """The paper's training augmentation: resize 0.5-2.0, ``crop_size`` crop (no class > 75 %), flip, jitter.
 
-    The resize and the crop are one :class:`RandomResizedCrop` (only the crop window is resampled).
+    The resize and the crop are one :class:`RandomResizedCrop` (only the crop window is resampled). ``dihedral``
+    adds a :class:`RandomRotate90` after the flip (ours, not the paper's).
     """
     return Compose([
         RandomResizedCrop(crop_size, ratio_range, cat_max_ratio=cat_max_ratio, boundary_share=boundary_share),
         RandomHorizontalFlip(0.5),
+        *([RandomRotate90()] if dihedral else []),
         ColorJitter(),
     ], seed=seed)
 
 
-__all__ = ["RandomResize", "RandomCrop", "RandomResizedCrop", "boundary_pixels", "RandomHorizontalFlip", "ColorJitter", "Compose", "paper_train_transform",
+__all__ = ["RandomResize", "RandomCrop", "RandomResizedCrop", "boundary_pixels", "RandomHorizontalFlip", "RandomRotate90", "ColorJitter", "Compose", "paper_train_transform",
            "resize_image", "resize_label"]

@@ -128,6 +128,12 @@ class RefinerConfig:
     boundary_weight: float = 0.0
     boundary_width: int = 3
     boundary_crops: float = 0.0  # share of training crops centred on a boundary pixel of the GT or coarse map
+    # Training augmentation. The crop is resized by a factor drawn from augment_scale_range (the paper: 0.5-2.0;
+    # the label is resampled nearest, so off 1.0 its boundaries step against the bilinear image), then flipped
+    # left-right with p = 0.5; augment_dihedral also rotates it by a random multiple of 90 degrees (with the flip:
+    # all 8 orientations, which overhead imagery has no reason to prefer; False draws no extra random number).
+    augment_scale_range: tuple[float, float] = (0.5, 2.0)
+    augment_dihedral: bool = False
     train_minutes: float | None = None  # stop after this much wall time of the loop (or at `steps`, if sooner)
     # Exponential moving average of the weights (diffusers' EMAModel with its warm-up, decay 1 - (1 + step)^(-2/3),
     # capped at ema_decay): the final model is the average; checkpoints keep both for resume. 0 = off.
@@ -155,7 +161,7 @@ class RefinerConfig:
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+        for name in ("block_out_channels", "down_block_types", "up_block_types", "augment_scale_range"):
             setattr(self, name, tuple(getattr(self, name)))
         if self.preset not in PRESETS:
             raise IdgbrError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
@@ -172,6 +178,9 @@ class RefinerConfig:
             raise IdgbrError(f"region_errors must lie in [0, 1], got {self.region_errors}")
         if not 0 <= self.corruption_min_strength <= 1:
             raise IdgbrError(f"corruption_min_strength must lie in [0, 1], got {self.corruption_min_strength}")
+        scales = self.augment_scale_range
+        if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
+            raise IdgbrError(f"augment_scale_range must be [low, high] with 0 < low <= high, got {list(self.augment_scale_range)}")
         if not 0 <= self.boundary_crops <= 1:
             raise IdgbrError(f"boundary_crops must lie in [0, 1], got {self.boundary_crops}")
         if self.train_minutes is not None and self.train_minutes <= 0:

@@ -176,8 +176,8 @@ class CropSampler:
     """Draws training batches of random crops from samples cached in memory.
 
     Each sample: ``image`` (H, W, C), ``mask`` (H, W) uint8 with ``IGNORE_INDEX``, ``coarse`` (H, W) or absent.
-    Crops follow :func:`augment.paper_train_transform` (resize and crop in one warp of the crop window, flip,
-    jitter); ``config.boundary_crops`` of them are centred on a boundary pixel of the mask or the coarse map.
+    Crops follow :func:`augment.paper_train_transform` (resize by ``config.augment_scale_range`` and crop in one
+    warp of the crop window, flip, with ``config.augment_dihedral`` a rotation by k x 90 degrees, jitter); ``config.boundary_crops`` of them are centred on a boundary pixel of the mask or the coarse map.
     With probability ``config.coarse_corruption`` (always, without coarse maps) the coarse crop is replaced by
     ``synthetic.degrade_mask`` of the target: coarse models fit their own training images too well, so their
     training-set maps are cleaner than the test-time ones; this mixes in realistic errors (at a strength drawn from
@@ -199,7 +199,8 @@ class CropSampler:
             if config.boundary_crops > 0:
                 padded["boundary"] = boundary_pixels(mask, coarse)
             self.samples.append(padded)
-        self.transform = paper_train_transform(self.crop, boundary_share=config.boundary_crops)
+        self.transform = paper_train_transform(self.crop, ratio_range=config.augment_scale_range,
+                                               boundary_share=config.boundary_crops, dihedral=config.augment_dihedral)
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long."""
