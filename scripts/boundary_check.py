@@ -1,16 +1,16 @@
 """A second look at boundary scores: boundary precision / recall / F at a tolerance, and how fragmented the maps are.
 
     python scripts/boundary_check.py --data data/dubai_half --split test \\
-        coarse=runs/timed_fast2/coarse_pred/deeplabv3plus_test refined=runs/timed_fast2/refined/diffusion_deeplabv3plus
+        coarse=data/dubai_half/coarse/bench_deeplabv3plus refined=runs/timed_fast2/refined/diffusion_deeplabv3plus
 
 The paper's WFm scores dilated boundary *bands* and does not say where a gain comes from: a map can gain by adding
 boundary pixels near the true ones (recall) as well as by moving its own onto them (precision). This script counts,
-over the split, the boundary pixels of each map (a pixel whose 4-neighbourhood holds another class; borders with
-ignore pixels do not count; ``augment.boundary_pixels``), the share of them within ``--tolerance`` px of a
-ground-truth boundary (precision), the share of ground-truth boundary pixels within that distance of the map's
-(recall), their harmonic mean (F, as the BF score of Csurka et al., BMVC 2013, pooled over images), the map's
-boundary pixels per ground-truth boundary pixel, and its connected components (4-connected, per class) per
-ground-truth component. Prints a markdown table; ``--json`` also writes the numbers.
+over the split (``idgbr.metrics.BoundaryPR``, which ``idgbr evaluate`` also reports), the boundary pixels of each
+map (a pixel whose 4-neighbourhood holds another class; borders with ignore pixels do not count), the share of them
+within ``--tolerance`` px of a ground-truth boundary (precision), the share of ground-truth boundary pixels within
+that distance of the map's (recall), their harmonic mean (F, as the BF score of Csurka et al., BMVC 2013, pooled
+over images), the map's boundary pixels per ground-truth boundary pixel, and its connected components (4-connected,
+per class) per ground-truth component. One table for many folders; ``--json`` also writes the numbers.
 """
 
 from __future__ import annotations
@@ -26,41 +26,15 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def boundary_mask(label: np.ndarray) -> np.ndarray:
-    from idgbr.augment import boundary_pixels
+def check(gt_maps: list[np.ndarray], pred_maps: list[np.ndarray], tolerance: int) -> dict:
+    """Pooled boundary precision / recall / F and fragmentation of ``pred_maps`` (``metrics.BoundaryPR``)."""
+    from idgbr.metrics import BoundaryPR
 
-    mask = np.zeros(label.shape, bool)
-    mask.flat[boundary_pixels(label)] = True
-    return mask
-
-
-def components(label: np.ndarray, valid: np.ndarray) -> int:
-    from scipy import ndimage
-
-    return sum(ndimage.label((label == k) & valid)[1] for k in np.unique(label[valid]))
-
-
-def check(gt_maps: list[np.ndarray], pred_maps: list[np.ndarray], tolerance: float, ignore: int = 255) -> dict:
-    """Pooled boundary precision / recall / F and fragmentation of ``pred_maps`` against ``gt_maps``."""
-    from scipy import ndimage
-
-    hit_pred = n_pred = hit_gt = n_gt = comp_pred = comp_gt = 0
+    scores = BoundaryPR((tolerance,))
     for gt, pred in zip(gt_maps, pred_maps):
-        valid = gt != ignore
-        gt_edge, pred_edge = boundary_mask(gt), boundary_mask(np.where(valid, pred, ignore))
-        to_gt = ndimage.distance_transform_edt(~gt_edge) if gt_edge.any() else np.full(gt.shape, np.inf)
-        to_pred = ndimage.distance_transform_edt(~pred_edge) if pred_edge.any() else np.full(gt.shape, np.inf)
-        hit_pred += int((pred_edge & (to_gt <= tolerance)).sum())
-        n_pred += int(pred_edge.sum())
-        hit_gt += int((gt_edge & (to_pred <= tolerance)).sum())
-        n_gt += int(gt_edge.sum())
-        comp_pred += components(pred, valid)
-        comp_gt += components(gt, valid)
-    precision = hit_pred / max(n_pred, 1)
-    recall = hit_gt / max(n_gt, 1)
-    f = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {"precision": precision, "recall": recall, "f": f, "boundary_ratio": n_pred / max(n_gt, 1),
-            "component_ratio": comp_pred / max(comp_gt, 1), "components": comp_pred}
+        scores.update(gt, pred)
+    result = scores.result()
+    return {**result.pop("bf")[str(tolerance)], **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("maps", nargs="+", metavar="NAME=FOLDER", help="prediction folders (<stem>.png), named")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--tolerance", type=float, default=3.0, help="pixels (default 3)")
+    parser.add_argument("--tolerance", type=int, default=3, help="pixels (default 3)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -95,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except IdgbrError as exc:
         print(f"boundary_check: {exc}", file=sys.stderr)
         return 2
-    t = f"{args.tolerance:g}"
+    t = str(args.tolerance)
     print(f"| map | boundary precision ({t} px) | recall | F | boundary px / GT | components / GT ({len(gt)} images) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {100 * r['precision']:.1f} | {100 * r['recall']:.1f} | {100 * r['f']:.1f} | "
-              f"{r['boundary_ratio']:.2f} | {r['component_ratio']:.1f} |")
+              f"{r['boundary_ratio']:.2f} | {r['components_ratio']:.1f} |")
     if args.json:
         args.json.write_text(json.dumps({"tolerance": args.tolerance, "split": args.split, "rows": rows}, indent=2) + "\n")
     return 0

@@ -328,3 +328,8 @@ def test_benchmark_verdict_names_targets_and_the_control():
     lines = verdict_lines({"results": [good, bad]})
     assert "+2.50" in lines[2] and "targets met" in lines[2] and "beats the deterministic" in lines[2]
     assert "targets NOT met" in lines[3] and "does NOT beat the deterministic control (WFm(3px) +3.00)" in lines[3]
+    second = {"bf": {"3": {"f": 0.52, "precision": 0.60, "recall": 0.46}}, "components_ratio": 3.84}
+    good["coarse"].update(bf={"3": {"f": 0.45, "precision": 0.59, "recall": 0.37}}, components_ratio=0.8)
+    good["refined"].update(second)
+    line = verdict_lines({"results": [good]})[2]
+    assert "Boundary F(3px) +7.00 (precision +1.00)" in line and "ground-truth one 0.8 -> 3.8" in line

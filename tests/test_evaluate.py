@@ -118,6 +118,8 @@ def test_formatters(dataset: Path, tmp_path: Path) -> None:
                               coarse_dir=write_predictions(tmp_path / "coarse", shift=2), progress=False)
     md = format_markdown(refined, "Tiny")
     assert md.startswith("# Tiny") and "Coarse vs refined" in md and "complete (IoU_imp ≥ 0.8)" in md
+    assert "| boundary F (3px) | 100.00 |" in md and "coarse 1.67, refined 1.00" in md  # the roll splits a region
+    assert "boundary_precision3" in format_csv(refined)
     assert json.loads(format_json(refined))["miou"] == pytest.approx(1.0)
     table = compare_markdown({"coarse": refined["coarse"], "refined": refined})
     lines = table.strip().splitlines()

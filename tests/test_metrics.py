@@ -316,3 +316,44 @@ def test_all_ignored_ground_truth_gives_no_nan_crash() -> None:
     res = evaluate_maps([(gt, np.zeros_like(gt))], 3)
     for key in ("miou", "mf1", "oa"):
         assert res[key] is None or np.isnan(res[key]) or 0.0 <= res[key] <= 1.0
+
+
+def _bpr(gts, preds, tolerance):
+    from idgbr.metrics import BoundaryPR
+
+    scores = BoundaryPR((tolerance,))
+    for gt, pred in zip(gts, preds):
+        scores.update(gt, pred)
+    result = scores.result()
+    return {**result.pop("bf")[str(tolerance)], **result}
+
+
+def _halves(split_at: int) -> np.ndarray:
+    label = np.zeros((32, 32), np.uint8)
+    label[:, split_at:] = 1
+    return label
+
+
+def test_boundary_pr_counts_a_shifted_boundary_only_within_the_tolerance() -> None:
+    """BoundaryPR: a boundary moved by 2 px is all hits at 3 px and all misses at 0 px."""
+    gt, shifted = _halves(16), _halves(18)  # boundary pixels at x = 15/16 and 17/18: 1-3 px apart
+    near = _bpr([gt], [shifted], tolerance=3)
+    assert near["precision"] == near["recall"] == near["f"] == 1.0
+    far = _bpr([gt], [shifted], tolerance=0)
+    assert far["precision"] == far["recall"] == 0.0
+    same = _bpr([gt], [gt], tolerance=0)
+    assert same["f"] == 1.0 and same["boundary_ratio"] == 1.0 and same["components_ratio"] == 1.0
+
+
+def test_boundary_pr_a_far_speck_costs_precision_and_adds_components() -> None:
+    """An island 9 px from the true boundary: recall stays 1, precision drops, components 1.5x; in an ignore area
+    it does not count."""
+    gt = _halves(16)
+    speck = gt.copy()
+    speck[5:7, 3:5] = 1  # a 2x2 island of class 1, 9 px from the true boundary
+    result = _bpr([gt], [speck], tolerance=3)
+    assert result["recall"] == 1.0 and result["precision"] < 1.0
+    assert result["components_ratio"] == 1.5 and result["boundary_ratio"] > 1.0
+    ignored = gt.copy()
+    ignored[:, :6] = 255  # borders with ignore pixels are not boundaries, and the speck lies in the ignore area
+    assert _bpr([ignored], [speck], tolerance=3)["precision"] == 1.0

@@ -210,20 +210,10 @@ class RandomResizedCrop:
 def boundary_pixels(*labels: np.ndarray | None, ignore_index: int | None = IGNORE_INDEX) -> np.ndarray:
     """Flat indices of pixels whose 4-neighbourhood holds another class in any of the (H, W) ``labels``
     (``None`` entries are skipped; both sides of each boundary count; edges to ``ignore_index`` do not)."""
-    edge = None
-    for label in labels:
-        if label is None:
-            continue
-        here = np.zeros(label.shape, bool)
-        valid = np.ones(label.shape, bool) if ignore_index is None else label != ignore_index
-        vertical = (label[1:] != label[:-1]) & valid[1:] & valid[:-1]
-        horizontal = (label[:, 1:] != label[:, :-1]) & valid[:, 1:] & valid[:, :-1]
-        here[1:] |= vertical
-        here[:-1] |= vertical
-        here[:, 1:] |= horizontal
-        here[:, :-1] |= horizontal
-        edge = here if edge is None else edge | here
-    return np.empty(0, np.int64) if edge is None else np.flatnonzero(edge)
+    from .metrics import label_edges
+
+    edges = [label_edges(label, ignore_index) for label in labels if label is not None]
+    return np.flatnonzero(np.logical_or.reduce(edges)) if edges else np.empty(0, np.int64)
 
 
 class RandomHorizontalFlip:

@@ -328,6 +328,11 @@ def verdict_lines(report: dict) -> list[str]:
             det_gain = 100 * (det["wfm"]["3"] - coarse["wfm"]["3"])
             text += (f"; {'beats' if gain > det_gain else 'does NOT beat'} the deterministic control "
                      f"(WFm(3px) {det_gain:+.2f})")
+        if "bf" in refined and "bf" in coarse:  # the second look (metrics.BoundaryPR)
+            text += (f". Boundary F(3px) {100 * (refined['bf']['3']['f'] - coarse['bf']['3']['f']):+.2f} (precision "
+                     f"{100 * (refined['bf']['3']['precision'] - coarse['bf']['3']['precision']):+.2f}); connected "
+                     f"components per ground-truth one {coarse['components_ratio']:.1f} -> "
+                     f"{refined['components_ratio']:.1f}")
         lines.append(text + ".")
     return lines
 

@@ -114,6 +114,7 @@ def _headline(result: dict[str, Any]) -> list[tuple[str, float | None]]:
     rows: list[tuple[str, float | None]] = [("mIoU", result["miou"]), ("mF1", result["mf1"]), ("OA", result["oa"]),
                                             ("Kappa", result["kappa"])]
     rows += [(f"WFm ({tol}px B)", value) for tol, value in result["wfm"].items()]
+    rows += [(f"boundary F ({tol}px)", value["f"]) for tol, value in result.get("bf", {}).items()]
     return rows
 
 
@@ -131,7 +132,12 @@ def format_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_pct(value)} |" for name, value in _headline(result)]
     lines += ["", "Values in percent. mIoU/mF1 average the classes present in the ground truth; WFm is the minimum "
-              "over band classes of the mean weighted F-measure of the boundary bands (reference §9.4)."]
+              "over band classes of the mean weighted F-measure of the boundary bands (reference §9.4). Boundary F (not a "
+              "metric of the paper) is the harmonic mean of boundary precision and recall at that tolerance, pooled "
+              "over images: a second look at WFm, which also rewards boundary pixels added near the true ones."]
+    if "components_ratio" in result:
+        lines += ["", f"Connected components per ground-truth component: {result['components_ratio']:.2f}; boundary "
+                     f"pixels per ground-truth boundary pixel: {result['boundary_ratio']:.2f}."]
     if result.get("invalid_pred_pixels"):
         lines.append(f"{result['invalid_pred_pixels']} labelled pixels had no valid prediction (nodata) and count "
                      "as errors.")
@@ -142,6 +148,9 @@ def format_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
             before = coarse.get(name)
             delta = f"{100 * (value - before):+.2f}" if value is not None and before is not None else "–"
             lines.append(f"| {name} | {_pct(before)} | {_pct(value)} | {delta} |")
+        if "components_ratio" in result["coarse"] and "components_ratio" in result:
+            lines += ["", f"Connected components per ground-truth component: coarse "
+                          f"{result['coarse']['components_ratio']:.2f}, refined {result['components_ratio']:.2f}."]
     if "repair" in result:
         repair = result["repair"]
         lines += ["", f"## Repair analysis (k = {repair['k']:g})", "",
@@ -170,6 +179,12 @@ def format_csv(result: dict[str, Any]) -> str:
             writer.writerow([scope, key, res[key]])
         for tol, value in res["wfm"].items():
             writer.writerow([scope, f"wfm{tol}", value])
+        for tol, value in res.get("bf", {}).items():
+            for key in ("precision", "recall", "f"):
+                writer.writerow([scope, f"boundary_{key}{tol}", value[key]])
+        for key in ("boundary_ratio", "components_ratio"):
+            if key in res:
+                writer.writerow([scope, key, res[key]])
         for row in res["per_class"]:
             for key in ("iou", "f1", "precision", "recall"):
                 writer.writerow([f"{scope}:{row['name']}" if scope != "all" else row["name"], key, row[key]])

@@ -1,4 +1,5 @@
-"""The paper's metrics: confusion-matrix scores, boundary WFm and the repair analysis.
+"""The paper's metrics: confusion-matrix scores, boundary WFm and the repair analysis (and, as a second look at
+WFm, boundary precision / recall and fragmentation: :class:`BoundaryPR`).
 
 Everything follows ``reference-idgbr.md`` §9 (the authors' ``evaluation/`` package), with three deliberate
 differences, each documented where it happens:
@@ -345,6 +346,80 @@ class BoundaryWFm:
         return out
 
 
+# ------------------------------------------------------------------------- boundary precision / recall (BF score)
+def label_edges(label: np.ndarray, ignore_index: int | None = IGNORE_INDEX) -> np.ndarray:
+    """(H, W) bool: pixels whose 4-neighbourhood holds another class (both sides of each boundary; borders with
+    ``ignore_index`` pixels do not count)."""
+    label = np.asarray(label)
+    edge = np.zeros(label.shape, bool)
+    valid = np.ones(label.shape, bool) if ignore_index is None else label != ignore_index
+    vertical = (label[1:] != label[:-1]) & valid[1:] & valid[:-1]
+    horizontal = (label[:, 1:] != label[:, :-1]) & valid[:, 1:] & valid[:, :-1]
+    edge[1:] |= vertical
+    edge[:-1] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    return edge
+
+
+class BoundaryPR:
+    """Boundary precision, recall and F at pixel tolerances, pooled over images (the BF score of Csurka et al.,
+    BMVC 2013, with pooled counts), and fragmentation: connected components per ground-truth component.
+
+    Not one of the paper's metrics: a second look at WFm, which scores dilated boundary bands per image and cannot
+    tell a boundary moved onto the true one from boundary pixels added near it. Precision: the share of the map's
+    boundary pixels (:func:`label_edges`) within ``tolerance`` px (Euclidean) of a ground-truth boundary pixel;
+    recall: the share of ground-truth boundary pixels within ``tolerance`` of the map's. Pixels that are ignore in
+    the ground truth are left out of the map too. Components are 4-connected, per class.
+    """
+
+    def __init__(self, tolerances: Sequence[int] = (1, 3, 5), ignore_index: int = IGNORE_INDEX):
+        self.tolerances = tuple(int(t) for t in tolerances)
+        self.ignore_index = ignore_index
+        self.hits_pred = {t: 0 for t in self.tolerances}
+        self.hits_gt = {t: 0 for t in self.tolerances}
+        self.n_pred = self.n_gt = self.components_pred = self.components_gt = 0
+
+    @staticmethod
+    def _distance_to(edges: np.ndarray) -> np.ndarray:
+        if not edges.any():
+            return np.full(edges.shape, np.inf)
+        return cv2.distanceTransform((~edges).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+    def _components(self, label: np.ndarray, valid: np.ndarray) -> int:
+        total = 0
+        for k in np.unique(label[valid]):
+            total += cv2.connectedComponents(((label == k) & valid).astype(np.uint8), connectivity=4)[0] - 1
+        return total
+
+    def update(self, gt: np.ndarray, pred: np.ndarray) -> None:
+        gt, pred = np.asarray(gt), np.asarray(pred)
+        valid = gt != self.ignore_index
+        pred = np.where(valid, pred, self.ignore_index)
+        gt_edge, pred_edge = label_edges(gt, self.ignore_index), label_edges(pred, self.ignore_index)
+        to_gt, to_pred = self._distance_to(gt_edge), self._distance_to(pred_edge)
+        for t in self.tolerances:
+            self.hits_pred[t] += int(np.count_nonzero(pred_edge & (to_gt <= t)))
+            self.hits_gt[t] += int(np.count_nonzero(gt_edge & (to_pred <= t)))
+        self.n_pred += int(np.count_nonzero(pred_edge))
+        self.n_gt += int(np.count_nonzero(gt_edge))
+        self.components_pred += self._components(pred, valid)
+        self.components_gt += self._components(gt, valid)
+
+    def result(self) -> dict[str, Any]:
+        """{'bf': {tol: {'precision', 'recall', 'f'}}, 'boundary_ratio': map / GT boundary pixels,
+        'components_ratio': map / GT components, 'components': the map's}."""
+        bf = {}
+        for t in self.tolerances:
+            precision = self.hits_pred[t] / self.n_pred if self.n_pred else float("nan")
+            recall = self.hits_gt[t] / self.n_gt if self.n_gt else float("nan")
+            f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+            bf[str(t)] = {"precision": precision, "recall": recall, "f": f}
+        return {"bf": bf, "boundary_ratio": self.n_pred / self.n_gt if self.n_gt else float("nan"),
+                "components_ratio": self.components_pred / self.components_gt if self.components_gt else float("nan"),
+                "components": self.components_pred}
+
+
 # ----------------------------------------------------------------------------------------------- repair analysis
 class RepairAnalysis:
     """Repair capability of a refinement (README of the reference, §9.6; the authors never implemented it).
@@ -437,11 +512,13 @@ class MapEvaluator:
                  aggregate: Literal["min", "mean"] = "min"):
         self.confusion = ConfusionMatrix(num_classes, ignore_index)
         self.boundary = BoundaryWFm(tolerances, aggregate)
+        self.boundary_pr = BoundaryPR(tolerances, ignore_index)
         self.num_images = 0
 
     def update(self, gt: np.ndarray, pred: np.ndarray) -> None:
         self.confusion.update(gt, pred)
         self.boundary.update(gt, pred)
+        self.boundary_pr.update(gt, pred)
         self.num_images += 1
 
     def result(self, class_names: Sequence[str]) -> dict[str, Any]:
@@ -453,7 +530,7 @@ class MapEvaluator:
                      for i, name in enumerate(class_names)]
         return {"miou": cm["miou"], "mf1": cm["mf1"], "oa": cm["oa"], "kappa": cm["kappa"], "fwiou": cm["fwiou"],
                 "wfm": wfm["wfm"], "wfm_band": wfm["band"], "wfm_classes": wfm["classes"],
-                "wfm_aggregate": self.boundary.aggregate, "per_class": per_class,
+                "wfm_aggregate": self.boundary.aggregate, **self.boundary_pr.result(), "per_class": per_class,
                 "num_pixels": cm["num_pixels"], "invalid_pred_pixels": cm["invalid_pred_pixels"],
                 "num_images": self.num_images}
 
@@ -464,7 +541,7 @@ def evaluate_maps(pairs: Iterable[tuple[np.ndarray, ...]], num_classes: int, tol
     """Score (gt, pred) or (gt, pred, coarse) index maps, one image at a time.
 
     Returns ``miou``, ``mf1``, ``oa``, ``kappa``, ``fwiou``, ``wfm`` ({"1": .., "3": .., "5": ..}), ``wfm_band``,
-    ``per_class`` (name, iou, precision, recall, f1, present, pixel counts), ``num_images``, ``num_classes``,
+    ``bf`` / ``boundary_ratio`` / ``components_ratio`` / ``components`` (:class:`BoundaryPR`), ``per_class`` (name, iou, precision, recall, f1, present, pixel counts), ``num_images``, ``num_classes``,
     ``class_names``; with coarse maps also ``coarse`` (the same scores for the coarse maps) and ``repair``
     (:class:`RepairAnalysis`). Scores are fractions in [0, 1], except Kappa (in [-1, 1]; negative only for a
     prediction worse than chance) and IoU_imp (which can be negative; ``None`` when undefined).

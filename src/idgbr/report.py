@@ -139,17 +139,20 @@ def bar_chart(path: str | Path, rows: dict[str, dict[str, float]], metrics: Sequ
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
-    """Pick the headline numbers of an ``evaluate_maps`` result: mIoU, mF1, OA, Kappa, WFm@1/3/5."""
-    out = {k: float(result[k]) for k in ("miou", "mf1", "oa", "kappa") if k in result}
+    """Pick the headline numbers of an ``evaluate_maps`` result: mIoU, mF1, OA, Kappa, WFm@1/3/5, boundary F@1/3/5
+    (``bf1``...) and the connected components per ground-truth component (``components_ratio``), where present."""
+    out = {k: float(result[k]) for k in ("miou", "mf1", "oa", "kappa", "components_ratio") if k in result}
     for tol, value in result.get("wfm", {}).items():
         out[f"wfm{tol}"] = float(value)
+    for tol, value in result.get("bf", {}).items():
+        out[f"bf{tol}"] = float(value["f"])
     return out
 
 
 def metrics_table(rows: dict[str, dict], columns: Sequence[tuple[str, str]] | None = None) -> str:
     """A Markdown table, one row per named result, values in percent with 2 decimals."""
     columns = columns or [("miou", "mIoU"), ("mf1", "mF1"), ("oa", "OA"), ("kappa", "Kappa"),
-                          ("wfm1", "WFm 1px"), ("wfm3", "WFm 3px"), ("wfm5", "WFm 5px")]
+                          ("wfm1", "WFm 1px"), ("wfm3", "WFm 3px"), ("wfm5", "WFm 5px"), ("bf3", "boundary F 3px")]
     lines = ["| | " + " | ".join(title for _, title in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name, result in rows.items():
