@@ -1,6 +1,7 @@
 """The canonical dataset reader and its bad-input errors (issue 2 §1, §6)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,21 @@ def test_coarse_size_mismatch(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "coarse" / "m" / "s0.png")
     with pytest.raises(IdgbrError, match=r"coarse.m.s0\.png.*size"):
         SegmentationDataset(root, "train", coarse="m")[0]
+
+
+def test_coarse_name_first_then_a_folder_path(tmp_path, monkeypatch):
+    """--coarse NAME means DATA/coarse/NAME; a folder that is not there, given as a path (relative, even without a
+    '/', e.g. a previous refine's --out), is used as given; neither gives a one-line error naming DATA/coarse/NAME."""
+    root = _make(tmp_path / "d")
+    (root / "coarse" / "m").mkdir(parents=True)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "pass1").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert SegmentationDataset(root, "train", coarse="m").coarse_dir == root / "coarse" / "m"
+    assert SegmentationDataset(root, "train", coarse="pass1").coarse_dir == Path("pass1")
+    assert SegmentationDataset(root, "train", coarse=tmp_path / "pass1").coarse_dir == tmp_path / "pass1"
+    with pytest.raises(IdgbrError, match=r"coarse.nothere: coarse-map folder not found"):
+        SegmentationDataset(root, "train", coarse="nothere")
 
 
 def test_truncated_image(tmp_path):

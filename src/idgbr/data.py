@@ -221,7 +221,8 @@ class SegmentationDataset:
         self.coarse_dir = None
         if coarse is not None:
             coarse = Path(coarse)
-            self.coarse_dir = coarse if coarse.is_absolute() or coarse.exists() and len(coarse.parts) > 1 else self.root / "coarse" / coarse
+            named = self.root / "coarse" / coarse  # a NAME under DATA/coarse/ first, else a folder path as given
+            self.coarse_dir = named if named.is_dir() or not coarse.is_dir() else coarse
             if not self.coarse_dir.is_dir():
                 raise file_error(self.coarse_dir, "coarse-map folder not found", "run 'idgbr predict-coarse' or place maps in coarse/<name>/")
         self.stems = self._list_stems(split)
