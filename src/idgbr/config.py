@@ -180,7 +180,7 @@ class RefinerConfig:
             raise IdgbrError(f"corruption_min_strength must lie in [0, 1], got {self.corruption_min_strength}")
         scales = self.augment_scale_range
         if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
-            raise IdgbrError(f"augment_scale_range must be [low, high] with 0 < low <= high, got {list(self.augment_scale_range)}")
+            raise IdgbrError(f"augment_scale_range must be [low, high] with 0 < low <= high, got {list(scales)}")
         if not 0 <= self.boundary_crops <= 1:
             raise IdgbrError(f"boundary_crops must lie in [0, 1], got {self.boundary_crops}")
         if self.train_minutes is not None and self.train_minutes <= 0:

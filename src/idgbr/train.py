@@ -177,7 +177,8 @@ class CropSampler:
 
     Each sample: ``image`` (H, W, C), ``mask`` (H, W) uint8 with ``IGNORE_INDEX``, ``coarse`` (H, W) or absent.
     Crops follow :func:`augment.paper_train_transform` (resize by ``config.augment_scale_range`` and crop in one
-    warp of the crop window, flip, with ``config.augment_dihedral`` a rotation by k x 90 degrees, jitter); ``config.boundary_crops`` of them are centred on a boundary pixel of the mask or the coarse map.
+    warp of the crop window, flip, with ``config.augment_dihedral`` a rotation by k x 90 degrees, jitter);
+    ``config.boundary_crops`` of them are centred on a boundary pixel of the mask or the coarse map.
     With probability ``config.coarse_corruption`` (always, without coarse maps) the coarse crop is replaced by
     ``synthetic.degrade_mask`` of the target: coarse models fit their own training images too well, so their
     training-set maps are cleaner than the test-time ones; this mixes in realistic errors (at a strength drawn from
