@@ -543,8 +543,9 @@ def evaluate_maps(pairs: Iterable[tuple[np.ndarray, ...]], num_classes: int, tol
     Returns ``miou``, ``mf1``, ``oa``, ``kappa``, ``fwiou``, ``wfm`` ({"1": .., "3": .., "5": ..}), ``wfm_band``,
     ``bf`` / ``boundary_ratio`` / ``components_ratio`` / ``components`` (:class:`BoundaryPR`), ``per_class``
     (name, iou, precision, recall, f1, present, pixel counts), ``num_images``, ``num_classes``, ``class_names``;
-    with coarse maps also ``coarse`` (the same scores for the coarse maps) and ``repair`` (:class:`RepairAnalysis`). Scores are fractions in [0, 1], except Kappa (in [-1, 1]; negative only for a
-    prediction worse than chance) and IoU_imp (which can be negative; ``None`` when undefined).
+    with coarse maps also ``coarse`` (the same scores for the coarse maps) and ``repair`` (:class:`RepairAnalysis`).
+    Scores are fractions in [0, 1], except Kappa (in [-1, 1]; negative only for a prediction worse than chance),
+    IoU_imp (which can be negative; ``None`` when undefined) and the ratios (``boundary_ratio``, ``components_ratio``).
     """
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
