@@ -287,8 +287,8 @@ _PRESET_VALUES: dict[str, dict[str, Any]] = {
     # tracks) vs +2.10 / +0.59 for the previous geometry at 2400 steps and +2.11 / +0.60 at 4800.
     # On test (docs/results/benchmark_dubai_half.md): +6.00 / +2.10 WFm3 on the cheap coarse tracks, +1.74 on the
     # converged DeepLabV3+ one, and -0.73 on the converged U-Net one (the best coarse map; the previous default: +0.48).
-    # A second run (float rounding aside, the same): +5.63 / +2.30 / +2.24 / -0.01. On the held-out tile scored
-    # against the converged U-Net's maps no variant tried gains more than +1.1 (refiner_ablation.md Table 7);
+    # Runs 2 and 3 of the same recipe: +5.63 / +2.30 / +2.24 / -0.01 and +5.85 / +2.26 / +2.11 / -0.19. On the
+    # held-out tile scored against the converged U-Net's maps no variant tried gains more than +1.1 (Table 7);
     # nor do all 8 orientations of the crops or a 0.8-1.25 resize range (augment_*; Table 8: off, negative).
     "lite": dict(latent_factor=4, block_out_channels=(16, 32, 64), norm_num_groups=8, crop_size=128, embed_steps=400,
                  down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, mid_block_type="UNetMidBlock2D",
