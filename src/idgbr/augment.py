@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from .data import IGNORE_INDEX
+from .metrics import label_edges
 
 Sample = dict[str, Any]
 LABEL_KEYS = ("mask", "coarse")
@@ -210,8 +211,6 @@ class RandomResizedCrop:
 def boundary_pixels(*labels: np.ndarray | None, ignore_index: int | None = IGNORE_INDEX) -> np.ndarray:
     """Flat indices of pixels whose 4-neighbourhood holds another class in any of the (H, W) ``labels``
     (``None`` entries are skipped; both sides of each boundary count; edges to ``ignore_index`` do not)."""
-    from .metrics import label_edges
-
     edges = [label_edges(label, ignore_index) for label in labels if label is not None]
     return np.flatnonzero(np.logical_or.reduce(edges)) if edges else np.empty(0, np.int64)
 
