@@ -11,7 +11,8 @@ refiner with the same seed and budget, refines the validation images and scores 
 
 A variant is ``NAME:TRAIN_OVERRIDES[;INFER_OVERRIDES]``, each a comma-separated list of ``key=value`` (RefinerConfig
 fields; values parsed as JSON). Variants with the same training overrides share one trained model. Results go to
-``OUT/ablation.md`` and ``OUT/ablation.json`` (one row per variant, with deltas vs the coarse map).
+``OUT/ablation.md`` and ``OUT/ablation.json`` (one row per variant, with deltas vs the coarse map, and boundary F at
+3 px and components per ground-truth component for rows scored since those were added).
 """
 
 from __future__ import annotations
@@ -169,12 +170,16 @@ def main() -> int:
         print(f"[row] {name}: WFm3 {100 * metrics['wfm3']:.2f} (coarse {100 * rows['coarse (validation)']['wfm3']:.2f}), "
               f"mIoU {100 * metrics['miou']:.2f}", flush=True)
     base = rows["coarse (validation)"]
-    lines = ["| variant | mIoU | WFm 1px | WFm 3px | WFm 5px | ΔWFm3 | ΔmIoU | IoU_RTm |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | mIoU | WFm 1px | WFm 3px | WFm 5px | ΔWFm3 | ΔmIoU | IoU_RTm | boundary F 3px | components / GT |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
         rtm = m.get("iou_rtm")
+        extra = [f"{100 * m['bf3']:.1f}" if "bf3" in m else "",
+                 f"{m['components_ratio']:.1f}" if "components_ratio" in m else ""]
         lines.append(f"| {name} | {100 * m['miou']:.2f} | {100 * m['wfm1']:.2f} | {100 * m['wfm3']:.2f} | "
                      f"{100 * m['wfm5']:.2f} | {100 * (m['wfm3'] - base['wfm3']):+.2f} | "
-                     f"{100 * (m['miou'] - base['miou']):+.2f} | {'' if rtm is None else f'{100 * rtm:.1f}'} |")
+                     f"{100 * (m['miou'] - base['miou']):+.2f} | {'' if rtm is None else f'{100 * rtm:.1f}'} | "
+                     f"{extra[0]} | {extra[1]} |")
     (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
