@@ -73,6 +73,20 @@ def test_evaluate_json_end_to_end(dataset: Path, tmp_path: Path, capsys) -> None
     assert result["coarse_dir"] == str(coarse)
 
 
+def test_coarse_name_comes_before_a_same_named_folder(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    """--coarse NAME means DATA/coarse/NAME in evaluate as in refine (SegmentationDataset), even when a folder of that
+    name sits in the working directory; --pred stays path first."""
+    from idgbr.evaluate import evaluate_folder
+
+    named = write_predictions(dataset / "coarse" / "rough", shift=3)
+    write_predictions(tmp_path / "rough")  # a perfect map under the same name, in the working directory
+    monkeypatch.chdir(tmp_path)
+    result = evaluate_folder(dataset, write_predictions(tmp_path / "pred"), "test", coarse_dir="rough", progress=False)
+    assert result["coarse_dir"] == str(named) and result["coarse"]["miou"] < 1.0
+    only_here = write_predictions(tmp_path / "pass1")
+    assert evaluate_folder(dataset, only_here, "test", coarse_dir="pass1", progress=False)["coarse_dir"] == "pass1"
+
+
 def test_evaluate_markdown_csv_and_out_file(dataset: Path, tmp_path: Path, capsys) -> None:
     pred = write_predictions(tmp_path / "pred", shift=1)
     assert main(["evaluate", "--data", str(dataset), "--pred", str(pred), "--tolerances", "3"]) == 0
