@@ -170,8 +170,8 @@ def main() -> int:
         print(f"[row] {name}: WFm3 {100 * metrics['wfm3']:.2f} (coarse {100 * rows['coarse (validation)']['wfm3']:.2f}), "
               f"mIoU {100 * metrics['miou']:.2f}", flush=True)
     base = rows["coarse (validation)"]
-    lines = ["| variant | mIoU | WFm 1px | WFm 3px | WFm 5px | ΔWFm3 | ΔmIoU | IoU_RTm | boundary F 3px | components / GT |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | mIoU | WFm 1px | WFm 3px | WFm 5px | ΔWFm3 | ΔmIoU | IoU_RTm | boundary F 3px | "
+             "components / GT |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
         rtm = m.get("iou_rtm")
         extra = [f"{100 * m['bf3']:.1f}" if "bf3" in m else "",

@@ -52,17 +52,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         dataset = SegmentationDataset(args.data, args.split)
-        named = []
+        named: dict[str, Path] = {}
         for item in args.maps:
             name, sep, folder = item.partition("=")
             if not sep or not name or not folder:
                 raise IdgbrError(f"{item!r}: give each prediction folder as NAME=FOLDER")
-            if name in dict(named):
+            if name in named:
                 raise IdgbrError(f"{item!r}: the name {name!r} is given twice; give each folder its own NAME")
-            named.append((name, Path(folder)))
+            named[name] = Path(folder)
         gt = [dataset.read_mask(stem) for stem in dataset.stems]
         rows = {}
-        for name, folder in named:
+        for name, folder in named.items():
             pred = [_read_map(_find_map(folder, stem, "prediction", str(folder)), dataset.classes.num_classes,
                               dataset.mask_path(stem), mask.shape) for stem, mask in zip(dataset.stems, gt)]
             rows[name] = check(gt, pred, args.tolerance)
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {100 * r['precision']:.1f} | {100 * r['recall']:.1f} | {100 * r['f']:.1f} | "
               f"{r['boundary_ratio']:.2f} | {r['components_ratio']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps({"tolerance": args.tolerance, "split": args.split, "rows": rows}, indent=2) + "\n")
+        summary = {"tolerance": args.tolerance, "split": args.split, "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -136,9 +136,9 @@ def format_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_pct(value)} |" for name, value in _headline(result)]
     lines += ["", "Values in percent. mIoU/mF1 average the classes present in the ground truth; WFm is the minimum "
-              "over band classes of the mean weighted F-measure of the boundary bands (reference §9.4). Boundary F (not a "
-              "metric of the paper) is the harmonic mean of boundary precision and recall at that tolerance, pooled "
-              "over images: a second look at WFm, which also rewards boundary pixels added near the true ones."]
+              "over band classes of the mean weighted F-measure of the boundary bands (reference §9.4). Boundary F "
+              "(not a metric of the paper) is the harmonic mean of boundary precision and recall at that tolerance, "
+              "pooled over images: a second look at WFm, which also rewards boundary pixels added near the true ones."]
     if "components_ratio" in result:
         lines += ["", f"Connected components per ground-truth component: {result['components_ratio']:.2f}; boundary "
                      f"pixels per ground-truth boundary pixel: {result['boundary_ratio']:.2f}."]
