@@ -196,6 +196,14 @@ def write_splits(root: str | Path, splits: dict[str, Sequence[str]]) -> None:
             tmp.write_text("".join(f"{stem}\n" for stem in stems))
 
 
+def coarse_folder(root: str | Path, coarse: str | Path) -> Path:
+    """Where ``--coarse`` points: the NAME under ``root/coarse/`` if that folder exists, else ``coarse`` as a folder
+    path if it exists (e.g. a previous refine's output), else ``root/coarse/NAME`` (for the caller's error)."""
+    coarse = Path(coarse)
+    named = Path(root) / "coarse" / coarse
+    return named if named.is_dir() or not coarse.is_dir() else coarse
+
+
 class SegmentationDataset:
     """A canonical dataset folder. ``dataset[i]`` is a sample dict (see the module docstring).
 
@@ -220,9 +228,7 @@ class SegmentationDataset:
         self.load_mask = load_mask
         self.coarse_dir = None
         if coarse is not None:
-            coarse = Path(coarse)
-            named = self.root / "coarse" / coarse  # a NAME under DATA/coarse/ first, else a folder path as given
-            self.coarse_dir = named if named.is_dir() or not coarse.is_dir() else coarse
+            self.coarse_dir = coarse_folder(self.root, coarse)
             if not self.coarse_dir.is_dir():
                 raise file_error(self.coarse_dir, "coarse-map folder not found", "run 'idgbr predict-coarse' or place maps in coarse/<name>/")
         self.stems = self._list_stems(split)

@@ -17,22 +17,19 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .data import IGNORE_INDEX, SegmentationDataset, read_index_map
+from .data import IGNORE_INDEX, SegmentationDataset, coarse_folder, read_index_map
 from .errors import IdgbrError, file_error
 from .metrics import evaluate_maps
 
 PRED_EXTS = (".png", ".tif", ".tiff")  # lossless only: a JPEG prediction would invent classes at edges
 
 
-def _resolve_folder(data_root: Path, folder: str | Path, what: str, flag: str, name_first: bool = False) -> Path:
-    """A folder given as a path, or as a name under ``DATA/coarse/``; ``name_first`` (coarse maps, as
-    :class:`~idgbr.data.SegmentationDataset` reads them) tries the name before the path."""
+def _resolve_folder(data_root: Path, folder: str | Path, what: str, flag: str) -> Path:
+    """A folder given as a path, or as a name under ``DATA/coarse/``."""
     folder = Path(folder)
-    under = data_root / "coarse" / folder
-    if name_first and under.is_dir():
-        return under
     if folder.is_dir():
         return folder
+    under = data_root / "coarse" / folder
     if not folder.is_absolute() and under.is_dir():
         return under
     raise file_error(folder, f"{what} folder not found", f"give an existing folder (or a name under {data_root / 'coarse'}) to {flag}")
@@ -73,8 +70,9 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
         raise IdgbrError(f"--gate {gate_width}: gating needs --coarse DIR and a width >= 0 pixels")
     dataset = SegmentationDataset(data_root, split)
     pred = _resolve_folder(data_root, pred_dir, "prediction", "--pred")
-    coarse = (_resolve_folder(data_root, coarse_dir, "coarse-map", "--coarse", name_first=True)
-              if coarse_dir is not None else None)
+    coarse = None
+    if coarse_dir is not None:  # as refine reads --coarse: a name under DATA/coarse/ first, then a path
+        coarse = _resolve_folder(data_root, coarse_folder(data_root, coarse_dir), "coarse-map", "--coarse")
     num_classes = dataset.classes.num_classes
     for stem in dataset.stems:  # fail before any work if a file is missing
         _find_map(pred, stem, "prediction", str(pred))
