@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from idgbr.cli import main
+from idgbr.errors import IdgbrError
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +127,45 @@ def test_benchmark_shares_a_refiner_trained_on_synthetic_maps_only(synthetic, tm
     assert [e["coarse_arch"] for e in report["results"]] == ["unet", "deeplabv3plus"]
     assert all("train refiner diffusion_synthetic" in e["seconds"] for e in report["results"])
     assert (run / "report.md").read_text().count("synthetic degradations of the ground truth only") == 2
+
+
+def test_benchmark_trains_side_by_side_as_it_would_one_after_the_other(synthetic, tmp_path, capsys):
+    """side_by_side: the shared refiner + coarse models and the control train in two fresh processes; with one
+    thread each the models are bit-identical to a sequential run's, the report is the same but for the seconds, and
+    a rerun reuses every stage. A failing process stops the benchmark with one error naming the way out."""
+    from safetensors.torch import load_file
+
+    from idgbr.benchmark import BenchmarkSettings, run_benchmark
+    from idgbr.data import SegmentationDataset
+
+    def settings(side_by_side, **overrides):
+        return BenchmarkSettings(coarse_archs=("unet", "deeplabv3plus"), preset="tiny", coarse_iters=1, coarse_crop=32,
+                                 coarse_batch=2, refiner_steps=2, sample_steps=1, gate_width=None,
+                                 overrides={"coarse_corruption": 1.0, **overrides}, side_by_side=side_by_side)
+
+    reports = {}
+    for side_by_side in (True, False):
+        reports[side_by_side] = run_benchmark(synthetic, tmp_path / f"run_{side_by_side}", settings(side_by_side))
+    out = capsys.readouterr().out
+    assert out.count("[side by side]") == 2 and "2 processes x 1 thread(s)" in out
+    for model in ("refiners/diffusion_synthetic", "refiners/deterministic_synthetic", "coarse_models/unet",
+                  "coarse_models/deeplabv3plus"):
+        parallel, sequential = (load_file(tmp_path / f"run_{flag}" / model / "model.safetensors") for flag in (True, False))
+        assert parallel.keys() == sequential.keys() and all(torch.equal(parallel[k], sequential[k]) for k in parallel)
+    assert reports[True]["side_by_side_threads"] == 1 and reports[False]["side_by_side_threads"] == 0
+    refined = sorted(p.relative_to(tmp_path / "run_True") for p in (tmp_path / "run_True").glob("refined/*/*.png"))
+    assert len(refined) == 4 * len(SegmentationDataset(synthetic, "test").stems)
+    assert all((tmp_path / "run_True" / p).read_bytes() == (tmp_path / "run_False" / p).read_bytes() for p in refined)
+    for a, b in zip(reports[True]["results"], reports[False]["results"]):
+        assert a["refined"]["miou"] == b["refined"]["miou"] and a["seconds"].keys() == b["seconds"].keys()
+    assert "training side by side: 2 processes x 1 thread(s)" in (tmp_path / "run_True" / "report.md").read_text()
+    run_benchmark(synthetic, tmp_path / "run_True", settings(True))
+    out = capsys.readouterr().out
+    assert "[stage]" not in out.replace("[stage] refine test", "") and "[reuse] train refiner diffusion_synthetic" in out
+    # a process that fails (here: DINOv2 weights that do not exist) stops both and leaves no finished training stage
+    with pytest.raises(IdgbrError, match="training side by side failed .* add --sequential"):
+        run_benchmark(synthetic, tmp_path / "bad", settings(True, dinov2=str(tmp_path / "nope")))
+    assert not list((tmp_path / "bad").glob("refiners/*/stage.json"))
 
 
 def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):

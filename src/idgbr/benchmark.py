@@ -11,11 +11,16 @@ and, on request, *image only* (no coarse guidance, the paper's Experiment A; tra
 
 Every stage writes ``<stage dir>/stage.json`` with its parameters when it finishes; a rerun into the same RUN
 reuses finished stages whose parameters match.
+
+On a CPU with two or more threads, the shared refiner and its deterministic control (and then the coarse models) are
+trained side by side, in two processes of half the threads each (:func:`train_side_by_side`): the lite networks are
+too small to keep two threads busy, so two trainings at one thread each finish in about the time one takes at two.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +57,9 @@ class BenchmarkSettings:
     # replace the coarse stages above (coarse_archs and coarse_folds are not used).
     coarse_maps: Sequence[str] = ()
     overrides: dict[str, Any] = field(default_factory=dict)  # RefinerConfig fields
+    # Train the shared refiner and its control side by side (train_side_by_side): None = where it pays (a CPU with
+    # >= 2 threads), False = one after the other with every thread, True = always (tests).
+    side_by_side: bool | None = None
 
 
 class Stages:
@@ -115,13 +123,8 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
     maps, so it is trained once, as ``<kind>_synthetic``, and shared by every coarse model."""
     from .evaluate import evaluate_folder
     from .pipeline import Refiner
-    from .train import train_refiner
 
-    synthetic = coarse is not None and config.use_coarse and config.coarse_corruption >= 1
-    model_name, train_coarse = (f"{name.split('_')[0]}_synthetic", None) if synthetic else (name, coarse)
-    model_dir = run / "refiners" / model_name
-    stages(f"train refiner {model_name}", model_dir, {"config": config.to_dict(), "coarse": train_coarse},
-           lambda: train_refiner(config, data_root, train_coarse, model_dir, resume=True))
+    model_dir = refiner_stage(stages, data_root, run, name, config, coarse)
     pred_dir = run / "refined" / name
     infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength,
              "samples": settings.samples, "noise_scale": settings.noise_scale, "tta": settings.tta}
@@ -135,11 +138,107 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
     return result
 
 
+def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config, coarse: str | None,
+                  **progress: Any) -> Path:
+    """Train (or reuse) the refiner that ``name`` refines with; returns its folder. One trained on synthetic coarse
+    maps only is named ``<kind>_synthetic`` and shared by every coarse model. ``progress``: tqdm options of
+    :func:`idgbr.train.train_refiner`."""
+    from .train import train_refiner
+
+    synthetic = config.use_coarse and config.coarse_corruption >= 1  # (coarse is None only for image-only models)
+    model_name, train_coarse = (f"{name.split('_')[0]}_synthetic", None) if synthetic else (name, coarse)
+    model_dir = run / "refiners" / model_name
+    stages(f"train refiner {model_name}", model_dir, {"config": config.to_dict(), "coarse": train_coarse},
+           lambda: train_refiner(config, data_root, train_coarse, model_dir, resume=True, **progress))
+    return model_dir
+
+
+def side_by_side_threads(settings: BenchmarkSettings, config) -> int:
+    """Threads per process when the shared refiner and its control train side by side, or 0 (one after the other).
+
+    Only refiners trained on synthetic maps are shared, and so known before any coarse model exists; on a GPU (or
+    one CPU thread) two trainings would only share the same device, so there they run one after the other."""
+    import torch
+
+    if settings.side_by_side is False or not settings.controls or not config.use_coarse or config.coarse_corruption < 1:
+        return 0
+    if settings.side_by_side is None and (torch.cuda.is_available() or torch.get_num_threads() < 2):
+        return 0
+    return max(1, torch.get_num_threads() // 2)
+
+
+def train_side_by_side(stages: Stages, data_root: Path, run: Path, settings: BenchmarkSettings, config,
+                       archs: Sequence[str], threads: int) -> None:
+    """Run the training stages of a benchmark in two processes of ``threads`` threads each: the shared diffusion
+    refiner and then the coarse models ``archs`` in one, the deterministic control in the other (it trains the
+    same steps at ~1.3x the step time, so the two finish close together). The stages write their usual
+    ``stage.json``, so the benchmark then reuses them. A failure in either stops both and raises here."""
+    import dataclasses
+    import os
+    import subprocess
+    import tempfile
+
+    lanes = [[["refiner", "diffusion", config.to_dict()], *[["coarse", arch] for arch in archs]],
+             [["refiner", "deterministic", config.replace(objective="deterministic").to_dict()]]]
+    stages.log(f"[side by side] the diffusion refiner{' and the coarse models' if archs else ''} | the deterministic "
+               f"control: 2 processes x {threads} thread(s) (--sequential: one after the other)")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start, procs = time.perf_counter(), []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for position, lane in enumerate(lanes):
+                spec = Path(tmp) / f"lane{position}.json"
+                spec.write_text(json.dumps({"data_root": str(data_root), "run": str(run), "threads": threads,
+                                            "position": position, "lane": lane,
+                                            "settings": dataclasses.asdict(settings)}))
+                # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__, any thread count
+                procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from idgbr.benchmark import "
+                                               "train_lane; sys.exit(train_lane(sys.argv[1]))", str(spec)], env=env))
+            while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+                time.sleep(0.5)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+                proc.wait()
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        what = ["diffusion refiner / coarse models", "deterministic control"][failed[0][0]]
+        raise IdgbrError(f"training side by side failed in the {what} process (exit code {failed[0][1]}; its error is "
+                         f"above); rerun the same command to resume, or add --sequential")
+    stages.log(f"[side by side] done in {time.perf_counter() - start:.0f} s")
+
+
+def train_lane(spec_file: str) -> int:
+    """One process of :func:`train_side_by_side`: run the stages listed in ``spec_file``; returns an exit code."""
+    import torch
+
+    from .config import RefinerConfig
+
+    spec = json.loads(Path(spec_file).read_text())
+    torch.set_num_threads(spec["threads"])
+    data_root, run = Path(spec["data_root"]), Path(spec["run"])
+    settings = BenchmarkSettings(**spec["settings"])
+    stages = Stages(run, log=lambda message: print(message, flush=True))
+    try:
+        for kind, name, *config in spec["lane"]:
+            if kind == "refiner":  # a shared refiner: trained on synthetic maps only, it reads no coarse maps
+                refiner_stage(stages, data_root, run, name, RefinerConfig.from_dict(config[0]), None,
+                              progress_desc=f"train {name}", progress_position=spec["position"])
+            else:
+                coarse_stages(stages, data_root, run, name, settings)
+    except IdgbrError as exc:
+        print(f"idgbr: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
 def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSettings,
                   log: Callable[[str], None] = print) -> dict:
     """Run the protocol and write ``RUN/report.json`` and ``RUN/report.md``; returns the report dict."""
     from .evaluate import evaluate_folder
 
+    wall_start = time.perf_counter()
     data_root, run = Path(data_root), Path(run)
     if not (data_root / "classes.json").exists():
         raise IdgbrError(f"{data_root}: not a prepared dataset (no classes.json); run 'idgbr prepare' first")
@@ -160,6 +259,11 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                                 {**settings.overrides, "use_coarse": False})
         image_only = train_and_refine(stages, data_root, run, "image_only", config, None, settings)
     sources = [(Path(folder), None) for folder in settings.coarse_maps] or [(None, a) for a in settings.coarse_archs]
+    shared = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
+    threads = side_by_side_threads(settings, shared)
+    if threads:
+        train_side_by_side(stages, data_root, run, settings, shared,
+                           [] if settings.coarse_maps else list(settings.coarse_archs), threads)
     for folder, arch in sources:
         if folder is not None:
             tag, arch = import_coarse_track(stages, data_root, run, folder, checked[str(folder)])
@@ -167,7 +271,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
             tag = coarse_stages(stages, data_root, run, arch, settings)
         coarse_eval = evaluate_folder(data_root, data_root / "coarse" / tag, "test")
         coarse_train = evaluate_folder(data_root, data_root / "coarse" / tag, "train")
-        config = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
+        config = shared
         refined = train_and_refine(stages, data_root, run, f"diffusion_{arch}", config, tag, settings)
         entry: dict[str, Any] = {"coarse_arch": arch, "coarse": _strip(coarse_eval), "refined": _strip(refined),
                                  "coarse_train": _strip(coarse_train), "coarse_folds": settings.coarse_folds,
@@ -194,7 +298,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                              "guidance": settings.guidance, "strength": settings.strength,
                              "gate_width": settings.gate_width}
         results.append(entry)
-    report = {"results": results}
+    report = {"results": results, "wall_seconds": round(time.perf_counter() - wall_start, 1),
+              "side_by_side_threads": threads}
     write_reports(run, report)
     return report
 
@@ -344,6 +449,11 @@ def write_reports(run: Path, report: dict) -> None:
     with atomic_path(run / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     lines = ["# Benchmark", "", *verdict_lines(report), ""]
+    if "wall_seconds" in report:  # stages reused from an earlier run count as their recorded seconds, not here
+        threads = report.get("side_by_side_threads")
+        lines += [f"Wall time of this run: {report['wall_seconds'] / 60:.1f} min"
+                  + (f" (training side by side: 2 processes x {threads} thread(s), so the stage seconds below add up to "
+                     "more)" if threads else "") + ".", ""]
     for entry in report["results"]:
         arch = entry["coarse_arch"]
         rows = {f"coarse ({arch})": entry["coarse"], "IDGBR refined": entry["refined"]}

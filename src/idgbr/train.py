@@ -557,7 +557,8 @@ def _repa_teacher(config: RefinerConfig, model: nn.Module, start: int, log: _Log
 
 
 def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | None, out_dir: str | Path,
-                  resume: bool = False, progress: bool = True, log_every: int = 10) -> Path:
+                  resume: bool = False, progress: bool = True, log_every: int = 10, progress_desc: str = "train",
+                  progress_position: int | None = None) -> Path:
     """Train an IDGBR refiner on ``data_root``'s train split; returns ``out_dir`` holding the final model.
 
     Args:
@@ -566,7 +567,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
         coarse: name of ``coarse/<name>/`` maps predicted on the training images, or None (synthetic coarse only).
         out_dir: the run folder.
         resume: continue from the latest complete checkpoint in ``out_dir/checkpoints``.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar; ``progress_desc`` labels it and ``progress_position`` pins it to a terminal line
+            (for runs that train side by side, e.g. :func:`idgbr.benchmark.train_side_by_side`).
         log_every: interval in steps of TensorBoard logging, of the progress bar's loss and of the finiteness
             check (each reads values back to the host; a non-finite loss is also caught at every checkpoint).
 
@@ -656,7 +658,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     sampler = CropSampler(samples, config, pin_memory=cuda)
     prefetcher = Prefetcher(sampler, rng, config.prefetch) if config.prefetch > 0 else None
     next_batch = prefetcher if prefetcher is not None else (lambda: sampler(rng))
-    bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), desc="train", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), desc=progress_desc,
+               position=progress_position, dynamic_ncols=True)
     objective.train()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     clock = _Clock(config.train_minutes, accelerator, check_every=1 if accelerator.num_processes == 1 else log_every)

@@ -48,6 +48,11 @@ def register(sub) -> None:
                         help="a complete coarse track instead of training coarse models (repeatable): a folder with a "
                              "map for every train (out-of-fold) and test stem and provenance.json, e.g. the committed "
                              "fixtures/coarse/dubai_half/* or 'idgbr predict-coarse --folds K --with-test' output")
+    parser.add_argument("--sequential", action="store_true",
+                        help="train the refiner, its control and the coarse models one after the other with every "
+                             "thread (default on a CPU: two side by side, half the threads each, which takes less "
+                             "time; the thread count changes float rounding, so the models are not bit-identical to a "
+                             "sequential run's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 
@@ -63,6 +68,7 @@ def run(args) -> int:
         samples=args.samples, noise_scale=args.noise_scale, tta=args.tta, controls=not args.no_controls, image_only=args.image_only and not args.no_image_only,
         gate_width=None if args.gate < 0 else args.gate, seed=args.seed, coarse_folds=args.coarse_folds,
         coarse_fold_group=args.coarse_fold_group, coarse_maps=tuple(args.coarse_maps),
+        side_by_side=False if args.sequential else None,
         overrides={**parse_overrides(args.set), **({"train_minutes": args.train_minutes} if args.train_minutes else {})})
     if args.coarse_maps and (args.archs or args.coarse_folds):
         from ..errors import IdgbrError
