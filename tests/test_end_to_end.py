@@ -162,6 +162,7 @@ def test_benchmark_trains_side_by_side_as_it_would_one_after_the_other(synthetic
     run_benchmark(synthetic, tmp_path / "run_True", settings(True))
     out = capsys.readouterr().out
     assert "[stage]" not in out.replace("[stage] refine test", "") and "[reuse] train refiner diffusion_synthetic" in out
+    assert "[side by side]" not in out  # nothing left to train: no processes started
     # a process that fails (here: DINOv2 weights that do not exist) stops both and leaves no finished training stage
     with pytest.raises(IdgbrError, match="training side by side failed .* add --sequential"):
         run_benchmark(synthetic, tmp_path / "bad", settings(True, dinov2=str(tmp_path / "nope")))

@@ -70,6 +70,13 @@ class Stages:
         self.log = log
         self.seconds: dict[str, float] = {}
 
+    @staticmethod
+    def finished(folder: Path, params: dict) -> bool:
+        """Whether ``folder`` records a finished run with ``params`` (outputs outside it are not checked)."""
+        marker = folder / "stage.json"
+        return marker.exists() and json.loads(marker.read_text()).get("params") == json.loads(json.dumps(params,
+                                                                                                       default=str))
+
     def __call__(self, name: str, folder: Path, params: dict, fn: Callable[[], Any],
                  fingerprint: Callable[[], str] | None = None) -> float:
         """Run ``fn`` unless ``folder`` records a finished run with ``params``. ``fingerprint`` digests outputs that
@@ -148,9 +155,14 @@ def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config,
     synthetic = config.use_coarse and config.coarse_corruption >= 1  # (coarse is None only for image-only models)
     model_name, train_coarse = (f"{name.split('_')[0]}_synthetic", None) if synthetic else (name, coarse)
     model_dir = run / "refiners" / model_name
-    stages(f"train refiner {model_name}", model_dir, {"config": config.to_dict(), "coarse": train_coarse},
+    stages(f"train refiner {model_name}", model_dir, refiner_params(config, train_coarse),
            lambda: train_refiner(config, data_root, train_coarse, model_dir, resume=True, **progress))
     return model_dir
+
+
+def refiner_params(config, train_coarse: str | None) -> dict:
+    """What a refiner's training stage records (and must match to be reused)."""
+    return {"config": config.to_dict(), "coarse": train_coarse}
 
 
 def side_by_side_threads(settings: BenchmarkSettings, config) -> int:
@@ -165,6 +177,13 @@ def side_by_side_threads(settings: BenchmarkSettings, config) -> int:
     if settings.side_by_side is None and (torch.cuda.is_available() or torch.get_num_threads() < 2):
         return 0
     return max(1, torch.get_num_threads() // 2)
+
+
+def refiners_trained(run: Path, config) -> bool:
+    """Whether the shared diffusion refiner and its control already trained in ``run`` (a rerun, or refiners copied
+    in to score another coarse track): then there is nothing to put side by side."""
+    return all(Stages.finished(run / "refiners" / f"{kind}_synthetic", refiner_params(c, None))
+               for kind, c in (("diffusion", config), ("deterministic", config.replace(objective="deterministic"))))
 
 
 def train_side_by_side(stages: Stages, data_root: Path, run: Path, settings: BenchmarkSettings, config,
@@ -261,6 +280,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
     sources = [(Path(folder), None) for folder in settings.coarse_maps] or [(None, a) for a in settings.coarse_archs]
     shared = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
     threads = side_by_side_threads(settings, shared)
+    if threads and refiners_trained(run, shared):
+        threads = 0
     if threads:
         train_side_by_side(stages, data_root, run, settings, shared,
                            [] if settings.coarse_maps else list(settings.coarse_archs), threads)
