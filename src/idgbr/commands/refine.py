@@ -24,8 +24,8 @@ def register(sub) -> None:
     parser.add_argument("--out", default=None, help="output map (single file) or folder (default: DATA/refined/<run>)")
     parser.add_argument("--data", default=None, help="folder mode: canonical dataset folder")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="folder mode split (default: test)")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's, 25)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: the model's, 3)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's config: lite 4, sd15 25)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: the model's config: lite 1, sd15 3)")
     parser.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (default: 1)")
     parser.add_argument("--noise-scale", type=float, default=None,
                         help="scale of the starting noise, 0 = deterministic start (default: the model's)")
