@@ -71,11 +71,14 @@ class Stages:
         self.seconds: dict[str, float] = {}
 
     @staticmethod
-    def finished(folder: Path, params: dict) -> bool:
-        """Whether ``folder`` records a finished run with ``params`` (outputs outside it are not checked)."""
+    def finished(folder: Path, params: dict) -> dict | None:
+        """The record ``folder/stage.json`` of a finished run with ``params``, or None (outputs outside the folder are
+        not checked here)."""
         marker = folder / "stage.json"
-        return marker.exists() and json.loads(marker.read_text()).get("params") == json.loads(json.dumps(params,
-                                                                                                       default=str))
+        if not marker.exists():
+            return None
+        done = json.loads(marker.read_text())
+        return done if done.get("params") == json.loads(json.dumps(params, default=str)) else None
 
     def __call__(self, name: str, folder: Path, params: dict, fn: Callable[[], Any],
                  fingerprint: Callable[[], str] | None = None) -> float:
@@ -84,14 +87,13 @@ class Stages:
         finished stage whose outputs no longer match it is run again."""
         marker = folder / "stage.json"
         params = json.loads(json.dumps(params, default=str))
-        if marker.exists():
-            done = json.loads(marker.read_text())
-            if done.get("params") == params:
-                if fingerprint is None or done.get("fingerprint") == fingerprint():
-                    self.log(f"[reuse] {name} ({folder})")
-                    self.seconds[name] = done.get("seconds", 0.0)
-                    return self.seconds[name]
-                self.log(f"[redo] {name}: its output changed since it ran (another run wrote there)")
+        done = self.finished(folder, params)
+        if done is not None:
+            if fingerprint is None or done.get("fingerprint") == fingerprint():
+                self.log(f"[reuse] {name} ({folder})")
+                self.seconds[name] = done.get("seconds", 0.0)
+                return self.seconds[name]
+            self.log(f"[redo] {name}: its output changed since it ran (another run wrote there)")
         self.log(f"[stage] {name}")
         start = time.perf_counter()
         fn()
@@ -182,7 +184,7 @@ def side_by_side_threads(settings: BenchmarkSettings, config) -> int:
 def refiners_trained(run: Path, config) -> bool:
     """Whether the shared diffusion refiner and its control already trained in ``run`` (a rerun, or refiners copied
     in to score another coarse track): then there is nothing to put side by side."""
-    return all(Stages.finished(run / "refiners" / f"{kind}_synthetic", refiner_params(c, None))
+    return all(Stages.finished(run / "refiners" / f"{kind}_synthetic", refiner_params(c, None)) is not None
                for kind, c in (("diffusion", config), ("deterministic", config.replace(objective="deterministic"))))
 
 
