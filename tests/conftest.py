@@ -8,15 +8,15 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+DATASETS = Path(__file__).resolve().parents[1] / "datasets"  # real data carried in the repository
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    path = SHARED.resolve()
-    if not path.exists():
-        pytest.skip("../shared is not present")
-    return path
+def datasets_dir() -> Path:
+    """The repository's ``datasets/`` folder (the Dubai set and the authors' label-embedding weights)."""
+    if not (DATASETS / "dubai_aerial" / "images").is_dir():
+        pytest.skip(f"{DATASETS} is not present (a clone of the repository carries it)")
+    return DATASETS
 
 # CI runs the property tests with a fixed seed, so a submission's result does not depend on the draw.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402

@@ -23,8 +23,8 @@ def _numpy_logits(folder, labels: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name,classes", [("labelembednet2", 2), ("labelembednet8", 8)])
-def test_reference_files_match_definition(shared_dir, name, classes):
-    folder = shared_dir / "data" / "reference_labelembed" / name
+def test_reference_files_match_definition(datasets_dir, name, classes):
+    folder = datasets_dir / "reference_labelembed" / name
     model = LabelEmbedding.from_pretrained(folder).eval()
     assert model.num_classes == classes == json.loads((folder / "config.json").read_text())["num_classes"]
     labels = np.random.default_rng(0).integers(0, classes, (2, 5, 7))

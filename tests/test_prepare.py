@@ -53,10 +53,8 @@ def test_dubai_fake(tmp_path):
     assert sample["mask"].shape == sample["image"].shape[:2]
 
 
-def test_dubai_real(shared_dir, tmp_path):
-    raw = shared_dir / "data" / "dubai_aerial"
-    if not raw.exists():
-        pytest.skip("Dubai data not present")
+def test_dubai_real(datasets_dir, tmp_path):
+    raw = datasets_dir / "dubai_aerial"
     summary = prepare("dubai", raw, tmp_path / "dubai")
     assert summary["splits"] == {"train": 54, "val": 0, "test": 18}
     out = tmp_path / "dubai"
