@@ -292,13 +292,11 @@ def test_demo_without_data_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "nowhere" in err and "Traceback" not in err
 
 
-def test_prepare_dubai_scale(shared_dir, tmp_path):
+def test_prepare_dubai_scale(datasets_dir, tmp_path):
     from idgbr.data import SegmentationDataset
     from idgbr.prepare import prepare
 
-    raw = shared_dir / "data" / "dubai_aerial"
-    if not raw.exists():
-        pytest.skip("no Dubai data")
+    raw = datasets_dir / "dubai_aerial"
     summary = prepare("dubai", raw, tmp_path / "half", scale=0.25)
     assert summary["splits"]["train"] == 54 and summary["splits"]["test"] == 18
     dataset = SegmentationDataset(tmp_path / "half", "test")
@@ -307,18 +305,22 @@ def test_prepare_dubai_scale(shared_dir, tmp_path):
     assert max(sample["mask"].shape) < 600  # tile 7/8 images are ~2000 px at full size
 
 
-def test_demo_passes_coarse_folds(monkeypatch, tmp_path):
+def test_demo_passes_its_options(monkeypatch, tmp_path, capsys):
     import idgbr.demo
 
     seen = {}
-    monkeypatch.setattr(idgbr.demo, "run_demo", lambda out, quick, source, settings: seen.update(settings=settings))
-    assert main(["demo", "--quick", "--coarse-folds", "3", "--out", str(tmp_path)]) == 0
-    assert seen["settings"].coarse_folds == 3 and seen["settings"] == idgbr.demo.DemoSettings(
-        **{**idgbr.demo.DemoSettings.quick().__dict__, "coarse_folds": 3})
+    monkeypatch.setattr(idgbr.demo, "run_demo",
+                        lambda out, train, source, settings: seen.update(train=train, settings=settings))
+    assert main(["demo", "--train", "--coarse-folds", "3", "--out", str(tmp_path)]) == 0
+    assert seen["train"] and seen["settings"] == idgbr.demo.DemoSettings(coarse_folds=3)
     assert main(["demo", "--out", str(tmp_path)]) == 0
-    assert seen["settings"] == idgbr.demo.DemoSettings()
-    assert main(["demo", "--train-minutes", "7.5", "--out", str(tmp_path)]) == 0
+    assert not seen["train"] and seen["settings"] == idgbr.demo.DemoSettings()
+    assert main(["demo", "--train", "--train-minutes", "7.5", "--out", str(tmp_path)]) == 0
     assert seen["settings"].train_minutes == 7.5
+    # training options without --train would be silently ignored: refused instead
+    seen.clear()
+    assert main(["demo", "--train-minutes", "7.5", "--out", str(tmp_path)]) == 2
+    assert not seen and "add --train" in capsys.readouterr().err
 
 
 def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):

@@ -133,9 +133,9 @@ def test_bad_lines_are_rejected(command, fragment, capsys):
 
 
 def test_complete_lines_need_required_arguments(capsys):
-    check_parses("idgbr refine", fragment=True)
+    check_parses("idgbr train", fragment=True)
     with pytest.raises(AssertionError, match="does not parse"):
-        check_parses("idgbr refine")
+        check_parses("idgbr train")
 
 
 def test_prepare_out_twice_or_never_is_rejected():

@@ -176,11 +176,14 @@ class CoarseModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CoarseModel":
-        """Rebuild a model from a run directory (``config.json`` + ``model.safetensors``)."""
+        """Rebuild a model from a run directory (``config.json`` + ``model.safetensors``), or a shipped coarse model
+        by name (``"dubai-coarse"``, see :mod:`idgbr.zoo`)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from .zoo import resolve_model
+
+        directory = resolve_model(directory, "coarse", "give the --out folder of 'idgbr train-coarse'")
         if not directory.is_dir():
             raise file_error(directory, "model folder not found", "give the --out folder of 'idgbr train-coarse'")
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE

@@ -1,20 +1,22 @@
-"""``idgbr demo``: the whole system on the bundled real Dubai set, with an honest report.
+"""``idgbr demo``: the whole system on the Dubai set carried in the repository, with an honest report.
 
-prepare the Dubai set -> train a coarse model -> train the lite refiner -> refine the test tiles -> evaluate coarse
-vs refined -> ``DIR/report.md`` with pictures, and a summary table on stdout. ``--quick`` uses a subset and fewer
-steps (about 3 minutes on 2 cores).
+By default the demo uses the shipped models (:mod:`idgbr.zoo`): prepare the Dubai set -> predict the test tiles
+with the shipped coarse model -> refine them with the shipped lite refiner -> evaluate coarse vs refined ->
+``DIR/report.md`` with pictures, and a summary table on stdout (about 2 minutes on 2 CPU cores).
+
+``--train`` runs the full from-scratch protocol instead: train a coarse model and the lite refiner on the train split
+first (about 15 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from .benchmark import BenchmarkSettings, Stages, refiner_config, train_and_refine
 from .errors import IdgbrError
@@ -31,8 +33,6 @@ class DemoSettings:
     coarse_batch: int = 4
     coarse_crop: int = 256
     refiner_steps: int | None = None  # None: the lite preset's
-    train_stems: int | None = None  # None: all 54
-    test_stems: int | None = None  # None: all 18
     sample_steps: int | None = 4  # the fast mode: 4 DDIM steps, no CFG (4 network evaluations instead of 50)
     guidance: float | None = 1.0
     strength: float | None = 1.0
@@ -40,13 +40,13 @@ class DemoSettings:
     train_minutes: float | None = None  # stop the refiner's training after this many minutes (or at its steps)
     coarse_folds: int = 0  # K >= 2: the refiner trains on out-of-fold coarse train maps (0: in-sample maps)
 
-    @classmethod
-    def quick(cls) -> "DemoSettings":
-        return cls(coarse_iters=40, refiner_steps=60, train_stems=12, test_stems=3)
+
+REPO_DUBAI = Path(__file__).resolve().parents[2] / "datasets" / "dubai_aerial"  # carried in the repository
 
 
 def find_dubai(source: str | Path | None = None) -> Path:
-    """The raw Dubai folder: ``source``, ``$IDGBR_DUBAI``, or ``../shared/data/dubai_aerial`` beside the repo."""
+    """The raw Dubai folder: ``source``, ``$IDGBR_DUBAI``, the copy in the repository (``datasets/dubai_aerial``),
+    or ``../shared/data/dubai_aerial`` beside the repo."""
     if source:  # an explicit folder is the only one looked at
         path = Path(source)
         if (path / "images").is_dir() and (path / "masks").is_dir():
@@ -56,60 +56,69 @@ def find_dubai(source: str | Path | None = None) -> Path:
     candidates = []
     if os.environ.get(DUBAI_ENV):
         candidates.append(Path(os.environ[DUBAI_ENV]))
-    repo = Path(__file__).resolve().parents[2]
-    candidates += [repo.parent / "shared" / "data" / "dubai_aerial", Path.cwd().parent / "shared" / "data" / "dubai_aerial"]
+    repo = REPO_DUBAI.parents[1]
+    candidates += [REPO_DUBAI, repo.parent / "shared" / "data" / "dubai_aerial"]
     for path in candidates:
         if (path / "images").is_dir() and (path / "masks").is_dir():
             return path
-    shown = candidates[-2]
-    raise IdgbrError(f"{shown}: Dubai aerial data not found; pass --source DIR (with images/ and masks/ from the "
-                     f"CC0 'Semantic segmentation of aerial imagery' set) or set {DUBAI_ENV}")
+    raise IdgbrError(f"{REPO_DUBAI}: Dubai aerial data not found (it comes with a clone of the idgbr repository); "
+                     f"pass --source DIR (with images/ and masks/ from the CC0 'Semantic segmentation of aerial "
+                     f"imagery' set) or set {DUBAI_ENV}")
 
 
-def subset_dataset(src: Path, dst: Path, train: int | None, test: int | None) -> Path:
-    """A copy of ``src`` restricted to the first ``train``/``test`` stems of each split (None: all)."""
-    if train is None and test is None:
-        return src
-    from .data import SegmentationDataset
-
-    if dst.exists():
-        shutil.rmtree(dst)
-    (dst / "splits").mkdir(parents=True)
-    shutil.copy(src / "classes.json", dst / "classes.json")
-    for split, count in (("train", train), ("test", test)):
-        dataset = SegmentationDataset(src, split, load_mask=False)
-        # spread the subset over the split (every k-th stem) so that several source tiles are represented
-        stems = dataset.stems if count is None else dataset.stems[:: max(1, len(dataset.stems) // count)][:count]
-        (dst / "splits" / f"{split}.txt").write_text("\n".join(stems) + "\n")
-        for stem in stems:
-            for folder, path in (("images", dataset.image_path(stem)), ("masks", dataset.mask_path(stem))):
-                (dst / folder).mkdir(exist_ok=True)
-                shutil.copy(path, dst / folder / path.name)
-    return dst
-
-
-def run_demo(out: str | Path, quick: bool = False, source: str | Path | None = None,
+def run_demo(out: str | Path, train: bool = False, source: str | Path | None = None,
              settings: DemoSettings | None = None, log: Callable[[str], None] = print) -> dict:
-    from .coarse import fold_stems, predict_coarse, predict_coarse_oof, train_coarse
-    from .data import SegmentationDataset
-    from .evaluate import evaluate_folder
+    """The demo: the shipped models on the Dubai test tiles, or (``train``) the full from-scratch protocol.
+
+    Returns ``{"coarse", "refined", "seconds", "summary"}`` (the two evaluation results, wall seconds, the printed
+    summary); ``DIR/report.md`` holds the report with pictures."""
     from .prepare import prepare
 
-    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    settings = settings or DemoSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     raw = find_dubai(source)
     stages = Stages(out, log)
     start = time.perf_counter()
+    data = out / "data" / "dubai"
+    stages("prepare Dubai", data, {"source": str(raw), "scale": settings.scale},
+           lambda: prepare("dubai", raw, data, overwrite=True, scale=settings.scale))
+    run = _train_demo if train else _shipped_demo
+    coarse, refined, name, description = run(stages, data, out, settings)
+    seconds = time.perf_counter() - start
+    report = write_demo_report(out, data, coarse, refined, description, stages.seconds, seconds, name)
+    log("\n" + report["summary"])
+    return report
 
-    full = out / "data" / "dubai"
-    stages("prepare Dubai", full, {"source": str(raw), "scale": settings.scale},
-           lambda: prepare("dubai", raw, full, overwrite=True, scale=settings.scale))
-    data = full
-    if settings.train_stems or settings.test_stems:
-        data = out / "data" / "dubai_subset"
-        stages("subset", data, {"train": settings.train_stems, "test": settings.test_stems},
-               lambda: subset_dataset(full, data, settings.train_stems, settings.test_stems))
+
+def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -> tuple[dict, dict, str, str]:
+    """The shipped coarse model and refiner on the test tiles (no training)."""
+    from .coarse import predict_coarse
+    from .evaluate import evaluate_folder
+    from .pipeline import Refiner
+    from .zoo import DEFAULT_COARSE, DEFAULT_REFINER, card
+
+    if settings.scale != card(DEFAULT_REFINER)["data"]["scale"]:
+        raise IdgbrError(f"the shipped models were made at scale {card(DEFAULT_REFINER)['data']['scale']}; "
+                         "use --train to train at another scale")
+    name = DEFAULT_COARSE
+    stages("predict coarse test", out / "coarse_pred" / "test", {"model": name, "split": "test"},
+           lambda: predict_coarse(name, data, "test", name))
+    pred_dir = out / "refined" / "lite"
+    stages("refine test", pred_dir, {"model": DEFAULT_REFINER, "coarse": name},
+           lambda: Refiner.from_pretrained(DEFAULT_REFINER).refine_folder(data, "test", name, pred_dir))
+    refined = evaluate_folder(data, pred_dir, "test", coarse_dir=data / "coarse" / name)
+    coarse = refined["coarse"]  # scored in the same pass
+    description = (f"Coarse model: the shipped '{DEFAULT_COARSE}' ({card(DEFAULT_COARSE)['summary']}). "
+                   f"Refiner: the shipped '{DEFAULT_REFINER}' ({card(DEFAULT_REFINER)['summary']}).")
+    return coarse, refined, name, description
+
+
+def _train_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -> tuple[dict, dict, str, str]:
+    """The full protocol from scratch: train a coarse model and the lite refiner, then refine the test tiles."""
+    from .coarse import fold_stems, predict_coarse, predict_coarse_oof, train_coarse
+    from .data import SegmentationDataset
+    from .evaluate import evaluate_folder
 
     if settings.coarse_folds:  # a bad K fails before any training
         fold_stems(SegmentationDataset(data, "train", load_mask=False).stems, settings.coarse_folds, flag="--coarse-folds")
@@ -139,19 +148,18 @@ def run_demo(out: str | Path, quick: bool = False, source: str | Path | None = N
     bench = BenchmarkSettings(sample_steps=settings.sample_steps, guidance=settings.guidance, strength=settings.strength)
     refined = train_and_refine(stages, data, out, "lite", config, name, bench)
     coarse = evaluate_folder(data, data / "coarse" / name, "test")
-    seconds = time.perf_counter() - start
-    report = write_demo_report(out, data, coarse, refined, settings, stages.seconds, seconds, name)
-    log("\n" + report["summary"])
-    return report
+    description = (f"Coarse model: {settings.arch} ({settings.coarse_iters} iterations), trained here. Refiner: lite "
+                   "preset, trained here.")
+    return coarse, refined, name, description
 
 
-def write_demo_report(out: Path, data: Path, coarse: dict, refined: dict, settings: DemoSettings,
+def write_demo_report(out: Path, data: Path, coarse: dict, refined: dict, description: str,
                       stage_seconds: dict[str, float], seconds: float, name: str = "demo") -> dict:
     from .data import SegmentationDataset
     from .io import atomic_path, read_label
     from .report import bar_chart, comparison_panel, flat_metrics, metrics_table
 
-    rows = {f"coarse ({settings.arch})": coarse, "IDGBR lite refined": refined}
+    rows = {"coarse": coarse, "IDGBR lite refined": refined}
     if "gated" in refined:  # "do no harm": refined labels only near coarse boundaries
         rows[f"IDGBR lite refined, gated {refined['gated']['gate_width']} px"] = refined["gated"]
     table = metrics_table(rows)
@@ -183,8 +191,7 @@ def write_demo_report(out: Path, data: Path, coarse: dict, refined: dict, settin
         for c, r in zip(coarse["per_class"], refined["per_class"]))
     lines = [
         "# idgbr demo: Dubai aerial imagery", "",
-        f"Coarse model: {settings.arch} ({settings.coarse_iters} iterations). Refiner: lite preset. "
-        f"Test images: {len(dataset)}. Total time: {seconds / 60:.1f} min.", "",
+        f"{description} Test images: {len(dataset)}. Total time: {seconds / 60:.1f} min.", "",
         f"**{verdict}**", "", table, "",
         "| class | coarse IoU | refined IoU | coarse F1 | refined F1 |", "|---|---|---|---|---|", per_class, "",
         f"![metrics]({chart.name})", "",
@@ -193,5 +200,9 @@ def write_demo_report(out: Path, data: Path, coarse: dict, refined: dict, settin
     ]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
+    figures = {"coarse": flat_metrics(coarse), "refined": flat_metrics(refined), "seconds": seconds,
+               "stage_seconds": stage_seconds, "description": description}
+    with atomic_path(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(figures, indent=2) + "\n")
     summary = table + "\n\n" + verdict + f"\nReport: {out / 'report.md'}"
     return {"coarse": coarse, "refined": refined, "seconds": seconds, "summary": summary}

@@ -65,12 +65,12 @@ class Refiner:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **options: Any) -> "Refiner":
-        """Load a run folder written by ``idgbr train`` (or one of its ``checkpoints/step-N`` folders)."""
+        """Load a run folder written by ``idgbr train`` (or one of its ``checkpoints/step-N`` folders), a shipped
+        model by name (``"dubai-lite"``, see :mod:`idgbr.zoo`), or a Hugging Face repo id where the network allows."""
         from .model import IDGBRModel
+        from .zoo import resolve_model
 
-        path = Path(path)
-        if not path.exists():
-            raise file_error(path, "model folder not found", "point --model at a run folder written by 'idgbr train'")
+        path = resolve_model(path, "refiner", "point --model at a run folder written by 'idgbr train'")
         if not (path / "config.json").exists():
             from .train import latest_checkpoint
 

@@ -78,38 +78,53 @@ def to_display(image: np.ndarray) -> np.ndarray:
 def comparison_panel(path: str | Path, image: np.ndarray, gt: np.ndarray, coarse: np.ndarray, refined: np.ndarray,
                      num_classes: int, title: str = "", max_side: int = 640, focus_class: int = 1,
                      class_names: Sequence[str] | None = None) -> Path:
-    """Save a 2-row PNG: image | ground truth | coarse | refined, and below them the error maps of coarse/refined."""
+    """Save a 2 x 3 PNG: image | coarse | refined above ground truth | coarse errors | refined errors, with a legend of
+    the class colours (by name) and of the error colours underneath."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
+    from matplotlib.patches import Patch
 
     step = max(1, int(np.ceil(max(gt.shape) / max_side)))
     sl = (slice(None, None, step), slice(None, None, step))
-    focus = class_names[focus_class] if class_names else f"class {focus_class}"
+    names = list(class_names) if class_names else [f"class {i}" for i in range(num_classes)]
+    focus = names[focus_class]
+
+    def accuracy(pred: np.ndarray) -> str:
+        valid = gt != IGNORE_INDEX
+        return f"{100 * float((pred[valid] == gt[valid]).mean()) if valid.any() else float('nan'):.1f} % correct"
+
     tiles = [
         ("image", to_display(image)[sl]),
+        (f"coarse map ({accuracy(coarse)})", colourise(coarse, num_classes)[sl]),
+        (f"refined map ({accuracy(refined)})", colourise(refined, num_classes)[sl]),
         ("ground truth", colourise(gt, num_classes)[sl]),
-        ("coarse", colourise(coarse, num_classes)[sl]),
-        ("refined", colourise(refined, num_classes)[sl]),
-        ("", None),
-        ("", None),
-        (f"coarse errors ({focus}: FN blue, FP red)", error_map(gt, coarse, focus_class)[sl]),
-        (f"refined errors ({focus}: FN blue, FP red)", error_map(gt, refined, focus_class)[sl]),
+        ("coarse map's errors", error_map(gt, coarse, focus_class)[sl]),
+        ("refined map's errors", error_map(gt, refined, focus_class)[sl]),
     ]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 8.4))
+    height, width = tiles[0][1].shape[:2]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8 * height / max(width, 1) + 1.4))
     for ax, (name, picture) in zip(axes.ravel(), tiles):
         ax.set_xticks([])
         ax.set_yticks([])
-        if picture is None:
-            ax.axis("off")
-        else:
-            ax.imshow(picture, interpolation="nearest")
-            ax.set_title(name, fontsize=10)
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+    colours = palette(num_classes) / 255.0
+    classes = [Patch(facecolor=colours[i], edgecolor="0.3", label=names[i]) for i in range(num_classes)]
+    classes.append(Patch(facecolor="black", edgecolor="0.3", label="nodata / ignored"))
+    errors = [Patch(facecolor=np.array(FN_COLOUR) / 255, label=f"missed {focus} (false negative)"),
+              Patch(facecolor=np.array(FP_COLOUR) / 255, label=f"wrongly {focus} (false positive)"),
+              Patch(facecolor=np.array(OTHER_ERROR_COLOUR) / 255, label="other class confused"),
+              Patch(facecolor="white", edgecolor="0.3", label="correct"),
+              Patch(facecolor=(200 / 255,) * 3, label="ignored")]
+    fig.legend(handles=classes, loc="lower left", ncol=min(len(classes), 4), fontsize=9, title="classes",
+               bbox_to_anchor=(0.01, 0.0), frameon=False)
+    fig.legend(handles=errors, loc="lower right", ncol=2, fontsize=9, title="error maps",
+               bbox_to_anchor=(0.99, 0.0), frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 0.97 if title else 1))
     return save_figure(fig, path, dpi=80)
 
 

@@ -16,7 +16,9 @@ def register(sub) -> None:
         "refine", help="refine coarse maps with a trained refiner",
         description="Refine one image (--image PATH --coarse PATH --out PATH) or every image of a dataset split "
                     "(--data DATA --split test --coarse NAME, writing DATA/refined/<run>/<stem>.png).")
-    parser.add_argument("--model", required=True, metavar="RUN", help="run (or checkpoint) folder of 'idgbr train'")
+    parser.add_argument("--model", default=None, metavar="RUN",
+                        help="run (or checkpoint) folder of 'idgbr train', a shipped model name, or a Hugging Face "
+                             "repo id (default: the shipped 'dubai-lite' refiner, when the class count fits)")
     parser.add_argument("--image", default=None, help="single-file mode: the image (PNG/JPEG/TIF)")
     parser.add_argument("--coarse", default=None,
                         help="single-file mode: coarse index map (PNG/TIF) or (K, H, W) .npy probabilities; "
@@ -68,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..pipeline import Refiner
 
-    refiner = Refiner.from_pretrained(args.model)
+    model = args.model if args.model is not None else _default_model(args)
+    refiner = Refiner.from_pretrained(model)
     kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch, tta=args.tta)
     if folder:
-        out = Path(args.out) if args.out else Path(args.data) / "refined" / Path(args.model).resolve().name
+        out = Path(args.out) if args.out else Path(args.data) / "refined" / (Path(model).resolve() if Path(model).exists() else Path(model)).name
         written = refiner.refine_folder(args.data, args.split, args.coarse, out, seed=args.seed,
                                         skip_existing=args.skip_existing, progress=not args.no_progress,
                                         samples=args.samples, noise_scale=args.noise_scale, **kw)
@@ -87,6 +90,52 @@ def run(args: argparse.Namespace) -> int:
     write_label(args.out, refined, geo, nodata=255 if geo else None)
     print(f"wrote {args.out}")
     return 0
+
+
+def _default_model(args: argparse.Namespace) -> str:
+    """The shipped refiner, when the data's classes fit it; else a one-line error that says how to train one."""
+    import sys
+
+    from ..errors import IdgbrError
+    from ..zoo import DEFAULT_REFINER, card
+
+    info = card(DEFAULT_REFINER)
+    classes = info["classes"]
+    train = (f"the shipped refiner '{DEFAULT_REFINER}' knows {len(classes)} classes ({', '.join(classes)}); train one "
+             "for your classes with 'idgbr train --preset lite --data DATA --out RUN' and pass --model RUN")
+    if args.data is not None:
+        from ..data import SegmentationDataset
+
+        dataset = SegmentationDataset(args.data, args.split, load_mask=False)
+        if dataset.classes.num_classes != len(classes):
+            raise IdgbrError(f"{dataset.root / 'classes.json'}: {dataset.classes.num_classes} classes, but {train}")
+    else:
+        largest = _largest_class(Path(args.coarse))
+        if largest >= len(classes):
+            raise IdgbrError(f"{args.coarse}: holds class {largest}, but {train}")
+    print(f"refining with the shipped refiner '{DEFAULT_REFINER}' ({info['summary']}); pass --model RUN for your own",
+          file=sys.stderr)
+    return DEFAULT_REFINER
+
+
+def _largest_class(path: Path) -> int:
+    """The largest class index in a coarse map (255 = nodata does not count), or K - 1 for (K, H, W) .npy
+    probabilities; an unreadable file is left to the normal checks (returns -1)."""
+    import numpy as np
+
+    from ..data import IGNORE_INDEX
+    from ..io import read_label
+
+    try:
+        if path.suffix.lower() == ".npy":
+            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0]) - 1
+        label, _ = read_label(path)
+    except Exception:  # the refine path reports it with its own one-line error
+        return -1
+    if label.ndim != 2:  # colour-coded: the normal checks explain it
+        return -1
+    valid = label[label != IGNORE_INDEX]
+    return int(valid.max()) if valid.size else -1
 
 
 SCENE_OPTIONS = ("tile", "overlap", "samples", "gate", "confidence", "bands")

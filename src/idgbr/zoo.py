@@ -1,0 +1,89 @@
+"""Trained models that ship with idgbr, and how a model name becomes a folder.
+
+The package carries small trained models under ``idgbr/models/<name>/``, each a folder that rebuilds its model on its
+own (``config.json`` + safetensors) with a model card (``README.md``: what it is, how it was made, its test figures;
+``card.json``: the same figures, machine-readable). ``scripts/build_models.py`` rebuilds them.
+
+:func:`resolve_model` turns what a user typed after ``--model`` (or passed to ``from_pretrained``) into a folder:
+
+1. an existing local folder, as given;
+2. a shipped name (``dubai-lite``, ``dubai-coarse``);
+3. a Hugging Face repo id (``owner/name``), fetched with ``huggingface_hub`` where the network allows it; offline it
+   fails with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import IdgbrError, file_error
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+# name -> (kind, what it is): the kind is the loader that reads it ("refiner": Refiner.from_pretrained,
+# "coarse": CoarseModel.load)
+SHIPPED: dict[str, tuple[str, str]] = {
+    "dubai-lite": ("refiner", "the lite IDGBR refiner for the 6 Dubai aerial classes"),
+    "dubai-coarse": ("coarse", "a cheap DeepLabV3+ coarse model for the 6 Dubai aerial classes"),
+}
+DEFAULT_REFINER = "dubai-lite"
+DEFAULT_COARSE = "dubai-coarse"
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def shipped_path(name: str) -> Path:
+    """The folder of the shipped model ``name``."""
+    if name not in SHIPPED:
+        raise IdgbrError(f"unknown shipped model {name!r}; shipped models: {', '.join(SHIPPED)}")
+    path = MODELS_DIR / name
+    if not (path / "config.json").exists():
+        raise file_error(path, "shipped model missing from this installation",
+                         "reinstall idgbr from a full clone, or rebuild it with 'python scripts/build_models.py'")
+    return path
+
+
+def card(name: str) -> dict[str, Any]:
+    """The machine-readable model card (``card.json``) of a shipped model."""
+    return json.loads((shipped_path(name) / "card.json").read_text())
+
+
+def resolve_model(name: str | Path, kind: str, fix: str) -> Path:
+    """The folder behind ``name``: a local folder, a shipped model of this ``kind``, or a Hugging Face repo id.
+
+    ``fix`` is what the error message tells the user to do when nothing matches (e.g. how to train a model)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    text = str(name)
+    if text in SHIPPED:
+        shipped_kind = SHIPPED[text][0]
+        if shipped_kind != kind:
+            names = [n for n, (k, _) in SHIPPED.items() if k == kind]
+            raise IdgbrError(f"{text}: a shipped {shipped_kind} model, not a {kind} model; shipped {kind} models: "
+                             f"{', '.join(names)}")
+        return shipped_path(text)
+    if _REPO_ID.match(text) and not text.startswith((".", "/")):
+        return _from_hub(text, fix)
+    raise file_error(path, "model folder not found", fix)
+
+
+def _from_hub(repo_id: str, fix: str) -> Path:
+    """Download (or find in the local cache) a Hugging Face model repo; offline, a one-line error."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a dependency of diffusers and transformers
+        raise IdgbrError(f"{repo_id}: not a local folder, and huggingface_hub is not installed to fetch it; "
+                         "pip install huggingface_hub") from None
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # offline, no such repo, no network: one line, with the reason
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        why = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if HF_HUB_OFFLINE else \
+            f"could not be fetched from the Hugging Face Hub ({type(exc).__name__})"
+        raise IdgbrError(f"{repo_id}: no such local folder, not a shipped model ({', '.join(SHIPPED)}), and {why}; "
+                         f"{fix}") from None
