@@ -184,6 +184,7 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
         write_label(coarse / f"{stem}.png", np.roll(dataset.read_mask(stem), 3, axis=1))
     config = RefinerConfig.preset_config("tiny", num_classes=dataset.classes.num_classes, image_channels=3)
     model_dir = tmp_path / "model"
+    torch.manual_seed(0)
     IDGBRModel(config).save_pretrained(model_dir)
     out = tmp_path / "refined"
     assert main(["refine", "--model", str(model_dir), "--data", str(synthetic), "--split", "test", "--coarse",
@@ -208,6 +209,9 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
                                   generator=torch.Generator().manual_seed(0))
         written, _ = read_label(out / f"{stem}.png")
         assert np.array_equal(written, expected), stem
+        # the map depends on the seed, so the comparison above checks the seed too
+        assert not np.array_equal(written, refiner.refine(sample["image"], sample["coarse"], steps=2, guidance=1.0,
+                                                          generator=torch.Generator().manual_seed(1)))
         pairs.append((sample["mask"], written, sample["coarse"]))
     # evaluate scored those files against the masks, and the coarse maps beside them
     scores = evaluate_maps(pairs, dataset.classes.num_classes)
