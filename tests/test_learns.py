@@ -7,8 +7,8 @@ train scenes (their shifted maps as coarse maps) and refines held-out scenes; th
 coarse one by ``MIN_GAIN``.
 
 ``MIN_GAIN`` was set from five seeds (the numbers are beside it): half the smallest gain measured, and well above
-what a broken training step gives (the loss detached, or lr 0: the lite refiner stays the identity on the coarse
-map, gain 0). Budget: 500 steps of 64² crops, ~35 s on one idle core.
+what a broken training step gives (the loss detached before backward: the lite refiner stays the identity on the
+coarse map, gain exactly 0). Budget: 500 steps of 64² crops, ~35 s on one idle core.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ SHIFT = 3
 CLASSES = 3
 COLOURS = np.array([[150, 140, 110], [200, 200, 205], [40, 110, 60]], np.float32)  # land, roof, vegetation
 # Refined minus coarse WFm(3 px). Measured (issue 23, 500 steps, 1 thread) for seeds 0-4 (data and training):
-# +0.143, +0.148, +0.116, +0.138, +0.101; a detached loss (or lr 0) leaves the refiner the identity: +0.000.
+# +0.143, +0.148, +0.116, +0.138, +0.101; with the loss detached before backward: +0.000 (the identity).
 MIN_GAIN = 0.05
 SEED = int(os.environ.get("IDGBR_LEARNS_SEED", "0"))  # to re-measure the margin: IDGBR_LEARNS_SEED=1 pytest -s ...
 
