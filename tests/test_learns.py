@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from idgbr.config import RefinerConfig
