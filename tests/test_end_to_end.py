@@ -184,6 +184,7 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
         write_label(coarse / f"{stem}.png", np.roll(dataset.read_mask(stem), 3, axis=1))
     config = RefinerConfig.preset_config("tiny", num_classes=dataset.classes.num_classes, image_channels=3)
     model_dir = tmp_path / "model"
+    torch.manual_seed(0)
     IDGBRModel(config).save_pretrained(model_dir)
     out = tmp_path / "refined"
     assert main(["refine", "--model", str(model_dir), "--data", str(synthetic), "--split", "test", "--coarse",
@@ -193,6 +194,31 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
                  str(coarse), "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"miou", "mf1", "oa", "kappa", "wfm", "per_class"} <= set(result)
+    # refine wrote, for every test image, what the Refiner gives for it with the CLI's seed (0)
+    from idgbr.io import read_label
+    from idgbr.metrics import evaluate_maps
+    from idgbr.pipeline import Refiner
+
+    refiner = Refiner.from_pretrained(model_dir)
+    test = SegmentationDataset(synthetic, "test", coarse="shifted")
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(test.stems)
+    pairs = []
+    for index, stem in enumerate(test.stems):
+        sample = test[index]
+        expected = refiner.refine(sample["image"], sample["coarse"], steps=2, guidance=1.0,
+                                  generator=torch.Generator().manual_seed(0))
+        written, _ = read_label(out / f"{stem}.png")
+        assert np.array_equal(written, expected), stem
+        # the map depends on the seed, so the comparison above checks the seed too
+        assert not np.array_equal(written, refiner.refine(sample["image"], sample["coarse"], steps=2, guidance=1.0,
+                                                          generator=torch.Generator().manual_seed(1)))
+        pairs.append((sample["mask"], written, sample["coarse"]))
+    # evaluate scored those files against the masks, and the coarse maps beside them
+    scores = evaluate_maps(pairs, dataset.classes.num_classes)
+    for key in ("miou", "mf1", "oa", "kappa"):
+        assert result[key] == pytest.approx(scores[key]) and result["coarse"][key] == pytest.approx(scores["coarse"][key])
+    assert result["wfm"] == pytest.approx(scores["wfm"]) and result["coarse"]["wfm"] == pytest.approx(scores["coarse"]["wfm"])
+    assert result["num_images"] == len(test.stems) and result["miou"] != result["coarse"]["miou"]
 
 
 def test_callback_sees_every_step_and_channels_last_is_identical():
@@ -243,7 +269,7 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
 
 
 def test_frequency_analysis(synthetic, tmp_path):
-    from idgbr.analysis import frequency_report
+    from idgbr.analysis import band_energy, frequency_report
     from idgbr.config import RefinerConfig
     from idgbr.data import SegmentationDataset
     from idgbr.model import IDGBRModel
@@ -258,10 +284,47 @@ def test_frequency_analysis(synthetic, tmp_path):
     config = RefinerConfig.preset_config("tiny", num_classes=dataset.classes.num_classes, image_channels=3)
     IDGBRModel(config).save_pretrained(tmp_path / "m")
     result = frequency_report(tmp_path / "m", synthetic, "test", "gt", tmp_path, samples=1, steps=4, size=32)
-    shares = result["change_fraction_T_to_500_to_0"]
-    for band in ("low", "high"):
-        assert len(shares[band]) == 2 and abs(sum(shares[band]) - 1) < 1e-6
+    # the trajectory is the sampler's: 4 descending timesteps, one (low, high) energy pair per step
+    assert len(result["timesteps"]) == 4 and result["timesteps"] == sorted(result["timesteps"], reverse=True)
+    (refiner_key,) = [k for k in result["energies"] if k.startswith("refiner")]
+    assert len(result["energies"][refiner_key]) == 4
+    # the coarse reference line is the band energy of the coarse map's +-1 one-hot centre crop
+    sample = SegmentationDataset(synthetic, "test", coarse="gt")[0]
+    h, w = sample["mask"].shape
+    side = min(32, h, w) // config.size_multiple * config.size_multiple
+    crop = sample["coarse"][(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    onehot = np.stack([(crop == k) * 2.0 - 1 for k in range(dataset.classes.num_classes)])
+    expected = band_energy(onehot, 0.1)
+    assert all(np.allclose(pair, expected) for pair in result["energies"]["coarse map (sample 0)"])
+    assert json.loads((tmp_path / "frequency.json").read_text())["timesteps"] == result["timesteps"]
     assert (tmp_path / "frequency.png").exists()
+
+
+def test_band_split_and_change_fractions_on_known_fields():
+    """band_split separates a field into its components below / above the cutoff exactly (ideal radial filter at
+    cutoff x Nyquist); band_energy is their Parseval energy; change_fractions attributes each band's change to the
+    stage that made it."""
+    from idgbr.analysis import band_energy, band_split, change_fractions
+
+    n = 64
+    y, x = np.mgrid[0:n, 0:n]
+    low = np.cos(2 * np.pi * 2 * x / n)  # 2 cycles per 64 px: 0.0625 Nyquist, below a 0.1 cutoff
+    high = 0.5 * np.sin(2 * np.pi * 12 * y / n) + 0.25 * np.cos(2 * np.pi * (5 * x + 7 * y) / n)  # >= 0.27 Nyquist
+    got_low, got_high = band_split(np.stack([low + high, 3 * low]), cutoff=0.1)
+    np.testing.assert_allclose(got_low, np.stack([low, 3 * low]), atol=1e-9)
+    np.testing.assert_allclose(got_high, np.stack([high, np.zeros_like(low)]), atol=1e-9)
+    # between the two components (0.0625 and >= 0.27 Nyquist) the cutoff moves nothing; above both it keeps all low
+    np.testing.assert_allclose(band_split((low + high)[None], cutoff=0.2)[0][0], low, atol=1e-9)
+    np.testing.assert_allclose(band_split((low + high)[None], cutoff=1.5)[0][0], low + high, atol=1e-9)
+    e_low, e_high = band_energy(low + high, cutoff=0.1)
+    # Parseval: sum |F|^2 = N^2 sum f^2 (the components are mean-free and orthogonal)
+    assert e_low == pytest.approx(n * n * np.sum(low ** 2), rel=1e-9)
+    assert e_high == pytest.approx(n * n * np.sum(high ** 2), rel=1e-9)
+    # stage 1 changes only the low band (by 2 units), stage 2 only the high band (by 1 unit, then 3 more)
+    states = [np.zeros((1, n, n)), 2 * low[None], 2 * low[None] + high[None], 2 * low[None] + 4 * high[None]]
+    shares = change_fractions(states, cutoff=0.1)
+    np.testing.assert_allclose(shares["low"], [1.0, 0.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(shares["high"], [0.0, 0.25, 0.75], atol=1e-9)
 
 
 def test_speed_grid_counts_network_evaluations(synthetic):
@@ -281,9 +344,52 @@ def test_speed_grid_counts_network_evaluations(synthetic):
     nfe = {(c.steps, c.strength, c.guidance): c.nfe for c in cells}
     assert nfe[(25, 1.0, 3.0)] == 50 and nfe[(2, 1.0, 1.0)] == 2 and nfe[(2, 0.5, 1.0)] == 1
     assert nfe[(25, 0.5, 3.0)] == 2 * round(25 * 0.5)
-    for cell in cells:
-        cell.gain_kept = 1.0 if cell.steps == 2 else 0.0
-    assert (pick_fast_mode(cells, 50).steps, pick_fast_mode(cells, 50).strength) == (2, 0.5)
+    assert pick_fast_mode([], 50) is None
+
+
+def test_speed_grid_gain_kept_is_the_share_of_the_reference_gain():
+    """run_grid's gain_kept = (cell WFm3 - coarse WFm3) / (reference WFm3 - coarse WFm3), from the maps each cell
+    returns (a stub refiner returns the ground truth for the reference cell and known maps for the others); NaN when
+    the reference gains nothing; pick_fast_mode takes the cheapest cell keeping >= 90 % of the gain."""
+    from types import SimpleNamespace
+
+    from idgbr.metrics import evaluate_maps
+    from idgbr.speed import pick_fast_mode, run_grid
+
+    gt = np.zeros((48, 48), np.uint8)
+    gt[10:30, 12:40] = 1
+    gt[34:, :20] = 2
+    coarse = np.roll(gt, 4, axis=1)
+    halfway = np.roll(gt, 1, axis=1)
+    tiles = [(np.zeros((48, 48, 3), np.uint8), gt, coarse)]
+
+    class Stub:
+        config = SimpleNamespace(num_classes=3)
+        last_nfe = 0
+
+        def __init__(self, answers):
+            self.answers = answers
+
+        def refine(self, image, coarse_map, steps, strength, guidance, generator):
+            self.last_nfe = steps * (2 if guidance != 1 else 1)
+            return self.answers.get((steps, strength, guidance), coarse_map)
+
+    answers = {(25, 1.0, 3.0): gt, (2, 1.0, 1.0): halfway, (1, 1.0, 1.0): gt}
+    _, cells = run_grid(Stub(answers), tiles, steps_grid=(25, 2, 1), strength_grid=(1.0,), guidance_grid=(3.0, 1.0),
+                        log=lambda _: None)
+    kept = {(c.steps, c.guidance): c.gain_kept for c in cells}
+    wfm = {name: evaluate_maps([(gt, m)], 3, tolerances=(3,))["wfm"]["3"] for name, m in
+           (("gt", gt), ("coarse", coarse), ("halfway", halfway))}
+    assert wfm["coarse"] < wfm["halfway"] < wfm["gt"]
+    assert kept[(25, 3.0)] == pytest.approx(1.0) and kept[(1, 1.0)] == pytest.approx(1.0)
+    assert kept[(2, 1.0)] == pytest.approx((wfm["halfway"] - wfm["coarse"]) / (wfm["gt"] - wfm["coarse"]))
+    assert 0 < kept[(2, 1.0)] < 1 and kept[(2, 3.0)] == 0.0 and kept[(25, 1.0)] == 0.0
+    fast = pick_fast_mode(cells, 50)
+    assert (fast.steps, fast.guidance) == (1, 1.0)
+    # a reference that gains nothing: no share is defined
+    _, cells = run_grid(Stub({}), tiles, steps_grid=(25, 1), strength_grid=(1.0,), guidance_grid=(3.0,),
+                        log=lambda _: None)
+    assert all(np.isnan(c.gain_kept) for c in cells) and pick_fast_mode(cells, 50) is None
 
 
 def test_demo_without_data_is_one_line(tmp_path, capsys):

@@ -312,10 +312,24 @@ def test_empty_classes_change_nothing_and_perfect_stays_one(data, extra, with_ig
 
 
 def test_all_ignored_ground_truth_gives_no_nan_crash() -> None:
+    """An image whose ground truth is all ignore pixels is scored without NaN: alone, every confusion score is 0
+    (the documented "no labelled pixel" value) and no class is present; added to other images, it changes none of
+    their scores (it adds no pixel to the confusion matrix, and no boundary to WFm or BF)."""
     gt = np.full((8, 8), 255, np.uint8)
     res = evaluate_maps([(gt, np.zeros_like(gt))], 3)
-    for key in ("miou", "mf1", "oa"):
-        assert res[key] is None or np.isnan(res[key]) or 0.0 <= res[key] <= 1.0
+    assert [res[key] for key in ("miou", "mf1", "oa", "kappa", "fwiou")] == [0.0] * 5
+    assert res["num_pixels"] == 0 and not any(c["present"] for c in res["per_class"])
+    assert all(np.isfinite(v) for v in res["wfm"].values())
+
+    labelled = np.zeros((32, 32), np.uint8)
+    labelled[8:20, 8:24] = 1
+    labelled[20:, :10] = 2
+    pairs = [(labelled, np.roll(labelled, 2, axis=1)), (labelled.T.copy(), np.roll(labelled.T, 1, axis=0))]
+    alone = evaluate_maps(pairs, 3)
+    mixed = evaluate_maps(pairs[:1] + [(gt, np.zeros_like(gt))] + pairs[1:], 3)
+    for key in ("miou", "mf1", "oa", "kappa", "fwiou", "wfm", "bf", "num_pixels"):
+        assert mixed[key] == alone[key], key
+    assert 0 < alone["miou"] < 1 and mixed["num_images"] == 3
 
 
 def _bpr(gts, preds, tolerance):

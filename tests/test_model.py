@@ -108,14 +108,28 @@ def test_sd15_incomplete_folder(tmp_path):
         IDGBRModel(RefinerConfig.preset_config("sd15", pretrained=str(tmp_path)))
 
 
+# (total, trainable) per part for the presets' defaults (6 classes, 3 bands); pinned so that a change to the
+# architecture shows up here. Re-pin deliberately when a preset's geometry changes.
+PARAMETER_COUNTS = {
+    "tiny": {"label_embed": (184, 0), "codec": (0, 0), "unet": (70152, 70152), "guidance_encoder": (36416, 36416),
+             "cg_modules": (6968, 6968), "context": (8, 8), "total": (113728, 113544)},
+    "lite": {"label_embed": (1304, 0), "codec": (0, 0), "unet": (555008, 555008), "guidance_encoder": (193184, 193184),
+             "cg_modules": (216048, 216048), "context": (32, 32), "total": (965576, 964272)},
+}
+
+
 @pytest.mark.parametrize("preset", ["tiny", "lite"])
 def test_parameter_counts(preset):
     model = IDGBRModel(RefinerConfig.preset_config(preset))
     counts = model.parameter_counts()
-    print(preset, counts)
+    assert counts == PARAMETER_COUNTS[preset]
+    # the parts partition the model: every parameter counted once, in the part it belongs to
+    assert counts["total"][0] == sum(p.numel() for p in model.parameters())
+    assert counts["total"][1] == sum(p.numel() for p in model.trainable_parameters())
+    assert counts["unet"][0] == sum(p.numel() for p in model.unet.parameters())
+    assert counts["cg_modules"][0] == sum(p.numel() for p in model.guidance.cg.parameters())
     assert counts["label_embed"][1] == 0 and counts["codec"] == (0, 0)
     assert counts["guidance_encoder"][1] == counts["guidance_encoder"][0] > 0  # trainable in lite/tiny
-    assert counts["total"][1] == sum(p.numel() for p in model.trainable_parameters())
 
 
 def test_attention_free_unet_and_guidance_attention_on_coarse_levels_only(tmp_path):

@@ -56,21 +56,6 @@ def test_blend_weights_positive_and_ramped(height, width, overlap):
         assert w[0, 0] <= w[overlap // 2, overlap // 2] <= w[overlap, overlap] and w[0, 0] < w[overlap, overlap]
 
 
-@settings(max_examples=60, deadline=None)
-@given(_grid_params())
-def test_normalised_weights_sum_to_one(params):
-    height, width, tile, overlap = params
-    windows = tile_grid(height, width, tile, overlap)
-    weight = blend_weights(windows[0].height, windows[0].width, overlap).astype(np.float64)
-    total = np.zeros((height, width))
-    for w in windows:
-        total[w.slices] += weight
-    norm = np.zeros((height, width))
-    for w in windows:
-        norm[w.slices] += weight / total[w.slices]
-    np.testing.assert_allclose(norm, 1.0, rtol=1e-9)
-
-
 @pytest.mark.parametrize("multiple", [1, 8, 32])
 def test_pad_to_multiple_numpy_and_torch(multiple):
     array = np.arange(3 * 13 * 7, dtype=np.float32).reshape(3, 13, 7)

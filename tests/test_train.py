@@ -153,8 +153,12 @@ def test_objectives(overrides: dict) -> None:
     from idgbr.model import IDGBRModel
     from idgbr.train import RefinerObjective
 
-    config = tiny(num_classes=3, **overrides)
+    config = tiny(num_classes=3, cond_dropout=0.0, **overrides)
+    torch.manual_seed(0)
     model = IDGBRModel(config)
+    with torch.no_grad():  # the CG fusion starts at zero, which blocks the gradient to the guidance encoder
+        for module in model.guidance.cg:
+            module.fuse.weight.normal_(0, 0.1)
     objective = RefinerObjective(model, config)
     gen = torch.Generator().manual_seed(0)
     image = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=gen)
@@ -165,8 +169,17 @@ def test_objectives(overrides: dict) -> None:
     assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
     assert (losses["ce"] > 0) == (config.ce_weight > 0)
     losses["loss"].backward()
-    grads = [p.grad for p in model.unet.parameters() if p.requires_grad]
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    def reached(params) -> bool:
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+    assert reached(model.unet.parameters())
+    for level, module in enumerate(model.guidance.cg):  # every CG module: its fusion and its attention branch
+        assert reached([module.fuse.weight]) and reached([module.proj.weight]), level
+    encoder = model.guidance.encoder  # trainable in tiny: the image branch always, the coarse branch with use_coarse
+    assert reached(encoder.conv_in_image.parameters()) and reached(encoder.down_blocks.parameters())
+    assert reached(encoder.conv_in.parameters()) == config.use_coarse
+    assert reached([model.context])
     assert all(p.grad is None for p in model.label_embed.parameters())
 
 
@@ -185,14 +198,66 @@ def test_repa_with_tiny_dinov2(data: Path, embed: Path, tmp_path: Path) -> None:
     transformers.Dinov2Model(transformers.Dinov2Config(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
         patch_size=14)).save_pretrained(teacher)
+    from safetensors.torch import load_file
+
+    config = tiny(steps=3, checkpoint_every=3, repa_steps=2, dinov2=str(teacher), label_embed=str(embed))
     run = tmp_path / "run"
-    train_refiner(tiny(steps=2, checkpoint_every=2, repa_steps=1, dinov2=str(teacher), label_embed=str(embed)), data, None,
-                  run, progress=False)
+    train_refiner(config, data, None, run, progress=False)
     log = (run / "train.log").read_text()
     assert "REPA on" in log and "teacher freed" in log and "synthetic degradation" in log
     from idgbr.pipeline import Refiner
 
     Refiner.from_pretrained(run)  # the projector is not saved and not needed
+    assert not any(k.startswith("projector.") for k in load_file(run / "model.safetensors"))
+    # REPA changes the trained weights: the same run without the teacher ends elsewhere (the CG output starts at
+    # zero, so the REPA gradient only flows from the second step on)
+    train_refiner(config.replace(dinov2=None), data, None, tmp_path / "plain", progress=False)
+    with_repa, without = load_file(run / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    assert with_repa.keys() == without.keys() and any(not torch.equal(with_repa[k], without[k]) for k in with_repa)
+
+
+def test_repa_loss_in_the_objective() -> None:
+    """With teacher tokens the objective adds repa_weight x the negative cosine of the projected deepest down-skip
+    CG output; that term's gradient reaches the projector, that CG module and the UNet's encoder half, and not its
+    decoder half; without teacher tokens the term is 0."""
+    from idgbr.model import IDGBRModel
+    from idgbr.repa import repa_loss
+    from idgbr.train import RefinerObjective
+
+    config = tiny(num_classes=3, cond_dropout=0.0, repa_weight=0.5)
+    torch.manual_seed(0)
+    model = IDGBRModel(config)
+    with torch.no_grad():
+        for module in model.guidance.cg:
+            module.fuse.weight.normal_(0, 0.1)
+    model.build_projector(16)
+    objective = RefinerObjective(model, config)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    mask = torch.randint(0, 3, (2, 32, 32), generator=gen)
+    coarse = torch.randint(0, 3, (2, 32, 32), generator=gen)
+    teacher = torch.randn(2, 4, 16, generator=gen)
+    state = gen.get_state()
+    losses = objective(image, mask, coarse, gen, teacher=teacher)
+    assert -1 <= losses["repa"] <= 1 and losses["repa"] != 0
+    torch.testing.assert_close(losses["loss"], losses["main"] + 0.5 * losses["repa"])
+    gen.set_state(state)
+    assert objective(image, mask, coarse, gen)["repa"] == 0
+    # the same value from repa_loss on the student tokens the model returns
+    with torch.no_grad():
+        cond = model.condition(model.encode_image(model.normalize_image(image)), model.encode_labels(coarse))
+        _, aux = model(torch.zeros(2, 48, 8, 8), torch.tensor([5, 5]), cond, return_aux=True)
+        assert aux["repa"].abs().sum() > 0
+        assert -1 <= repa_loss(aux["repa"], teacher, model.projector) <= 1
+
+    losses["repa"].backward()
+    deepest = len(model.guidance.cg) - 2  # the last down skip (the mid block comes after it)
+
+    def reached(module) -> bool:
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    assert reached(model.projector) and reached(model.guidance.cg[deepest]) and reached(model.unet.down_blocks)
+    assert not reached(model.unet.up_blocks) and not reached(model.guidance.cg[-1])
 
 
 def test_cli_train_errors_are_one_line(data: Path, tmp_path: Path, capsys) -> None:
@@ -428,8 +493,18 @@ def test_throughput_switches_train(data: Path, embed: Path, tmp_path: Path) -> N
     """channels_last and fused AdamW run through the loop and save a loadable model."""
     from idgbr.model import IDGBRModel
 
-    run = tmp_path / "run"
-    train_refiner(tiny(steps=2, channels_last=True, optimizer_impl="fused", label_embed=str(embed)), data, "c1", run,
+    from safetensors.torch import load_file
+
+    config = tiny(steps=2, label_embed=str(embed))
+    train_refiner(config.replace(channels_last=True, optimizer_impl="fused"), data, "c1", tmp_path / "fast",
                   progress=False)
-    assert all(np.isfinite(logged_losses(run)))
-    assert IDGBRModel.from_pretrained(run).config.channels_last
+    train_refiner(config.replace(steps=0), data, "c1", tmp_path / "start", progress=False)
+    train_refiner(config, data, "c1", tmp_path / "plain", progress=False)
+    assert IDGBRModel.from_pretrained(tmp_path / "fast").config.channels_last
+    fast, start, plain = (load_file(tmp_path / run / "model.safetensors") for run in ("fast", "start", "plain"))
+    # the switches trained: the weights moved from the initial ones, to where the plain loop takes them (fused AdamW
+    # rounds differently from foreach, so close rather than equal), and the logged loss is the plain run's
+    moved = [k for k in plain if not torch.equal(plain[k], start[k])]
+    assert moved and all(not torch.equal(fast[k], start[k]) for k in moved)
+    assert all(torch.allclose(fast[k], plain[k], atol=1e-5, rtol=1e-4) for k in plain)
+    assert logged_losses(tmp_path / "fast") == pytest.approx(logged_losses(tmp_path / "plain"), rel=1e-4)
