@@ -311,6 +311,17 @@ def test_cli_predict_coarse_folds(data, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["fold0", "fold1"]
 
 
+def test_cli_folds_with_imagenet_encoder_weights(data, tmp_path):
+    argv = ["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(data), "--name", "oof_lite0", "--work",
+            str(tmp_path / "w"), "--iters", "1", "--crop", "32", "--train-batch", "2", "--tile", "32", "--overlap", "8",
+            "--encoder", LITE0, "--encoder-weights", "imagenet", "--no-progress"]
+    assert main(argv) == 0
+    provenance = json.loads((data / "coarse" / "oof_lite0" / "provenance.json").read_text())
+    assert provenance["settings"]["encoder_weights"] == "imagenet"
+    for fold in ("fold0", "fold1"):
+        assert json.loads((tmp_path / "w" / fold / "config.json").read_text())["mean"] == [127.5] * 3
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--folds", "1"], "--folds 1: need 2 <= K <= 3 (the number of train images); give --folds between 2 and 3"),
     (["--folds", "4"], "give --folds between 2 and 3"),
