@@ -104,7 +104,7 @@ def comparison_panel(path: str | Path, image: np.ndarray, gt: np.ndarray, coarse
         ("refined map's errors", error_map(gt, refined, focus_class)[sl]),
     ]
     height, width = tiles[0][1].shape[:2]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8 * height / max(width, 1) + 1.4))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8 * height / max(width, 1) + 2.0))
     for ax, (name, picture) in zip(axes.ravel(), tiles):
         ax.set_xticks([])
         ax.set_yticks([])
