@@ -124,6 +124,12 @@ def refiner_config(data_root: Path, preset: str, steps: int | None, seed: int, o
     return RefinerConfig.preset_config(preset, **values)
 
 
+def control_config(config):
+    """The deterministic control of a refiner config: every field the same (the network, the image encoder switch
+    and its fine-tuning, REPA, the inputs, the budget), trained with cross-entropy instead of diffusion."""
+    return config.replace(objective="deterministic")
+
+
 def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, config, coarse: str | None,
                      settings: BenchmarkSettings) -> dict:
     """Train one refiner, refine the test split with it, evaluate; returns the evaluation result.
@@ -185,7 +191,7 @@ def refiners_trained(run: Path, config) -> bool:
     """Whether the shared diffusion refiner and its control already trained in ``run`` (a rerun, or refiners copied
     in to score another coarse track): then there is nothing to put side by side."""
     return all(Stages.finished(run / "refiners" / f"{kind}_synthetic", refiner_params(c, None)) is not None
-               for kind, c in (("diffusion", config), ("deterministic", config.replace(objective="deterministic"))))
+               for kind, c in (("diffusion", config), ("deterministic", control_config(config))))
 
 
 def train_side_by_side(stages: Stages, data_root: Path, run: Path, settings: BenchmarkSettings, config,
@@ -200,7 +206,7 @@ def train_side_by_side(stages: Stages, data_root: Path, run: Path, settings: Ben
     import tempfile
 
     lanes = [[["refiner", "diffusion", config.to_dict()], *[["coarse", arch] for arch in archs]],
-             [["refiner", "deterministic", config.replace(objective="deterministic").to_dict()]]]
+             [["refiner", "deterministic", control_config(config).to_dict()]]]
     stages.log(f"[side by side] the diffusion refiner{' and the coarse models' if archs else ''} | the deterministic "
                f"control: 2 processes x {threads} thread(s) (--sequential: one after the other)")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -310,7 +316,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
             entry["gated"] = refined["gated"]
         if settings.controls:
             det = train_and_refine(stages, data_root, run, f"deterministic_{arch}",
-                                   config.replace(objective="deterministic"), tag, settings)
+                                   control_config(config), tag, settings)
             entry["controls"] = {**({"image_only": _strip(image_only)} if image_only else {}),
                                  "deterministic": _strip(det)}
             if "gated" in det:

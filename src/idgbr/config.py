@@ -68,6 +68,15 @@ class RefinerConfig:
     # tile_size and resized to the crop on every training call).
     pos_embed_size: Literal["crop", "tile"] = "crop"
 
+    # Image half of the guidance features (issue 21): "copy" = the copied denoiser encoder reads the image latent
+    # (the paper's design with a trained copy in lite); a name from idgbr.encoders.ENCODERS (e.g.
+    # "tf_efficientnet_lite0") = that ImageNet encoder, frozen, at each level's stride in image pixels, through a
+    # trained 1x1 projection (idgbr.image_branch). RGB only. Its last image_encoder_trainable_stages blocks
+    # fine-tune at lr x image_encoder_lr_scale.
+    image_encoder: str = "copy"
+    image_encoder_trainable_stages: int = 0
+    image_encoder_lr_scale: float = 0.1
+
     # --- diffusion -----------------------------------------------------------------------------------------------
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -98,6 +107,9 @@ class RefinerConfig:
 
     # --- REPA (DINOv2 alignment) ---------------------------------------------------------------------------------
     dinov2: str | None = None  # local Hugging Face folder or official .pth; REPA is off without it
+    # The REPA teacher: "dinov2" (the paper; needs `dinov2`), or a packaged ImageNet encoder from idgbr.encoders
+    # (e.g. "tf_efficientnet_lite0": its deepest features, the CPU stand-in for DINOv2; no weights path needed).
+    repa_target: str = "dinov2"
     repa_weight: float = 0.5
     repa_steps: int = 200
     repa_hidden: int = 2048
@@ -187,6 +199,19 @@ class RefinerConfig:
             raise IdgbrError(f"train_minutes must be > 0, got {self.train_minutes}")
         if self.guidance_attention_stride < 1:
             raise IdgbrError(f"guidance_attention_stride must be >= 1, got {self.guidance_attention_stride}")
+        from .image_branch import IMAGE_ENCODERS
+
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise IdgbrError(f"unknown image_encoder {self.image_encoder!r}; choose one of {', '.join(IMAGE_ENCODERS)}")
+        if self.image_encoder != "copy" and self.image_channels != 3:
+            raise IdgbrError(f"image_encoder {self.image_encoder!r} reads RGB, but image_channels is "
+                             f"{self.image_channels}; use image_encoder='copy' for other imagery")
+        if self.image_encoder_trainable_stages < 0 or self.image_encoder_lr_scale <= 0:
+            raise IdgbrError("image_encoder_trainable_stages must be >= 0 and image_encoder_lr_scale > 0, got "
+                             f"{self.image_encoder_trainable_stages} and {self.image_encoder_lr_scale}")
+        if self.repa_target not in ("dinov2", *IMAGE_ENCODERS[1:]):
+            raise IdgbrError(f"unknown repa_target {self.repa_target!r}; choose dinov2 or one of "
+                             f"{', '.join(IMAGE_ENCODERS[1:])}")
         if self.tile_size % self.size_multiple:
             raise IdgbrError(f"tile_size {self.tile_size} must be a multiple of {self.size_multiple} for this model")
 
@@ -194,6 +219,12 @@ class RefinerConfig:
     def size_multiple(self) -> int:
         """Image sizes the model accepts directly are multiples of this (codec factor x UNet downsampling)."""
         return self.latent_factor * 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def repa_on(self) -> bool:
+        """Whether training aligns features with a REPA teacher (DINOv2 weights given, or a packaged encoder)."""
+        teacher = bool(self.dinov2) if self.repa_target == "dinov2" else True
+        return teacher and self.repa_steps > 0 and self.repa_weight != 0
 
     @classmethod
     def preset_config(cls, name: str, **overrides: Any) -> "RefinerConfig":

@@ -6,6 +6,8 @@
   The image latent has its own conv_in (a copy of the denoiser's when the channel counts match, else a new conv).
   In ``lite``/``tiny`` it trains: a frozen *random* encoder guides poorly (issue 3), so there it is initialised as a
   copy of the (random) denoiser encoder and learns with the rest.
+  With ``RefinerConfig.image_encoder`` set to a pretrained encoder, the image half of every level comes from
+  :class:`idgbr.image_branch.PretrainedImageBranch` instead, and this copy encodes the coarse-label latent only.
 * :class:`CGModule` - one per feature level:
   ``f' = Conv1x1(concat(f_zt, f_img, f_coarse))`` (3C -> C, zero-initialised, ControlNet-style) and
   ``f_g = f' + proj(MHA(query=LN(W_q f' + pos), key=value=LN(W_k f_c + pos)))`` with ``f_c = concat(f_img, f_coarse)``
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import unet_parts
+from .image_branch import PretrainedImageBranch
 
 AttentionMode = Literal["live", "reference", "none"]
 
@@ -71,11 +74,13 @@ class GuidanceFeatures:
 class GuidanceEncoder(nn.Module):
     """Copy of a UNet's encoder half, with a second conv_in for the image latent."""
 
-    def __init__(self, unet: nn.Module, image_latent_channels: int):
+    def __init__(self, unet: nn.Module, image_latent_channels: int | None):
         super().__init__()
         unet_parts.check_supported(unet)
         self.conv_in = copy.deepcopy(unet.conv_in)
-        if image_latent_channels == unet.conv_in.in_channels:
+        if image_latent_channels is None:  # the image features come from a pretrained branch
+            self.conv_in_image = None
+        elif image_latent_channels == unet.conv_in.in_channels:
             self.conv_in_image = copy.deepcopy(unet.conv_in)
         else:
             c = unet.conv_in
@@ -86,26 +91,34 @@ class GuidanceEncoder(nn.Module):
         self.down_blocks = copy.deepcopy(unet.down_blocks)
         self.mid_block = copy.deepcopy(unet.mid_block)
 
-    def forward(self, z_img: torch.Tensor, z_coarse: torch.Tensor | None, context: torch.Tensor) -> GuidanceFeatures:
+    def forward(self, z_img: torch.Tensor | None, z_coarse: torch.Tensor | None, context: torch.Tensor,
+                image_levels: list[torch.Tensor] | None = None) -> GuidanceFeatures:
         """Encode both latents at t = 1 in one batched pass.
 
         Args:
             z_img: (B, C_img, h, w); z_coarse: (B, C_lbl, h, w), or None for image-only guidance (Exp. A: the
                 coarse features are zeros); context: (1 or B, L, D).
+            image_levels: per level (B, C, h_l, w_l) image features from a pretrained branch; then ``z_img`` is
+                not encoded here (pass None).
         Returns:
             per level ``concat(f_img, f_coarse)`` of shape (B, 2C, h_l, w_l).
         """
-        batch = z_img.shape[0]
-        hidden = self.conv_in_image(z_img)
-        if z_coarse is not None:
-            hidden = torch.cat([hidden, self.conv_in(z_coarse)], 0)
+        if image_levels is not None:
+            if z_coarse is None:
+                return GuidanceFeatures([torch.cat([f, torch.zeros_like(f)], 1) for f in image_levels])
+            batch, hidden = 0, self.conv_in(z_coarse)
+        else:
+            batch = z_img.shape[0]
+            hidden = self.conv_in_image(z_img)
+            if z_coarse is not None:
+                hidden = torch.cat([hidden, self.conv_in(z_coarse)], 0)
         n = hidden.shape[0]
         context = context.expand(n, *context.shape[1:]) if context.shape[0] == 1 else context.repeat(n // context.shape[0], 1, 1)
         emb = unet_parts.time_embedding(self, GUIDANCE_TIMESTEP, n, hidden)
         skips, mid = unet_parts.encode_features(self, hidden, emb, context)
         levels = []
-        for feature in skips + [mid]:
-            image_part = feature[:batch]
+        for level, feature in enumerate(skips + [mid]):
+            image_part = feature[:batch] if image_levels is None else image_levels[level]
             coarse_part = feature[batch:] if z_coarse is not None else torch.zeros_like(image_part)
             levels.append(torch.cat([image_part, coarse_part], 1))
         return GuidanceFeatures(levels)
@@ -183,7 +196,12 @@ class CGModule(nn.Module):
 
 
 class GuidanceNetwork(nn.Module):
-    """The guidance encoder plus one CG module per level (levels and channels from the UNet config)."""
+    """The guidance encoder plus one CG module per level (levels and channels from the UNet config).
+
+    ``image_encoder`` "copy" (the default) encodes the image latent with the copied encoder; a registered pretrained
+    encoder name gives the image features to a :class:`~idgbr.image_branch.PretrainedImageBranch` instead, whose
+    levels sit at ``latent_factor`` x the UNet's strides in image pixels.
+    """
 
     def __init__(
         self,
@@ -196,9 +214,19 @@ class GuidanceNetwork(nn.Module):
         kv_grid: int = 0,
         freeze_encoder: bool = False,
         attention_stride: int = 1,
+        image_encoder: str = "copy",
+        latent_factor: int = 1,
+        trainable_stages: int = 0,
+        load_weights: bool = True,
     ):
         super().__init__()
-        self.encoder = GuidanceEncoder(unet, image_latent_channels)
+        pretrained = image_encoder != "copy"
+        self.encoder = GuidanceEncoder(unet, None if pretrained else image_latent_channels)
+        self.image_branch: PretrainedImageBranch | None = None
+        if pretrained:
+            self.image_branch = PretrainedImageBranch(
+                image_encoder, [s * latent_factor for s in unet_parts.level_strides(unet)],
+                unet_parts.level_channels(unet), trainable_stages, load_weights)
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:
             self.encoder.requires_grad_(False)
@@ -216,12 +244,22 @@ class GuidanceNetwork(nn.Module):
             self.encoder.eval()
         return self
 
-    def encode(self, z_img: torch.Tensor, z_coarse: torch.Tensor | None, context: torch.Tensor) -> GuidanceFeatures:
-        """t-independent features; under no_grad when the encoder is frozen."""
-        if self.freeze_encoder:
+    def encode(self, z_img: torch.Tensor, z_coarse: torch.Tensor | None, context: torch.Tensor,
+               image: torch.Tensor | None = None, normalization: str = "minus_one_one") -> GuidanceFeatures:
+        """t-independent features; under no_grad when the encoder is frozen. ``image``: the model-range image
+        (B, 3, H, W) in ``normalization``, which the pretrained image branch reads (ignored without one)."""
+        image_levels = None
+        if self.image_branch is not None:
+            if image is None:
+                raise ValueError("the pretrained image branch needs the image: encode(..., image=x)")
+            image_levels = self.image_branch(image, normalization)
+            z_img = None
+        if self.freeze_encoder and image_levels is None:
             with torch.no_grad():
                 return self.encoder(z_img, z_coarse, context)
-        return self.encoder(z_img, z_coarse, context)
+        if self.freeze_encoder:  # no graph through the frozen copy, but the image levels keep theirs
+            context = context.detach()
+        return self.encoder(z_img, z_coarse, context, image_levels)
 
     def residuals(self, query_levels: list[torch.Tensor], cond: GuidanceFeatures) -> list[torch.Tensor]:
         """Per level ``f_g = CG_l(f_zt_l, f_c_l)``; ``query_levels`` are the denoiser's skips + mid."""

@@ -167,7 +167,9 @@ class IDGBRModel(nn.Module):
             config.guidance_heads, config.guidance_attention,
             base_grid=max(1, (config.crop_size if config.pos_embed_size == "crop" else config.tile_size) // self.codec.factor),
             kv_grid=config.guidance_kv_grid, freeze_encoder=config.freeze_guidance_encoder,
-            attention_stride=config.guidance_attention_stride,
+            attention_stride=config.guidance_attention_stride, image_encoder=config.image_encoder,
+            latent_factor=self.codec.factor, trainable_stages=config.image_encoder_trainable_stages,
+            load_weights=load_weights,
         )
         # --- label embedding (trained first, frozen here) ----------------------------------------------------
         if load_weights and config.label_embed:
@@ -234,15 +236,19 @@ class IDGBRModel(nn.Module):
         return self.label_embed.decode(self.codec.decode_embedding(z))
 
     def condition(self, z_img: torch.Tensor, z_coarse: torch.Tensor | None,
-                  coarse_labels: torch.Tensor | None = None) -> GuidanceFeatures:
+                  coarse_labels: torch.Tensor | None = None, image: torch.Tensor | None = None) -> GuidanceFeatures:
         """Guidance-encoder features of image and coarse latents (t-independent: compute once per tile).
 
         ``z_coarse`` None, or ``config.use_coarse`` False, gives image-only guidance (coarse features are zeros).
         ``coarse_labels`` (B, H, W) long: the coarse map, needed for ``config.residual_band``.
+        ``image``: the :meth:`normalize_image` output behind ``z_img``, needed by a pretrained ``image_encoder``.
         """
         if not self.config.use_coarse:
             z_coarse = None
-        features = self.guidance.encode(z_img, z_coarse, self.context)
+        if self.guidance.image_branch is not None and image is None:
+            raise IdgbrError(f"image_encoder {self.config.image_encoder!r} reads the image: call "
+                             "condition(z_img, z_coarse, labels, image=normalize_image(images))")
+        features = self.guidance.encode(z_img, z_coarse, self.context, image, self.config.image_normalization)
         if self.config.coarse_residual and z_coarse is not None:
             features.base = z_coarse
             if self.config.residual_band > 0:
@@ -310,12 +316,25 @@ class IDGBRModel(nn.Module):
         """What the optimiser gets: the UNet, context, CG modules, a non-frozen guidance encoder, the projector."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def optimizer_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """``params`` as AdamW parameter groups: the pretrained image encoder's fine-tuned blocks (if any) at
+        ``lr x image_encoder_lr_scale``, everything else at the optimiser's lr."""
+        branch = self.guidance.image_branch
+        slow = {id(p) for p in branch.finetuned_parameters()} if branch is not None else set()
+        groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in slow]}]
+        if slow:
+            groups.append({"params": [p for p in params if id(p) in slow],
+                           "lr": self.config.lr * self.config.image_encoder_lr_scale})
+        return groups
+
     def parameter_counts(self) -> dict[str, tuple[int, int]]:
         """``{part: (total, trainable)}`` for every part, plus ``"total"``."""
         parts: dict[str, Any] = {
             "label_embed": self.label_embed, "codec": self.codec, "unet": self.unet,
             "guidance_encoder": self.guidance.encoder, "cg_modules": self.guidance.cg,
         }
+        if self.guidance.image_branch is not None:
+            parts["image_encoder"] = self.guidance.image_branch
         if self.projector is not None:
             parts["projector"] = self.projector
         counts = {name: (sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad))

@@ -136,10 +136,11 @@ class Refiner:
         if len(noise) % len(image):
             raise IdgbrError(f"noise batch {len(noise)} is not a multiple of the {len(image)} tiles")
         samples = len(noise) // len(image)
-        z_img = model.encode_image(model.normalize_image(image))
+        x = model.normalize_image(image)
+        z_img = model.encode_image(x)
         z_coarse = model.encode_labels(coarse)
         cond = model.condition(z_img, z_coarse if cfg.use_coarse else torch.zeros_like(z_coarse),
-                               coarse.argmax(1))  # once per tile
+                               coarse.argmax(1), image=x)  # once per tile
         if cfg.objective == "deterministic":  # one pass, no noise
             logits = model.decode_logits(self._denoise(torch.zeros_like(z_coarse), cfg.num_train_timesteps - 1, cond, 1.0))
             return _repeat_batch(logits, samples)

@@ -5,6 +5,7 @@
 * Teacher input: the image resized bicubically to ``floor14(0.875 side)`` (512 -> 448, a 32 x 32 grid).
 * Student: the CG output at the deepest down skip (``aux["repa"]``), projected per token by a 3-layer MLP,
   bilinearly resized to the teacher grid.
+* Or (``RefinerConfig.repa_target``) a packaged ImageNet encoder's deepest features (:class:`EncoderTeacher`).
 * Loss: negative cosine; the teacher is normalised with eps 1e-6, student tokens with norm <= 1e-6 are masked out
   (the CG output starts at exactly zero). Weight 0.5 for the first 200 steps (``RefinerConfig.repa_*``).
 """
@@ -165,6 +166,33 @@ def repa_loss(student: torch.Tensor, teacher: torch.Tensor, projector: nn.Module
     if not valid.any():
         return projected.sum() * 0.0
     return -(cosine[valid]).mean()
+
+
+class EncoderTeacher(nn.Module):
+    """A packaged ImageNet encoder (:mod:`idgbr.encoders`) as the REPA teacher, the CPU stand-in for DINOv2: its
+    deepest feature map (stride 32; for EfficientNet-Lite0 320 channels) as (B, N, D) tokens. Frozen, eval mode,
+    never saved (like the DINOv2 teacher). The deepest stage rather than the stride the student sits at: like
+    DINOv2's last layer it is the most semantic one, and it is not the input of the guidance, so the alignment
+    is not the identity even when the image branch reads the same encoder."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        from .encoders import load_pretrained_encoder
+
+        self.name = name
+        self.model = load_pretrained_encoder(name, features_only=True)
+        self.model.requires_grad_(False).eval()
+        self.dim = self.model.feature_info.channels()[-1]
+
+    def train(self, mode: bool = True) -> "EncoderTeacher":
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, normalization: str) -> torch.Tensor:
+        """Model-range RGB (B, 3, H, W) -> (B, (H/32)(W/32), D)."""
+        from .image_branch import encoder_input
+
+        return self.model(encoder_input(x[:, :3], normalization, self.name))[-1].float().flatten(2).transpose(1, 2)
 
 
 def check_teacher_input(normalization: str) -> None:

@@ -87,11 +87,12 @@ class RefinerObjective(nn.Module):
         target = torch.where(mask == IGNORE_INDEX, coarse, mask)  # ignore -> coarse label for the embedding
         with torch.no_grad():  # the label embedding and the codecs are frozen
             z0 = model.encode_labels(target)
-            z_img = model.encode_image(model.normalize_image(image))
+            x = model.normalize_image(image)
+            z_img = model.encode_image(x)
             z_c = model.encode_labels(coarse) if cfg.use_coarse else torch.zeros_like(z0)
         mark = mark or (lambda phase: None)
         mark("encode")
-        cond = model.condition(z_img, z_c, coarse)
+        cond = model.condition(z_img, z_c, coarse, image=x)  # once per batch: the features do not depend on t
         mark("condition")
         zero = z0.new_zeros(())
         losses = {"main": zero, "ce": zero, "repa": zero}
@@ -306,6 +307,9 @@ def resolve_config(config: RefinerConfig, dataset: SegmentationDataset, samples:
     bands = {int(s["image"].shape[-1]) for s in samples}
     if len(bands) != 1:
         raise file_error(dataset.root / "images", f"images have different band counts {sorted(bands)}", "give all images the same bands")
+    if config.image_encoder != "copy" and bands != {3}:
+        raise file_error(dataset.root / "images", f"{bands.pop()}-band images, but image_encoder "
+                         f"{config.image_encoder!r} reads RGB", "use image_encoder='copy' (--set image_encoder=copy)")
     config = config.replace(num_classes=dataset.classes.num_classes, image_channels=bands.pop())
     if config.crop_size % config.size_multiple:
         raise IdgbrError(f"crop_size {config.crop_size} must be a multiple of {config.size_multiple} for this model; "
@@ -339,8 +343,10 @@ def check_sample_labels(samples: list[dict[str, Any]], num_classes: int) -> None
 # --------------------------------------------------------------------------------------------------------------
 # Throughput switches.
 # --------------------------------------------------------------------------------------------------------------
-def make_optimizer(config: RefinerConfig, params: list[nn.Parameter], device: torch.device | str) -> torch.optim.AdamW:
+def make_optimizer(config: RefinerConfig, params: list[nn.Parameter] | list[dict[str, Any]],
+                   device: torch.device | str) -> torch.optim.AdamW:
     """AdamW as ``config.optimizer_impl`` says; "auto": fused kernels on CUDA, foreach (multi-tensor) on CPU.
+    ``params``: parameters, or parameter groups (:meth:`IDGBRModel.optimizer_groups`; a group's own lr wins).
 
     On CPU, foreach gives the same numbers as the per-parameter loop (bit for bit) with fewer kernel launches;
     fused is faster still but rounds differently, so it is opt-in there.
@@ -538,9 +544,11 @@ def _checkpoint_step(path: Path | None) -> int:
 
 
 def _repa_teacher(config: RefinerConfig, model: nn.Module, start: int, log: _Log) -> nn.Module | None:
-    """The frozen DINOv2 teacher (and the model's projector) while REPA is active, else None (reference §4)."""
-    if not config.dinov2 or config.repa_steps <= 0 or config.repa_weight == 0:
-        log("REPA off: no --dinov2 weights" if not config.dinov2 else "REPA off: repa_steps or repa_weight is 0")
+    """The frozen REPA teacher (and the model's projector) while REPA is active, else None (reference §4): DINOv2,
+    or with ``repa_target`` a packaged encoder (:class:`idgbr.repa.EncoderTeacher`)."""
+    if not config.repa_on:
+        log("REPA off: no --dinov2 weights" if config.repa_target == "dinov2" and not config.dinov2
+            else "REPA off: repa_steps or repa_weight is 0")
         return None
     if start >= config.repa_steps:
         log(f"REPA already finished (step {start} >= repa_steps {config.repa_steps})")
@@ -548,6 +556,13 @@ def _repa_teacher(config: RefinerConfig, model: nn.Module, start: int, log: _Log
     if config.image_channels < 3:
         log(f"REPA off: DINOv2 needs RGB, the images have {config.image_channels} band(s)")
         return None
+    if config.repa_target != "dinov2":
+        from .repa import EncoderTeacher
+
+        teacher = EncoderTeacher(config.repa_target)
+        model.build_projector(teacher.dim)
+        log(f"REPA on for steps < {config.repa_steps} (weight {config.repa_weight}) with {config.repa_target}")
+        return teacher
     from .repa import load_dinov2
 
     dinov2 = load_dinov2(config.dinov2)
@@ -594,7 +609,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
         # cpu=True on CPU-only hosts makes torchrun-spawned processes (`accelerate launch --multi_gpu`) use gloo
         cpu=not torch.cuda.is_available(), mixed_precision=mixed, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(config.dinov2))],  # REPA projector
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.repa_on)],  # REPA projector
     )
     main = accelerator.is_main_process
     if main:
@@ -632,7 +647,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     model.to(accelerator.device)
     apply_throughput_switches(config, model, accelerator.device)
     objective = RefinerObjective(model, config)
-    optimizer = make_optimizer(config, main_params, accelerator.device)
+    optimizer = make_optimizer(config, model.optimizer_groups(main_params), accelerator.device)
     # The REPA projector is never saved (reference §4), so it gets its own optimiser, left out of checkpoints.
     repa_optimizer = make_optimizer(config, projector, accelerator.device) if projector else None
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))  # stepped once per step, not per process
@@ -674,8 +689,11 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
                 from .repa import teacher_tokens, to_imagenet
 
                 with torch.no_grad():
-                    x = to_imagenet(unwrapped.normalize_image(batch["image"]), config.image_normalization)
-                    tokens = teacher_tokens(dinov2, x)
+                    x = unwrapped.normalize_image(batch["image"])
+                    if config.repa_target == "dinov2":
+                        tokens = teacher_tokens(dinov2, to_imagenet(x, config.image_normalization))
+                    else:
+                        tokens = dinov2(x, config.image_normalization)
             elif dinov2 is not None:
                 dinov2 = None  # free the DINOv2 teacher once REPA is over
                 log(f"REPA finished at step {step}; teacher freed")
