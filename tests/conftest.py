@@ -18,6 +18,17 @@ def datasets_dir() -> Path:
         pytest.skip(f"{DATASETS} is not present (a clone of the repository carries it)")
     return DATASETS
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (the CI box has 2 cores, shared with other processes), then restore."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # CI runs the property tests with a fixed seed, so a submission's result does not depend on the draw.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 

@@ -6,19 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from idgbr.cli import main
 from idgbr.errors import IdgbrError
 from idgbr.zoo import SHIPPED, card, shipped_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
