@@ -66,7 +66,7 @@ def resolve_model(name: str | Path, kind: str, fix: str) -> Path:
             raise IdgbrError(f"{text}: a shipped {shipped_kind} model, not a {kind} model; shipped {kind} models: "
                              f"{', '.join(names)}")
         return shipped_path(text)
-    if _REPO_ID.match(text) and not text.startswith((".", "/")):
+    if _REPO_ID.match(text):
         return _from_hub(text, fix)
     raise file_error(path, "model folder not found", fix)
 
