@@ -24,6 +24,10 @@ import torch.nn as nn
 
 from .errors import IdgbrError, file_error
 
+# torchvision's ImageNet statistics, for inputs in [0, 1] (the model's "imagenet" normalisation, DINOv2)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 __all__ = ["ENCODERS", "PretrainedEncoder", "get_encoder", "normalize", "weights_path", "package_weights",
            "map_to_timm", "timm_state_dict", "load_pretrained_encoder", "smp_encoder_state_dict",
            "pretrained_for_smp"]

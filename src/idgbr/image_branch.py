@@ -22,14 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .encoders import ENCODERS, get_encoder, load_pretrained_encoder, normalize
+from .encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, get_encoder, load_pretrained_encoder, normalize
 from .errors import IdgbrError
 
 __all__ = ["IMAGE_ENCODERS", "encoder_input", "features_model", "PretrainedImageBranch"]
 
 IMAGE_ENCODERS = ("copy", *ENCODERS)  # "copy": the copied denoiser encoder reads the image latent (the paper's lite)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def encoder_input(x: torch.Tensor, normalization: str, name: str) -> torch.Tensor:

@@ -25,14 +25,13 @@ from torch import nn
 from . import unet_parts
 from .codecs import SpaceToDepthCodec, VAECodec
 from .config import RefinerConfig
+from .encoders import IMAGENET_MEAN, IMAGENET_STD
 from .errors import IdgbrError, file_error
 from .guidance import GuidanceFeatures, GuidanceNetwork
 from .labelembed import LabelEmbedding, separated_table
 
 WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURE_NAME = "architecture.json"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # SD-1.5's AutoencoderKL (used to rebuild an sd15 checkpoint when architecture.json is absent).
 SD15_VAE_CONFIG: dict[str, Any] = dict(

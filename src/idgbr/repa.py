@@ -207,6 +207,8 @@ def to_imagenet(x: torch.Tensor, normalization: str) -> torch.Tensor:
     if normalization == "imagenet":
         return x[:, :3]
     rgb = (x[:, :3] + 1) / 2
-    mean = torch.tensor((0.485, 0.456, 0.406), device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225), device=x.device).view(1, 3, 1, 1)
+    from .encoders import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (rgb - mean) / std
