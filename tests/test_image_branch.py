@@ -251,3 +251,14 @@ def test_default_outputs_unchanged():
         assert len(model.state_dict()) == keys
         assert out.sum().item() == pytest.approx(total, rel=1e-6)
         assert out.abs().sum().item() == pytest.approx(absolute, rel=1e-6)
+
+
+def test_compile_covers_the_image_branch():
+    """compile=True compiles the pretrained image encoder too (it runs in condition(), outside model.forward). Only
+    the wrappers are checked here: compiling itself takes minutes and is a GPU switch."""
+    from idgbr.train import apply_throughput_switches
+
+    model = IDGBRModel(config(compile=True))
+    apply_throughput_switches(model.config, model, "cpu")
+    assert model._compiled_call_impl is not None
+    assert model.guidance.image_branch._compiled_call_impl is not None

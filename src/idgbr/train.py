@@ -368,6 +368,8 @@ def apply_throughput_switches(config: RefinerConfig, model: nn.Module, device: t
     if config.compile:  # in place: the state-dict keys (and so the checkpoints) stay as they are
         model.compile()
         model.guidance.encoder.compile()
+        if model.guidance.image_branch is not None:  # the pretrained image encoder runs outside model.forward too
+            model.guidance.image_branch.compile()
 
 
 # --------------------------------------------------------------------------------------------------------------
