@@ -233,7 +233,8 @@ def test_default_outputs_unchanged():
     pins = {"tiny": (388, 3999.3935882553924, 7349.965751760406), "lite": (270, 17585.884379684925, 22710.59838861227)}
     for preset, (keys, total, absolute) in pins.items():
         torch.manual_seed(0)
-        model = IDGBRModel(RefinerConfig.preset_config(preset, num_classes=K, crop_size=64, tile_size=64))
+        model = IDGBRModel(RefinerConfig.preset_config(preset, num_classes=K, crop_size=64, tile_size=64,
+                                                       image_encoder="copy", image_encoder_trainable_stages=0))
         assert model.guidance.image_branch is None and model.config.repa_target == "dinov2"
         with torch.no_grad():
             for p in model.guidance.cg.parameters():

@@ -438,6 +438,32 @@ def test_cli_train_minutes_flag() -> None:
     assert RefinerConfig.preset_config("lite").checkpoint_every == 1000
 
 
+def test_cli_lite_preset_picks_the_image_branch_by_bands(tmp_path: Path) -> None:
+    """lite reads RGB with the ImageNet encoder (last 2 blocks fine-tuned); other imagery keeps the copied encoder,
+    since the pretrained one reads RGB only. An explicit choice is not overridden: it fails on such imagery."""
+    from idgbr.commands.train import build_config, register
+    from idgbr.errors import IdgbrError
+    import argparse
+
+    rgb = make_dataset(tmp_path / "rgb")
+    grey = make_dataset(tmp_path / "grey")
+    for path in (grey / "images").iterdir():
+        Image.open(path).convert("L").save(path)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def config(data: Path, *extra: str) -> RefinerConfig:
+        return build_config(parser.parse_args(["train", "--data", str(data), "--out", "o", *extra]))
+
+    lite = config(rgb)
+    assert (lite.image_encoder, lite.image_encoder_trainable_stages) == ("tf_efficientnet_lite0", 2)
+    for other in (config(grey), config(rgb, "--preset", "tiny")):
+        assert (other.image_encoder, other.image_encoder_trainable_stages) == ("copy", 0)
+    assert config(grey).image_channels == 1
+    with pytest.raises(IdgbrError, match="reads RGB"):
+        config(grey, "--set", "image_encoder=tf_efficientnet_lite0")
+
+
 def test_labels_checked_once_at_load() -> None:
     from idgbr.errors import IdgbrError
     from idgbr.train import check_sample_labels

@@ -45,7 +45,21 @@ def build_config(args: argparse.Namespace):
                  "pretrained": args.pretrained, "dinov2": args.dinov2, "label_embed": args.label_embed}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.update(parse_overrides(args.set))
+    if "image_channels" not in overrides:  # the preset's defaults may depend on the bands (lite: RGB or not)
+        overrides["image_channels"] = image_bands(args.data)
     return RefinerConfig.preset_config(args.preset, **overrides)
+
+
+def image_bands(data: str) -> int | None:
+    """The band count of the first training image of a prepared dataset (training checks that all agree), or None
+    when DATA is not one (training then says what is wrong with it)."""
+    from pathlib import Path
+
+    if not (Path(data) / "classes.json").exists():
+        return None
+    from ..data import SegmentationDataset
+
+    return int(SegmentationDataset(data, "train", load_mask=False)[0]["image"].shape[-1])
 
 
 def run(args: argparse.Namespace) -> int:
