@@ -46,6 +46,9 @@ class BenchmarkSettings:
     samples: int | None = None  # samples averaged per tile (None: the model's config)
     noise_scale: float | None = None  # starting-noise scale (None: the model's config)
     tta: str | None = None  # test-time augmentation "none" / "flips" / "d4" (None: the model's config)
+    # Minimum mapping unit (idgbr.postprocess; None: the refiner config's, lite 6). Applied when scoring: the
+    # refined folders hold the raw maps, and the report also scores them unsieved ("unsieved").
+    sieve: int | None = None
     controls: bool = True
     image_only: bool = False  # with controls: also the image-only control (it does not depend on the coarse maps)
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
@@ -144,12 +147,16 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
     infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength,
              "samples": settings.samples, "noise_scale": settings.noise_scale, "tta": settings.tta}
     stages(f"refine test with {name}", pred_dir, {"model": str(model_dir), "coarse": coarse, **infer},
-           lambda: Refiner.from_pretrained(model_dir).refine_folder(data_root, "test", coarse, pred_dir, **infer))
+           lambda: Refiner.from_pretrained(model_dir).refine_folder(data_root, "test", coarse, pred_dir, **infer,
+                                                                    sieve=0))
     coarse_dir = data_root / "coarse" / coarse if coarse else None
-    result = evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir)
+    sieve = config.sieve if settings.sieve is None else settings.sieve
+    result = evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir, sieve=sieve)
+    if sieve > 1:
+        result["unsieved"] = evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir)
     if coarse_dir is not None and settings.gate_width is not None:
         result["gated"] = evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir,
-                                          gate_width=settings.gate_width)
+                                          gate_width=settings.gate_width, sieve=sieve)
     return result
 
 
@@ -314,6 +321,9 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                          coarse_provenance=provenance.get("command") or provenance.get("settings"))
         if "gated" in refined:
             entry["gated"] = refined["gated"]
+        if "unsieved" in refined:  # the raw maps, before the sieve (what the sieve costs and buys)
+            entry["unsieved"] = _strip(refined["unsieved"])
+            entry["unsieved_repair"] = refined["unsieved"].get("repair", {})
         if settings.controls:
             det = train_and_refine(stages, data_root, run, f"deterministic_{arch}",
                                    control_config(config), tag, settings)
@@ -321,11 +331,15 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                                  "deterministic": _strip(det)}
             if "gated" in det:
                 entry["controls"]["deterministic_gated"] = det["gated"]
+            if "unsieved" in det:
+                entry["controls"]["deterministic_unsieved"] = _strip(det["unsieved"])
+            entry["control_repair"] = det.get("repair", {})
         entry["seconds"] = {k: round(v, 1) for k, v in stages.seconds.items()
                             if arch in k or "image_only" in k or "synthetic" in k}
         entry["settings"] = {"preset": settings.preset, "sample_steps": settings.sample_steps,
                              "guidance": settings.guidance, "strength": settings.strength,
-                             "gate_width": settings.gate_width}
+                             "gate_width": settings.gate_width,
+                             "sieve": config.sieve if settings.sieve is None else settings.sieve}
         results.append(entry)
     report = {"results": results, "wall_seconds": round(time.perf_counter() - wall_start, 1),
               "side_by_side_threads": threads}
@@ -436,7 +450,7 @@ def _short_hash(text: str) -> str:
 def _strip(result: dict | None) -> dict:
     if result is None:
         return {}
-    return {k: v for k, v in result.items() if k not in ("repair", "gated")}
+    return {k: v for k, v in result.items() if k not in ("repair", "gated", "unsieved")}
 
 
 # Issue 11's targets for the refined map against its coarse map (points; IoU_RTm as a fraction).
@@ -467,6 +481,11 @@ def verdict_lines(report: dict) -> list[str]:
                      f"{100 * (refined['bf']['3']['precision'] - coarse['bf']['3']['precision']):+.2f}); connected "
                      f"components per ground-truth one {coarse['components_ratio']:.1f} -> "
                      f"{refined['components_ratio']:.1f}")
+        if "unsieved" in entry:
+            raw = entry["unsieved"]
+            text += (f" (sieve {entry['settings']['sieve']} px; unsieved: WFm(3px) "
+                     f"{100 * (raw['wfm']['3'] - coarse['wfm']['3']):+.2f}, mIoU {100 * (raw['miou'] - coarse['miou']):+.2f}"
+                     + (f", components {raw['components_ratio']:.1f}" if "components_ratio" in raw else "") + ")")
         lines.append(text + ".")
     return lines
 
@@ -489,8 +508,10 @@ def write_reports(run: Path, report: dict) -> None:
         gate = entry.get("settings", {}).get("gate_width")
         if "gated" in entry:
             rows[f"IDGBR refined, gated {gate} px"] = entry["gated"]
+        if "unsieved" in entry:
+            rows["IDGBR refined, unsieved"] = entry["unsieved"]
         for name, result in entry.get("controls", {}).items():
-            label = name.replace("_gated", f", gated {gate} px").replace("_", " ")
+            label = name.replace("_gated", f", gated {gate} px").replace("_unsieved", ", unsieved").replace("_", " ")
             rows[f"control: {label}"] = result
         track = entry.get("coarse_maps")
         lines += [f"## Coarse model: {arch}" + (f" (coarse track `{track}`)" if track else ""), ""]
@@ -517,7 +538,7 @@ def write_reports(run: Path, report: dict) -> None:
         lines.append(f"Refinement {verdict} the coarse map on WFm(3px): {100 * gain:+.2f} points; "
                      f"mIoU {100 * dmiou:+.2f} points.")
         for name, result in rows.items():
-            if "gated" in name or "deterministic" in name:
+            if "gated" in name or "deterministic" in name or "unsieved" in name:
                 lines.append(f"\n{name}: WFm(3px) {100 * (result['wfm']['3'] - entry['coarse']['wfm']['3']):+.2f} "
                              f"points, mIoU {100 * (result['miou'] - entry['coarse']['miou']):+.2f} points vs coarse.")
         if entry.get("repair"):

@@ -54,14 +54,19 @@ def _read_map(path: Path, num_classes: int, mask_path: Path, shape: tuple[int, i
 
 def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "test",
                     coarse_dir: str | Path | None = None, tolerances: Sequence[int] = (1, 3, 5), k: float = 1.0,
-                    progress: bool = True, gate_width: int | None = None) -> dict[str, Any]:
+                    progress: bool = True, gate_width: int | None = None, sieve: int = 0) -> dict[str, Any]:
     """Score ``pred_dir/<stem>.png|.tif`` against the split's masks; with ``coarse_dir``, also the coarse maps and
     the repair analysis. Returns the :func:`~idgbr.metrics.evaluate_maps` dict plus ``data``, ``pred``, ``split``
     (and ``coarse_dir``). A missing prediction or a size mismatch raises :class:`IdgbrError` naming the file(s).
 
     ``gate_width`` (needs ``coarse_dir``) scores the "do no harm" gated prediction: the refined label within
     ``gate_width`` px of a coarse boundary, the coarse label elsewhere (what ``idgbr refine --gate`` writes).
+    ``sieve`` > 1 scores the prediction (after gating) with regions smaller than ``sieve`` px merged into their
+    largest neighbour (what ``idgbr refine --sieve`` writes; :mod:`idgbr.postprocess`).
     """
+    from .postprocess import check_sieve, sieve_labels
+
+    sieve = check_sieve(sieve)
     data_root = Path(data_root)
     tolerances = [int(t) for t in tolerances]
     if not tolerances or min(tolerances) < 1:
@@ -87,7 +92,7 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
             mask_path = dataset.mask_path(stem)
             refined = _read_map(_find_map(pred, stem, "prediction", str(pred)), num_classes, mask_path, mask.shape)
             if coarse is None:
-                yield mask, refined
+                yield mask, sieve_labels(refined, sieve)
             else:
                 coarse_map = _read_map(_find_map(coarse, stem, "coarse map", str(coarse)), num_classes, mask_path,
                                        mask.shape)
@@ -95,7 +100,7 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
                     from .scene import gate_band
 
                     refined = np.where(gate_band(coarse_map, gate_width), refined, coarse_map)
-                yield mask, refined, coarse_map
+                yield mask, sieve_labels(refined, sieve), coarse_map
 
     result = evaluate_maps(pairs(), num_classes, tolerances=tolerances, k=k, class_names=dataset.classes.names,
                            ignore_index=IGNORE_INDEX)
@@ -104,6 +109,8 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
         result["coarse_dir"] = str(coarse)
     if gate_width is not None:
         result["gate_width"] = gate_width
+    if sieve > 1:
+        result["sieve"] = sieve
     return result
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE_INDEX, SegmentationDataset
+from .postprocess import check_sieve, sieve_labels
 from .errors import IdgbrError, file_error
 from .io import write_label
 
@@ -183,7 +184,8 @@ class Refiner:
                steps: int | None = None, guidance: float | None = None, strength: float | None = None,
                generator: torch.Generator | None = None, return_probs: bool = False, batch_size: int = 4,
                callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int | None = None,
-               noise_scale: float | None = None, return_agreement: bool = False, tta: str | None = None):
+               noise_scale: float | None = None, return_agreement: bool = False, tta: str | None = None,
+               sieve: int | None = None):
         """Refine one image or a list of images.
 
         Args:
@@ -203,6 +205,8 @@ class Refiner:
                 one (1 everywhere for S = 1): a per-pixel confidence.
             tta: test-time augmentation, "none", "flips" (4 passes) or "d4" (8 passes); the probabilities are
                 averaged over the transforms (default ``config.tta``).
+            sieve: merge regions smaller than this many pixels into their largest neighbour (0: off; default
+                ``config.sieve``; :mod:`idgbr.postprocess`). The probabilities are not changed.
         Returns:
             (H, W) uint8 index map (nodata pixels stay ``IGNORE_INDEX``), or a tuple ``(map, probs)``, ``(map,
             agreement)`` or ``(map, probs, agreement)``; lists for list input.
@@ -213,6 +217,7 @@ class Refiner:
         strength = cfg.strength if strength is None else float(strength)
         samples = cfg.samples if samples is None else int(samples)
         noise_scale = cfg.noise_scale if noise_scale is None else float(noise_scale)
+        sieve = check_sieve(cfg.sieve if sieve is None else sieve)
         if steps < 1 or not 0 < strength <= 1 or guidance < 0 or batch_size < 1 or samples < 1 or noise_scale < 0:
             raise IdgbrError(f"need steps >= 1, 0 < strength <= 1, guidance >= 0, batch_size >= 1, samples >= 1 and "
                              f"noise_scale >= 0; got steps={steps}, strength={strength}, guidance={guidance}, "
@@ -231,6 +236,7 @@ class Refiner:
             labels = probs.argmax(0).astype(np.uint8)
             if not _is_soft(crs):
                 labels[np.asarray(crs) == IGNORE_INDEX] = IGNORE_INDEX
+            labels = sieve_labels(labels, sieve)
             extra = ([probs] if return_probs else []) + ([agreement] if return_agreement else [])
             results.append((labels, *extra) if extra else labels)
         return results if many else results[0]

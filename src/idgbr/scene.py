@@ -57,6 +57,7 @@ import torch
 from .data import IGNORE_INDEX
 from .errors import IdgbrError, file_error
 from .io import atomic_path, is_geotiff
+from .postprocess import check_sieve, sieve_labels
 from .tiling import Window, blend_weights, pad_to_multiple, tile_grid
 
 __all__ = ["refine_scene", "NoiseField", "seam_score", "gate_band", "sidecar_paths"]
@@ -387,7 +388,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                  gate_width: int | None = None, confidence: float | None = None, batch_size: int = 4,
                  bands: Sequence[int] | None = None, resume: bool = True, progress: bool = True,
                  callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None,
-                 tta: str | None = None) -> dict[str, Any]:
+                 tta: str | None = None, sieve: int | None = None) -> dict[str, Any]:
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
@@ -400,6 +401,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         seed: seed of the scene-level noise field; samples: refinements drawn (majority vote if > 1).
         noise_scale: scale of the noise field (default: the model's; 0 = deterministic start, one sample only).
         tta: test-time augmentation per tile, "none", "flips" or "d4" (default: the model's ``tta``).
+        sieve: merge regions smaller than this many pixels into their largest neighbour, seam-free (0: off;
+            default: the model's ``sieve``; :mod:`idgbr.postprocess`).
         gate_width: refine only within this many px of coarse boundaries (None: refine everything);
         confidence: with soft coarse input, also refine pixels whose max probability is below this.
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
@@ -422,6 +425,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     from .pipeline import check_noise_for_samples, check_tta
 
     tta = check_tta(cfg.tta if tta is None else tta)
+    sieve = check_sieve(cfg.sieve if sieve is None else sieve)
 
     check_noise_for_samples(samples, noise_scale)
     f, multiple = cfg.latent_factor, cfg.size_multiple
@@ -496,7 +500,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         bar.close()
         _write_json(paths["progress"], state)
         unc_path = uncertainty_path(out_path) if samples > 1 else None
-        _write_output(scene, scratch, out_path, unc_path, gate_width, confidence, gating)
+        _write_output(scene, scratch, out_path, unc_path, gate_width, confidence, gating, sieve)
     except IdgbrError:
         # bad input found mid-scene (a truncated tile, NaN probabilities): the signature pins the input files, so
         # sidecars started by this call could never be resumed once the file is fixed; leave no partial output
@@ -633,26 +637,37 @@ def _raster_writer(path: Path | None, scene: _Scene) -> Iterator[Any]:
 
 
 def _write_output(scene: _Scene, scratch: _Scratch, out_path: Path, unc_path: Path | None, gate_width: int | None,
-                  confidence: float | None, gating: bool) -> None:
-    """Vote, gate and mask the accumulated probabilities in row bands; write the map (and the uncertainty)."""
-    samples, k = scratch.probs.shape[:2]
+                  confidence: float | None, gating: bool, sieve: int = 0) -> None:
+    """Vote, gate, mask and sieve the accumulated probabilities in row bands; write the map (and the uncertainty).
+
+    With ``sieve`` > 1 each band's labels are computed with a halo of ``sieve`` rows: a region smaller than
+    ``sieve`` pixels that touches the band lies wholly inside it, and a larger one shows at least ``sieve + 1``
+    of its pixels, so the sieved band equals the same rows of the whole sieved map."""
+
+    def labels_of(window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(labels, disagreement, refined mask, valid mask) of a full-width row window."""
+        samples, k = scratch.probs.shape[:2]
+        weight = np.asarray(scratch.weight[window.slices])
+        mean = np.asarray(scratch.probs[(slice(None), slice(None), *window.slices)]) / np.maximum(weight, 1e-12)  # (S, K, h, W)
+        votes = mean.argmax(1)  # (S, h, W)
+        if samples == 1:
+            vote, disagree = votes[0], np.zeros(votes.shape[1:], dtype=np.float32)
+        else:
+            counts = (votes[:, None] == np.arange(k)[None, :, None, None]).sum(0)  # (K, h, W)
+            vote = (counts + 0.5 * mean.mean(0)).argmax(0)  # ties go to the larger mean probability
+            disagree = (votes != vote).mean(0)
+        coarse, _, _ = scene.read_coarse(window)
+        valid = scene.read_valid(window, coarse)
+        take = (weight > 0) & (_band_for(scene, window, gate_width, confidence) if gating else True)
+        return np.where(valid, np.where(take, vote, coarse), IGNORE_INDEX).astype(np.uint8), disagree, take, valid
+
     with _raster_writer(out_path, scene) as write, _raster_writer(unc_path, scene) as write_unc:
         for row in range(0, scene.height, ROW_BAND):
             window = Window(row, 0, min(ROW_BAND, scene.height - row), scene.width)
-            weight = np.asarray(scratch.weight[window.slices])
-            covered = weight > 0
-            mean = np.asarray(scratch.probs[(slice(None), slice(None), *window.slices)]) / np.maximum(weight, 1e-12)  # (S, K, h, W)
-            votes = mean.argmax(1)  # (S, h, W)
-            if samples == 1:
-                vote, disagree = votes[0], np.zeros(votes.shape[1:], dtype=np.float32)
-            else:
-                counts = (votes[:, None] == np.arange(k)[None, :, None, None]).sum(0)  # (K, h, W)
-                vote = (counts + 0.5 * mean.mean(0)).argmax(0)  # ties go to the larger mean probability
-                disagree = (votes != vote).mean(0)
-            coarse, _, _ = scene.read_coarse(window)
-            valid = scene.read_valid(window, coarse)
-            take = covered & (_band_for(scene, window, gate_width, confidence) if gating else True)
-            labels = np.where(valid, np.where(take, vote, coarse), IGNORE_INDEX).astype(np.uint8)
+            labels, disagree, take, valid = labels_of(window)
+            if sieve > 1:
+                grown, cut = _halo(window, sieve, scene.height, scene.width)
+                labels = sieve_labels(labels_of(grown)[0], sieve)[cut]
             write(window, labels)
             if write_unc is not None:
                 unc = np.where(take, np.rint(100 * disagree), 0)

@@ -34,6 +34,9 @@ def register(sub) -> None:
     parser.add_argument("--tta", default=None, choices=["none", "flips", "d4"],
                         help="test-time augmentation: average over flips (4 passes) or all 8 rotations/mirrors "
                              "(default: the model's, none)")
+    parser.add_argument("--sieve", type=int, default=None, metavar="PX",
+                        help="minimum mapping unit: merge regions smaller than PX pixels into their largest neighbour, "
+                             "0 = off (default: the model's; lite 6, the shipped dubai-lite 0)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--batch", type=int, default=4, help="tiles per network batch (default: 4)")
     scene = parser.add_argument_group("scene mode (GeoTIFF / large images)")
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model if args.model is not None else _default_model(args)
     refiner = Refiner.from_pretrained(model)
-    kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch, tta=args.tta)
+    kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch, tta=args.tta,
+              sieve=args.sieve)
     if folder:
         out = Path(args.out) if args.out else Path(args.data) / "refined" / (Path(model).resolve() if Path(model).exists() else Path(model)).name
         written = refiner.refine_folder(args.data, args.split, args.coarse, out, seed=args.seed,
@@ -174,7 +178,7 @@ def _run_scene(args: argparse.Namespace, refiner) -> int:
                            steps=args.steps, guidance=args.guidance, strength=args.strength, seed=args.seed,
                            samples=args.samples or 1, gate_width=args.gate, confidence=args.confidence,
                            batch_size=args.batch, bands=bands, resume=not args.no_resume, progress=not args.no_progress,
-                           noise_scale=args.noise_scale, tta=args.tta)
+                           noise_scale=args.noise_scale, tta=args.tta, sieve=args.sieve)
     extra = f" and {summary['uncertainty']}" if summary["uncertainty"] else ""
     print(f"wrote {summary['out']}{extra}: {summary['tiles']} tiles, {summary['computed']} computed now, "
           f"{summary['done_before']} resumed, {100 * summary['skipped_fraction']:.1f}% skipped "

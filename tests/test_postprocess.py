@@ -1,0 +1,62 @@
+"""The sieve (idgbr.postprocess): small regions merge into their largest neighbour; nodata stays; every path
+(tile, folder, evaluation, benchmark) applies the same function."""
+
+import numpy as np
+import pytest
+import torch
+
+from idgbr.config import RefinerConfig
+from idgbr.errors import IdgbrError
+from idgbr.metrics import BoundaryPR
+from idgbr.model import IDGBRModel
+from idgbr.pipeline import Refiner
+from idgbr.postprocess import sieve_labels
+
+
+def test_small_regions_merge_into_their_largest_neighbour():
+    labels = np.zeros((12, 12), np.uint8)
+    labels[6:12, :6] = 1  # 36 px: kept
+    labels[2:4, 8:10] = 2  # 4 px island in class 0: merged into 0
+    labels[7, 5] = 3  # 1 px on the 0/1 border: 1 has the longer... any neighbour, but never 3
+    labels[0, 0:2] = 255  # nodata: kept, not sieved, not a neighbour
+    labels[9:11, 2:4] = 255
+    out = sieve_labels(labels, 5)
+    assert (out[2:4, 8:10] == 0).all() and out[7, 5] in (0, 1)
+    assert (out[6:12, :5][labels[6:12, :5] == 1] == 1).all()
+    np.testing.assert_array_equal(out == 255, labels == 255)
+    np.testing.assert_array_equal(sieve_labels(labels, 4)[2:4, 8:10], labels[2:4, 8:10])  # 4 px is not < 4
+    assert sieve_labels(labels, 0) is labels and sieve_labels(labels, 1) is labels
+    with pytest.raises(IdgbrError, match="--sieve must be >= 0"):
+        sieve_labels(labels, -1)
+
+
+def test_sieve_removes_speckle_a_metric_sees():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((64, 64), np.uint8)
+    truth[:, 32:] = 1
+    speckled = truth.copy()
+    speckled[rng.random(truth.shape) < 0.02] = 2
+    ratio = []
+    for pred in (speckled, sieve_labels(speckled, 4)):
+        pr = BoundaryPR((3,))
+        pr.update(truth, pred)
+        ratio.append(pr.result()["components_ratio"])
+    assert ratio[0] > 10 and ratio[1] == 1.0
+
+
+def test_refiner_writes_sieved_maps_by_its_config():
+    torch.manual_seed(0)
+    cfg = RefinerConfig.preset_config("tiny", num_classes=3, sample_steps=1)
+    refiner = Refiner(IDGBRModel(cfg))
+    g = np.random.default_rng(1)
+    image = g.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    coarse = g.integers(0, 3, (32, 32)).astype(np.uint8)  # speckled, so the (untrained) refiner speckles too
+    raw = refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0))
+    sieved = refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0), sieve=8)
+    np.testing.assert_array_equal(sieved, sieve_labels(raw, 8))
+    assert not np.array_equal(sieved, raw)
+    refiner.model.config = cfg.replace(sieve=8)  # the config's value is the default
+    np.testing.assert_array_equal(refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0)), sieved)
+    assert RefinerConfig.preset_config("lite").sieve == 6 and RefinerConfig.preset_config("tiny").sieve == 0
+    with pytest.raises(IdgbrError, match="sieve must be >= 0"):
+        cfg.replace(sieve=-2)
