@@ -448,9 +448,10 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     assert refiner["params"]["coarse"] == "track_unet_converged"
     assert not (run / "coarse_models").exists()  # no coarse model was trained
     assert "coarse track" in (run / "report.md").read_text()
-    # --sieve scores the same maps sieved, and unsieved beside them: nothing is trained or refined again
+    # a sieve (here the config's, as lite's default) scores the same maps sieved, and unsieved beside them: nothing
+    # is trained or refined again
     capsys.readouterr()
-    assert main(args + ["--sieve", "4"]) == 0
+    assert main(args + ["--set", "sieve=4"]) == 0
     assert "[stage] train" not in capsys.readouterr().out
     (sieved,) = json.loads((run / "report.json").read_text())["results"]
     assert sieved["settings"]["sieve"] == 4 and entry["settings"]["sieve"] == 0  # tiny's default

@@ -176,8 +176,11 @@ def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config,
 
 
 def refiner_params(config, train_coarse: str | None) -> dict:
-    """What a refiner's training stage records (and must match to be reused)."""
-    return {"config": config.to_dict(), "coarse": train_coarse}
+    """What a refiner's training stage records (and must match to be reused). The sieve is post-processing, applied
+    when scoring, so a refiner trained before it existed (or with another size) is reused."""
+    values = config.to_dict()
+    values.pop("sieve", None)
+    return {"config": values, "coarse": train_coarse}
 
 
 def side_by_side_threads(settings: BenchmarkSettings, config) -> int:
