@@ -92,7 +92,7 @@ def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):
     assert all(not set(f["held_out"]) & set(f["trained_on"]) for f in provenance["fold_models"])
     test = SegmentationDataset(synthetic, "test").stems
     assert all((maps / f"{stem}.png").exists() for stem in train + test)
-    refiner = json.loads((run / "refiners" / "diffusion_unet" / "stage.json").read_text())
+    refiner = json.loads((run / "refiners" / "diffusion_track_unet_converged" / "stage.json").read_text())
     assert refiner["params"]["coarse"] == "bench_unet_oof2"  # trained on the out-of-fold maps
     capsys.readouterr()
     assert main(args[:-4] + ["--coarse-folds", "1", "--out", str(tmp_path / "bad")]) == 2
@@ -435,16 +435,23 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
                  "--val-every", "1", "--with-test", "--no-progress"]) == 0
     fixture = tmp_path / "fixtures" / "unet_converged"
     shutil.copytree(synthetic / "coarse" / "conv", fixture)
+    other = tmp_path / "fixtures" / "unet_pretrained"  # a second track of the same architecture
+    shutil.copytree(fixture, other)
     run = tmp_path / "bench_track"
     args = ["benchmark", str(synthetic), "--preset", "tiny", "--steps", "1", "--sample-steps", "1", "--no-image-only",
-            "--coarse-maps", str(fixture) + "/", "--out", str(run)]
+            "--coarse-maps", str(other), "--coarse-maps", str(fixture) + "/", "--out", str(run)]
     assert main(args) == 0
-    (entry,) = json.loads((run / "report.json").read_text())["results"]
+    entry_other, entry = json.loads((run / "report.json").read_text())["results"]
+    assert entry_other["coarse_maps"] == str(other) and entry_other["coarse_arch"] == "unet"
+    for track in ("unet_converged", "unet_pretrained"):  # each track keeps its own refined maps and chart
+        assert (run / "refined" / f"diffusion_track_{track}").is_dir() and (run / f"bench_{track}.png").exists()
+    assert json.loads((run / "refined" / "diffusion_track_unet_pretrained" / "stage.json").read_text())["params"][
+        "coarse"] == "track_unet_pretrained"
     assert entry["coarse_arch"] == "unet" and entry["coarse_maps"] == str(fixture) and entry["coarse_folds"] == 2
     assert "idgbr predict-coarse --folds 2" in entry["coarse_provenance"]
     assert set(entry["controls"]) == {"deterministic", "deterministic_gated"}  # --no-image-only
     assert not (run / "refiners" / "image_only").exists()
-    refiner = json.loads((run / "refiners" / "diffusion_unet" / "stage.json").read_text())
+    refiner = json.loads((run / "refiners" / "diffusion_track_unet_converged" / "stage.json").read_text())
     assert refiner["params"]["coarse"] == "track_unet_converged"
     assert not (run / "coarse_models").exists()  # no coarse model was trained
     assert "coarse track" in (run / "report.md").read_text()
@@ -453,7 +460,7 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--set", "sieve=4"]) == 0
     assert "[stage] train" not in capsys.readouterr().out
-    (sieved,) = json.loads((run / "report.json").read_text())["results"]
+    _, sieved = json.loads((run / "report.json").read_text())["results"]
     assert sieved["settings"]["sieve"] == 4 and entry["settings"]["sieve"] == 0  # tiny's default
     assert sieved["unsieved"]["miou"] == entry["refined"]["miou"]
     assert sieved["controls"]["deterministic_unsieved"]["miou"] == entry["controls"]["deterministic"]["miou"]

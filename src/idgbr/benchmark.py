@@ -311,7 +311,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         coarse_eval = evaluate_folder(data_root, data_root / "coarse" / tag, "test")
         coarse_train = evaluate_folder(data_root, data_root / "coarse" / tag, "train")
         config = shared
-        refined = train_and_refine(stages, data_root, run, f"diffusion_{arch}", config, tag, settings)
+        label = arch if folder is None else tag  # two committed tracks may share an architecture
+        refined = train_and_refine(stages, data_root, run, f"diffusion_{label}", config, tag, settings)
         entry: dict[str, Any] = {"coarse_arch": arch, "coarse": _strip(coarse_eval), "refined": _strip(refined),
                                  "coarse_train": _strip(coarse_train), "coarse_folds": settings.coarse_folds,
                                  "coarse_fold_group": settings.coarse_fold_group,
@@ -328,7 +329,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
             entry["unsieved"] = _strip(refined["unsieved"])
             entry["unsieved_repair"] = refined["unsieved"].get("repair", {})
         if settings.controls:
-            det = train_and_refine(stages, data_root, run, f"deterministic_{arch}",
+            det = train_and_refine(stages, data_root, run, f"deterministic_{label}",
                                    control_config(config), tag, settings)
             entry["controls"] = {**({"image_only": _strip(image_only)} if image_only else {}),
                                  "deterministic": _strip(det)}
@@ -338,7 +339,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                 entry["controls"]["deterministic_unsieved"] = _strip(det["unsieved"])
             entry["control_repair"] = det.get("repair", {})
         entry["seconds"] = {k: round(v, 1) for k, v in stages.seconds.items()
-                            if arch in k or "image_only" in k or "synthetic" in k}
+                            if label in k or "image_only" in k or "synthetic" in k}
         entry["settings"] = {"preset": settings.preset, "sample_steps": settings.sample_steps,
                              "guidance": settings.guidance, "strength": settings.strength,
                              "gate_width": settings.gate_width,
@@ -546,7 +547,7 @@ def write_reports(run: Path, report: dict) -> None:
                              f"points, mIoU {100 * (result['miou'] - entry['coarse']['miou']):+.2f} points vs coarse.")
         if entry.get("repair"):
             lines.append(f"\nRepair analysis: `{json.dumps(entry['repair'])[:600]}`")
-        chart = bar_chart(run / f"bench_{arch}.png", {k: flat_metrics(v) for k, v in rows.items()},
+        chart = bar_chart(run / f"bench_{Path(track).name if track else arch}.png", {k: flat_metrics(v) for k, v in rows.items()},
                           ["miou", "mf1", "wfm1", "wfm3", "wfm5"], f"coarse = {arch}")
         lines += ["", f"![{arch}]({chart.name})", "", "Seconds per stage: " +
                   ", ".join(f"{k} {v:.0f}" for k, v in entry.get("seconds", {}).items()), ""]
