@@ -92,7 +92,7 @@ def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):
     assert all(not set(f["held_out"]) & set(f["trained_on"]) for f in provenance["fold_models"])
     test = SegmentationDataset(synthetic, "test").stems
     assert all((maps / f"{stem}.png").exists() for stem in train + test)
-    refiner = json.loads((run / "refiners" / "diffusion_track_unet_converged" / "stage.json").read_text())
+    refiner = json.loads((run / "refiners" / "diffusion_unet" / "stage.json").read_text())
     assert refiner["params"]["coarse"] == "bench_unet_oof2"  # trained on the out-of-fold maps
     capsys.readouterr()
     assert main(args[:-4] + ["--coarse-folds", "1", "--out", str(tmp_path / "bad")]) == 2

@@ -71,7 +71,7 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str
 def test_switch_builds_levels_at_the_matching_strides():
     torch.manual_seed(0)
     for preset, strides in (("tiny", [4, 4, 8, 8, 8]), ("lite", [4, 4, 8, 8, 16, 16, 16])):
-        model = IDGBRModel(config(preset, crop_size=64, tile_size=64))
+        model = IDGBRModel(config(preset, crop_size=64, tile_size=64, image_encoder_trainable_stages=0))
         branch = model.guidance.image_branch
         assert model.guidance.encoder.conv_in_image is None  # the copy reads the coarse latent only
         reductions = branch.encoder.feature_info.reduction()

@@ -31,10 +31,12 @@ def test_demo_reproduces_the_shipped_models_cards(demo):
         assert abs(100 * report["coarse"][key] - coarse_card[key]) <= 0.1, key
         assert abs(100 * report["refined"][key] - refiner_card[key]) <= 0.1, key
         assert refiner_card["coarse_figures"][key] == coarse_card[key]
-    # the point of the demo: the shipped refiner improves the shipped coarse maps' boundaries
-    assert report["refined"]["wfm3"] > report["coarse"]["wfm3"]
+    # the verdict says what the figures say (on the pretrained shipped coarse model the shipped refiner, trained
+    # before issue 21, does not improve WFm3: its card says -0.15)
+    gain = report["refined"]["wfm3"] - report["coarse"]["wfm3"]
     text = (demo / "report.md").read_text()
-    assert "shipped 'dubai-lite'" in text and "beats the coarse map" in text
+    assert "shipped 'dubai-lite'" in text
+    assert ("Refinement beats the coarse map" in text) == (gain > 0) and ("does NOT beat" in text) == (gain <= 0)
     panels = sorted(demo.glob("panel_*.png"))
     assert len(panels) == 3 and all(p.read_bytes()[:4] == b"\x89PNG" for p in panels)
 
