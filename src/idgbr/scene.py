@@ -664,10 +664,10 @@ def _write_output(scene: _Scene, scratch: _Scratch, out_path: Path, unc_path: Pa
     with _raster_writer(out_path, scene) as write, _raster_writer(unc_path, scene) as write_unc:
         for row in range(0, scene.height, ROW_BAND):
             window = Window(row, 0, min(ROW_BAND, scene.height - row), scene.width)
-            labels, disagree, take, valid = labels_of(window)
-            if sieve > 1:
-                grown, cut = _halo(window, sieve, scene.height, scene.width)
-                labels = sieve_labels(labels_of(grown)[0], sieve)[cut]
+            grown, cut = _halo(window, sieve if sieve > 1 else 0, scene.height, scene.width)
+            labels, disagree, take, valid = labels_of(grown)
+            labels = sieve_labels(labels, sieve)[cut]
+            disagree, take, valid = disagree[cut], take[cut], valid[cut]
             write(window, labels)
             if write_unc is not None:
                 unc = np.where(take, np.rint(100 * disagree), 0)
