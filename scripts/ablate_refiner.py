@@ -103,6 +103,12 @@ def main() -> int:
                         help="use a complete coarse track (maps for every train stem, e.g. fixtures/coarse/dubai_half/"
                              "*_converged) for training and validation instead of training a coarse model; its train "
                              "maps are out-of-fold, so the held-out stems' maps never saw their labels")
+    parser.add_argument("--train-maps", type=Path, action="append", default=[], metavar="DIR",
+                        help="train on these complete coarse tracks' train maps, pooled (real errors; repeatable), "
+                             "instead of the --coarse-maps track's; with coarse_corruption < 1 in the variant")
+    parser.add_argument("--eval-maps", type=Path, action="append", default=[], metavar="DIR",
+                        help="also score every variant on these complete tracks' held-out maps (repeatable); rows are "
+                             "named VARIANT@TRACK")
     args = parser.parse_args()
 
     import torch
@@ -127,10 +133,22 @@ def main() -> int:
         train_coarse(view, args.arch, coarse_model, iters=args.coarse_iters, encoder="tu-mobilenetv3_small_100",
                      batch=4, crop=256, seed=args.seed, progress=False)
     eval_name, train_name = "val_coarse", "val_coarse"
+
+    def link_track(folder: Path) -> str:
+        name = f"trk_{folder.resolve().name}"
+        link = view / "coarse" / name
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(folder.resolve())
+        return name
+
+    if args.train_maps:
+        train_name = ",".join(link_track(folder) for folder in args.train_maps)
+    evals = [("", eval_name)] + [(f"@{folder.resolve().name}", link_track(folder)) for folder in args.eval_maps]
     if not (view / "coarse" / eval_name).is_dir():
         predict_coarse(coarse_model, view, "test", name=eval_name, progress=False)
         predict_coarse(coarse_model, view, "train", name=eval_name, progress=False)
-    if args.folds:
+    if args.folds and not args.train_maps:
         from idgbr.coarse import predict_coarse_oof
 
         train_name = f"val_coarse_oof{args.folds}"
@@ -139,40 +157,47 @@ def main() -> int:
                                iters=args.coarse_iters, encoder="tu-mobilenetv3_small_100", batch=4, crop=256,
                                seed=args.seed, group=args.fold_group, progress=False)
     coarse_eval = evaluate_folder(view, view / "coarse" / eval_name, "test", progress=False)
-    train_eval = evaluate_folder(view, view / "coarse" / train_name, "train", progress=False)
+    train_eval = evaluate_folder(view, view / "coarse" / train_name.split(",")[0], "train", progress=False)
     rows = {"coarse (validation)": flat_metrics(coarse_eval), "coarse (its training maps)": flat_metrics(train_eval)}
+    for suffix, name in evals[1:]:
+        rows[f"coarse{suffix}"] = flat_metrics(evaluate_folder(view, view / "coarse" / name, "test", progress=False))
     results_file = args.out / "ablation.json"
     done = json.loads(results_file.read_text()) if results_file.exists() else {}
     for spec in args.variant:
         name, _, rest = spec.partition(":")
         train_text, _, infer_text = rest.partition(";")
         train_over, infer_over = parse_items(train_text), parse_items(infer_text)
-        key = json.dumps({"train": train_over, "infer": infer_over, "folds": args.folds, "group": args.fold_group},
-                         sort_keys=True)
-        if name in done and done[name]["key"] == key:
-            rows[name] = done[name]["metrics"]
+        key = json.dumps({"train": train_over, "infer": infer_over, "folds": args.folds, "group": args.fold_group,
+                          **({"train_maps": train_name} if args.train_maps else {})}, sort_keys=True)
+        if all(f"{name}{suffix}" in done and done[f"{name}{suffix}"]["key"] == key for suffix, _ in evals):
+            rows.update({f"{name}{suffix}": done[f"{name}{suffix}"]["metrics"] for suffix, _ in evals})
             continue
         config = refiner_config(view, args.preset, None, args.seed, train_over)
         digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-        model_dir = find_trained(args.out / "models", config, train_name) or args.out / "models" / f"{digest}_{train_name}"
+        suffix_name = hashlib.sha1(train_name.encode()).hexdigest()[:8] if "," in train_name else train_name
+        model_dir = (find_trained(args.out / "models", config, suffix_name)
+                     or args.out / "models" / f"{digest}_{suffix_name}")
         if not (model_dir / "config.json").exists():
             print(f"[train] {name}: {train_over}", flush=True)
             train_refiner(config, view, train_name, model_dir, resume=True, progress=False)
-        print(f"[refine] {name}: {infer_over}", flush=True)
-        pred = args.out / "pred" / name
-        Refiner.from_pretrained(model_dir).refine_folder(view, "test", eval_name, pred, seed=args.seed, progress=False,
-                                                         **infer_over)
-        result = evaluate_folder(view, pred, "test", coarse_dir=view / "coarse" / eval_name, progress=False)
-        metrics = {**flat_metrics(result), "iou_rtm": result.get("repair", {}).get("iou_rtm", float("nan"))}
-        done[name] = {"key": key, "metrics": metrics, "model": str(model_dir)}
-        results_file.write_text(json.dumps(done, indent=2))
-        rows[name] = metrics
-        print(f"[row] {name}: WFm3 {100 * metrics['wfm3']:.2f} (coarse {100 * rows['coarse (validation)']['wfm3']:.2f}), "
-              f"mIoU {100 * metrics['miou']:.2f}", flush=True)
+        refiner = Refiner.from_pretrained(model_dir)
+        for suffix, track in evals:
+            print(f"[refine] {name}{suffix}: {infer_over}", flush=True)
+            pred = args.out / "pred" / f"{name}{suffix}"
+            refiner.refine_folder(view, "test", track, pred, seed=args.seed, progress=False, **infer_over)
+            result = evaluate_folder(view, pred, "test", coarse_dir=view / "coarse" / track, progress=False)
+            metrics = {**flat_metrics(result), "iou_rtm": result.get("repair", {}).get("iou_rtm", float("nan"))}
+            done[f"{name}{suffix}"] = {"key": key, "metrics": metrics, "model": str(model_dir)}
+            results_file.write_text(json.dumps(done, indent=2))
+            rows[f"{name}{suffix}"] = metrics
+            base_row = rows[f"coarse{suffix}" if suffix else "coarse (validation)"]
+            print(f"[row] {name}{suffix}: WFm3 {100 * metrics['wfm3']:.2f} (coarse {100 * base_row['wfm3']:.2f}), "
+                  f"mIoU {100 * metrics['miou']:.2f} (coarse {100 * base_row['miou']:.2f})", flush=True)
     base = rows["coarse (validation)"]
     lines = ["| variant | mIoU | WFm 1px | WFm 3px | WFm 5px | ΔWFm3 | ΔmIoU | IoU_RTm | boundary F 3px | "
              "components / GT |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
+        base = rows.get(f"coarse@{name.split('@')[1]}", base) if "@" in name else rows["coarse (validation)"]
         rtm = m.get("iou_rtm")
         extra = [f"{100 * m['bf3']:.1f}" if "bf3" in m else "",
                  f"{m['components_ratio']:.1f}" if "components_ratio" in m else ""]

@@ -50,14 +50,19 @@ class Refiner:
     """Sampling pipeline around an ``IDGBRModel`` (``refiner.model``); ``refiner.last_nfe`` counts network
     evaluations per tile of the last call (CFG counts 2 per step)."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 channels_last: bool = False, compile: bool = False):
-        """``dtype`` (torch.float16 / bfloat16) runs the network under autocast on a GPU; ``channels_last`` and
-        ``compile`` (torch.compile of the UNet) are throughput options that leave the results unchanged."""
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None,
+                 dtype: torch.dtype | str | None = "auto", channels_last: bool = False, compile: bool = False):
+        """``device``: ``"auto"`` (CUDA when there is a GPU, else the CPU), ``"cpu"``, ``"cuda[:N]"``, or None (leave
+        the model where it is); :func:`idgbr.device.resolve_device`. ``dtype`` (torch.float16 / bfloat16) runs the
+        network under autocast on a GPU; ``"auto"`` is bfloat16 on CUDA and fp32 on the CPU, None always fp32.
+        ``channels_last`` and ``compile`` (torch.compile of the UNet) are throughput options that leave the
+        results unchanged."""
+        from .device import autocast_dtype, resolve_device
+
         self.model = model.eval()
         if device is not None:
-            self.model.to(device)
-        self.autocast_dtype = dtype
+            self.model.to(resolve_device(device))
+        self.autocast_dtype = autocast_dtype(self.device) if isinstance(dtype, str) and dtype == "auto" else dtype
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:
@@ -65,9 +70,14 @@ class Refiner:
         self.last_nfe = 0
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **options: Any) -> "Refiner":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = "auto", **options: Any) -> "Refiner":
         """Load a run folder written by ``idgbr train`` (or one of its ``checkpoints/step-N`` folders), a shipped
-        model by name (``"dubai-lite"``, see :mod:`idgbr.zoo`), or a Hugging Face repo id where the network allows."""
+        model by name (``"dubai-lite"``, see :mod:`idgbr.zoo`), or a Hugging Face repo id where the network allows,
+        onto ``device`` (default ``"auto"``: the GPU when there is one)."""
+        if device is not None:  # a bad --device fails before the weights are read
+            from .device import resolve_device
+
+            device = resolve_device(device)
         from .model import IDGBRModel
         from .zoo import resolve_model
 

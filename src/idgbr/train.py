@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -295,10 +295,27 @@ def _pad_to(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, 
     return image, mask, coarse
 
 
-def load_training_samples(data_root: str | Path, coarse: str | None) -> tuple[list[dict[str, Any]], SegmentationDataset]:
-    """Decode the whole training split once (the datasets this targets fit in memory)."""
-    dataset = SegmentationDataset(data_root, "train", coarse=coarse)
+def coarse_sources(coarse: str | Sequence[str] | None) -> list[str]:
+    """``--coarse`` as a list of sources: None, one name, ``"a,b"`` or a list of names (pooled)."""
+    if coarse is None:
+        return []
+    items = [coarse] if isinstance(coarse, (str, Path)) else list(coarse)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def load_training_samples(data_root: str | Path, coarse: str | Sequence[str] | None
+                          ) -> tuple[list[dict[str, Any]], SegmentationDataset]:
+    """Decode the whole training split once (the datasets this targets fit in memory).
+
+    With several coarse sources (e.g. the out-of-fold train maps of several coarse models: their real errors,
+    pooled), every training image appears once per source, sharing its decoded image and mask."""
+    sources = coarse_sources(coarse)
+    dataset = SegmentationDataset(data_root, "train", coarse=sources[0] if sources else None)
     samples = [{k: v for k, v in dataset[i].items() if k in ("image", "mask", "coarse")} for i in range(len(dataset))]
+    for source in sources[1:]:
+        other = SegmentationDataset(data_root, "train", coarse=source, load_mask=False)
+        samples += [{"image": s["image"], "mask": s["mask"],
+                     "coarse": other.read_coarse(stem, s["mask"].shape)} for stem, s in zip(other.stems, samples)]
     return samples, dataset
 
 
@@ -573,7 +590,7 @@ def _repa_teacher(config: RefinerConfig, model: nn.Module, start: int, log: _Log
     return dinov2
 
 
-def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | None, out_dir: str | Path,
+def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Sequence[str] | None, out_dir: str | Path,
                   resume: bool = False, progress: bool = True, log_every: int = 10, progress_desc: str = "train",
                   progress_position: int | None = None) -> Path:
     """Train an IDGBR refiner on ``data_root``'s train split; returns ``out_dir`` holding the final model.
@@ -581,7 +598,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     Args:
         config: the resolved configuration (``num_classes``/``image_channels`` are taken from the dataset).
         data_root: a canonical dataset folder (see :mod:`idgbr.data`).
-        coarse: name of ``coarse/<name>/`` maps predicted on the training images, or None (synthetic coarse only).
+        coarse: name of ``coarse/<name>/`` maps predicted on the training images, several names (a list or
+            ``"a,b"``: pooled, each image once per source), or None (synthetic coarse only).
         out_dir: the run folder.
         resume: continue from the latest complete checkpoint in ``out_dir/checkpoints``.
         progress: show a tqdm bar; ``progress_desc`` labels it and ``progress_position`` pins it to a terminal line
@@ -630,7 +648,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | No
     if coarse is None and config.use_coarse:
         log("no --coarse maps: every training coarse map is a synthetic degradation of the ground truth")
     if main:
-        resolved = {**config.to_dict(), "data": str(Path(data_root).resolve()), "coarse": coarse,
+        resolved = {**config.to_dict(), "data": str(Path(data_root).resolve()), "coarse": coarse_sources(coarse) or None,
                     "num_processes": accelerator.num_processes}
         with atomic_path(out_dir / "train_config.json") as tmp:
             tmp.write_text(json.dumps(resolved, indent=2) + "\n")

@@ -16,8 +16,10 @@ def register(sub) -> None:
                     "The run folder ends up holding the final model for `idgbr refine --model RUN`.")
     parser.add_argument("--preset", default="lite", choices=PRESET_NAMES, help="model size (default: lite)")
     parser.add_argument("--data", required=True, help="canonical dataset folder")
-    parser.add_argument("--coarse", default=None, metavar="NAME",
-                        help="coarse maps of the training images in DATA/coarse/NAME/ (default: synthetic degradations)")
+    parser.add_argument("--coarse", action="append", default=None, metavar="NAME",
+                        help="coarse maps of the training images in DATA/coarse/NAME/; repeat it (or NAME,NAME) to pool "
+                             "several coarse models' maps, each image once per model (default: synthetic degradations "
+                             "only; --set coarse_corruption=P mixes a share P of synthetic ones in)")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder to write")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the preset's)")
     parser.add_argument("--batch", type=int, default=None, help="batch size per process (default: the preset's)")
