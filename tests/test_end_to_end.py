@@ -495,3 +495,56 @@ def test_benchmark_verdict_names_targets_and_the_control():
     good["refined"].update(second)
     line = verdict_lines({"results": [good]})[2]
     assert "Boundary F(3px) +7.00 (precision +1.00)" in line and "ground-truth one 0.8 -> 3.8" in line
+
+
+def test_benchmark_pools_real_errors_into_one_shared_refiner(synthetic, tmp_path, capsys):
+    """--refiner-coarse-maps: the shared refiner and its control train once on the pooled train maps of the given
+    tracks (coarse_corruption < 1) and refine every coarse model's maps; the training stage records the sources."""
+    import shutil
+
+    assert main(["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(synthetic), "--name", "pool",
+                 "--work", str(tmp_path / "w"), "--iters", "1", "--crop", "32", "--train-batch", "2", "--tile", "64",
+                 "--overlap", "8", "--with-test", "--no-progress"]) == 0
+    first, second = tmp_path / "tracks" / "a", tmp_path / "tracks" / "b"
+    shutil.copytree(synthetic / "coarse" / "pool", first)
+    shutil.copytree(first, second)
+    run = tmp_path / "bench_pool"
+    args = ["benchmark", str(synthetic), "--preset", "tiny", "--steps", "1", "--sample-steps", "1", "--gate", "-1",
+            "--coarse-maps", str(first), "--coarse-maps", str(second), "--refiner-coarse-maps", str(first),
+            "--refiner-coarse-maps", str(second), "--set", "coarse_corruption=0.5", "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (run / "refiners").iterdir()) == ["deterministic_pooled", "diffusion_pooled"]
+    assert out.count("[stage] train refiner diffusion_pooled") == 1 and "[reuse] train refiner diffusion_pooled" in out
+    params = json.loads((run / "refiners" / "diffusion_pooled" / "stage.json").read_text())["params"]
+    assert params["coarse"] == ["track_a", "track_b"] and params["config"]["coarse_corruption"] == 0.5
+    trained = json.loads((run / "refiners" / "diffusion_pooled" / "train_config.json").read_text())
+    assert trained["coarse"] == ["track_a", "track_b"]
+    report = json.loads((run / "report.json").read_text())
+    assert [e["refiner_coarse_maps"] for e in report["results"]] == [[str(first), str(second)]] * 2
+
+
+def test_pooled_coarse_sources_give_each_image_once_per_source(synthetic, tmp_path):
+    import shutil
+
+    from idgbr.train import coarse_sources, load_training_samples
+
+    (synthetic / "coarse").mkdir(exist_ok=True)
+    names = []
+    for value, name in ((0, "zeros"), (1, "ones")):
+        folder = synthetic / "coarse" / name
+        if not folder.exists():
+            shutil.copytree(synthetic / "masks", folder)
+            for path in folder.glob("*.png"):
+                from idgbr.io import read_label, write_label
+
+                label, _ = read_label(path)
+                write_label(path, np.full_like(label, value))
+        names.append(name)
+    assert coarse_sources("zeros, ones") == coarse_sources(["zeros", "ones"]) == ["zeros", "ones"]
+    assert coarse_sources(None) == []
+    one, _ = load_training_samples(synthetic, "zeros")
+    both, _ = load_training_samples(synthetic, ["zeros", "ones"])
+    assert len(both) == 2 * len(one)
+    assert all((s["coarse"] == 0).all() for s in both[:len(one)]) and all((s["coarse"] == 1).all() for s in both[len(one):])
+    assert all(a["image"] is b["image"] and a["mask"] is b["mask"] for a, b in zip(both, both[len(one):]))

@@ -60,3 +60,34 @@ def test_refiner_writes_sieved_maps_by_its_config():
     assert RefinerConfig.preset_config("lite").sieve == 6 and RefinerConfig.preset_config("tiny").sieve == 0
     with pytest.raises(IdgbrError, match="sieve must be >= 0"):
         cfg.replace(sieve=-2)
+
+
+def test_evaluate_cli_scores_sieved_maps(tmp_path, capsys):
+    """`idgbr evaluate --sieve PX` scores the maps as `refine --sieve PX` would write them."""
+    import json
+
+    from idgbr.cli import main
+    from idgbr.data import SegmentationDataset
+    from idgbr.io import write_label
+    from idgbr.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, n=4, size=48, seed=1)
+    dataset = SegmentationDataset(data, "test")
+    preds = tmp_path / "preds"
+    rng = np.random.default_rng(0)
+    for stem in dataset.stems:
+        mask = dataset.read_mask(stem)
+        speckled = mask.copy()
+        speckled[rng.random(mask.shape) < 0.03] = (mask.max() + 1) % dataset.classes.num_classes
+        write_label(preds / f"{stem}.png", speckled)
+    scores = {}
+    for sieve in ("0", "4"):
+        out = tmp_path / f"report{sieve}.json"
+        assert main(["evaluate", "--data", str(data), "--pred", str(preds), "--format", "json", "--out", str(out),
+                     "--sieve", sieve]) == 0
+        scores[sieve] = json.loads(out.read_text())
+    assert scores["4"]["components"] < scores["0"]["components"]
+    assert scores["4"]["miou"] > scores["0"]["miou"]
+    assert main(["evaluate", "--data", str(data), "--pred", str(preds), "--sieve", "-2"]) == 2
+    assert "--sieve must be >= 0" in capsys.readouterr().err

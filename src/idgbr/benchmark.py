@@ -34,6 +34,9 @@ class BenchmarkSettings:
     coarse_archs: Sequence[str] = ("deeplabv3plus", "unet")
     preset: str = "lite"
     coarse_encoder: str | None = "tu-mobilenetv3_small_100"  # None: smp's default (resnet18), ~3x slower on CPU
+    # the coarse encoder's starting weights: None (random), a local weights file, or "imagenet" (the packaged
+    # ImageNet weights, for tu-tf_efficientnet_lite0: strong coarse models on any RGB data set in one command)
+    coarse_encoder_weights: str | None = None
     coarse_iters: int = 200
     coarse_crop: int = 256
     coarse_batch: int = 4
@@ -59,7 +62,12 @@ class BenchmarkSettings:
     # every train and test stem and a provenance.json ('idgbr predict-coarse --folds K --with-test'). When given, they
     # replace the coarse stages above (coarse_archs and coarse_folds are not used).
     coarse_maps: Sequence[str] = ()
+    # Real errors: the shared refiner (and its control) train on the train maps of these complete coarse tracks,
+    # pooled (each image once per track), mixed with synthetic degradations at the config's coarse_corruption; one
+    # refiner then serves every coarse model of the run. Empty: the refiner trains as the config says.
+    refiner_coarse_maps: Sequence[str] = ()
     overrides: dict[str, Any] = field(default_factory=dict)  # RefinerConfig fields
+    device: str = "auto"  # where the refiners and coarse models run (idgbr.device); training picks its own
     # Train the shared refiner and its control side by side (train_side_by_side): None = where it pays (a CPU with
     # >= 2 threads), False = one after the other with every thread, True = always (tests).
     side_by_side: bool | None = None
@@ -134,21 +142,22 @@ def control_config(config):
 
 
 def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, config, coarse: str | None,
-                     settings: BenchmarkSettings) -> dict:
+                     settings: BenchmarkSettings, pooled: Sequence[str] = ()) -> dict:
     """Train one refiner, refine the test split with it, evaluate; returns the evaluation result.
 
     A refiner that trains on synthetic coarse maps only (``coarse_corruption`` 1) never reads the coarse model's
-    maps, so it is trained once, as ``<kind>_synthetic``, and shared by every coarse model."""
+    maps, so it is trained once, as ``<kind>_synthetic``, and shared by every coarse model; so is one trained on the
+    ``pooled`` coarse maps (names under ``DATA/coarse/``), as ``<kind>_pooled``."""
     from .evaluate import evaluate_folder
     from .pipeline import Refiner
 
-    model_dir = refiner_stage(stages, data_root, run, name, config, coarse)
+    model_dir = refiner_stage(stages, data_root, run, name, config, coarse, pooled=pooled)
     pred_dir = run / "refined" / name
     infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength,
              "samples": settings.samples, "noise_scale": settings.noise_scale, "tta": settings.tta}
     stages(f"refine test with {name}", pred_dir, {"model": str(model_dir), "coarse": coarse, **infer},
-           lambda: Refiner.from_pretrained(model_dir).refine_folder(data_root, "test", coarse, pred_dir, **infer,
-                                                                    sieve=0))
+           lambda: Refiner.from_pretrained(model_dir, device=settings.device).refine_folder(
+               data_root, "test", coarse, pred_dir, **infer, sieve=0))
     coarse_dir = data_root / "coarse" / coarse if coarse else None
     sieve = config.sieve if settings.sieve is None else settings.sieve
     result = evaluate_folder(data_root, pred_dir, "test", coarse_dir=coarse_dir, sieve=sieve)
@@ -161,51 +170,56 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
 
 
 def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config, coarse: str | None,
-                  **progress: Any) -> Path:
+                  pooled: Sequence[str] = (), **progress: Any) -> Path:
     """Train (or reuse) the refiner that ``name`` refines with; returns its folder. One trained on synthetic coarse
-    maps only is named ``<kind>_synthetic`` and shared by every coarse model. ``progress``: tqdm options of
-    :func:`idgbr.train.train_refiner`."""
+    maps only is named ``<kind>_synthetic``, one trained on the ``pooled`` coarse tracks ``<kind>_pooled``; both
+    are shared by every coarse model. ``progress``: tqdm options of :func:`idgbr.train.train_refiner`."""
     from .train import train_refiner
 
     synthetic = config.use_coarse and config.coarse_corruption >= 1  # (coarse is None only for image-only models)
-    model_name, train_coarse = (f"{name.split('_')[0]}_synthetic", None) if synthetic else (name, coarse)
+    if config.use_coarse and pooled and not synthetic:
+        model_name, train_coarse = f"{name.split('_')[0]}_pooled", list(pooled)
+    else:
+        model_name, train_coarse = (f"{name.split('_')[0]}_synthetic", None) if synthetic else (name, coarse)
     model_dir = run / "refiners" / model_name
     stages(f"train refiner {model_name}", model_dir, refiner_params(config, train_coarse),
            lambda: train_refiner(config, data_root, train_coarse, model_dir, resume=True, **progress))
     return model_dir
 
 
-def refiner_params(config, train_coarse: str | None) -> dict:
+def refiner_params(config, train_coarse: str | Sequence[str] | None) -> dict:
     """What a refiner's training stage records (and must match to be reused). The sieve is post-processing, applied
     when scoring, so a refiner trained before it existed (or with another size) is reused."""
     values = config.to_dict()
     values.pop("sieve", None)
-    return {"config": values, "coarse": train_coarse}
+    return {"config": values, "coarse": train_coarse if isinstance(train_coarse, (str, type(None))) else list(train_coarse)}
 
 
-def side_by_side_threads(settings: BenchmarkSettings, config) -> int:
+def side_by_side_threads(settings: BenchmarkSettings, config, pooled: Sequence[str] = ()) -> int:
     """Threads per process when the shared refiner and its control train side by side, or 0 (one after the other).
 
     Only refiners trained on synthetic maps are shared, and so known before any coarse model exists; on a GPU (or
     one CPU thread) two trainings would only share the same device, so there they run one after the other."""
     import torch
 
-    if settings.side_by_side is False or not settings.controls or not config.use_coarse or config.coarse_corruption < 1:
+    shared = config.coarse_corruption >= 1 or bool(pooled)
+    if settings.side_by_side is False or not settings.controls or not config.use_coarse or not shared:
         return 0
     if settings.side_by_side is None and (torch.cuda.is_available() or torch.get_num_threads() < 2):
         return 0
     return max(1, torch.get_num_threads() // 2)
 
 
-def refiners_trained(run: Path, config) -> bool:
+def refiners_trained(run: Path, config, pooled: Sequence[str] = ()) -> bool:
     """Whether the shared diffusion refiner and its control already trained in ``run`` (a rerun, or refiners copied
     in to score another coarse track): then there is nothing to put side by side."""
-    return all(Stages.finished(run / "refiners" / f"{kind}_synthetic", refiner_params(c, None)) is not None
+    suffix, coarse = ("pooled", list(pooled)) if pooled and config.coarse_corruption < 1 else ("synthetic", None)
+    return all(Stages.finished(run / "refiners" / f"{kind}_{suffix}", refiner_params(c, coarse)) is not None
                for kind, c in (("diffusion", config), ("deterministic", control_config(config))))
 
 
 def train_side_by_side(stages: Stages, data_root: Path, run: Path, settings: BenchmarkSettings, config,
-                       archs: Sequence[str], threads: int) -> None:
+                       archs: Sequence[str], threads: int, pooled: Sequence[str] = ()) -> None:
     """Run the training stages of a benchmark in two processes of ``threads`` threads each: the shared diffusion
     refiner and then the coarse models ``archs`` in one, the deterministic control in the other (it trains the
     same steps at ~1.3x the step time, so the two finish close together). The stages write their usual
@@ -226,7 +240,7 @@ def train_side_by_side(stages: Stages, data_root: Path, run: Path, settings: Ben
             for position, lane in enumerate(lanes):
                 spec = Path(tmp) / f"lane{position}.json"
                 spec.write_text(json.dumps({"data_root": str(data_root), "run": str(run), "threads": threads,
-                                            "position": position, "lane": lane,
+                                            "position": position, "lane": lane, "pooled": list(pooled),
                                             "settings": dataclasses.asdict(settings)}))
                 # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__, any thread count
                 procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from idgbr.benchmark import "
@@ -259,9 +273,10 @@ def train_lane(spec_file: str) -> int:
     stages = Stages(run, log=lambda message: print(message, flush=True))
     try:
         for kind, name, *config in spec["lane"]:
-            if kind == "refiner":  # a shared refiner: trained on synthetic maps only, it reads no coarse maps
+            if kind == "refiner":  # a shared refiner: synthetic maps only, or the pooled tracks' train maps
                 refiner_stage(stages, data_root, run, name, RefinerConfig.from_dict(config[0]), None,
-                              progress_desc=f"train {name}", progress_position=spec["position"])
+                              pooled=spec.get("pooled", ()), progress_desc=f"train {name}",
+                              progress_position=spec["position"])
             else:
                 coarse_stages(stages, data_root, run, name, settings)
     except IdgbrError as exc:
@@ -286,9 +301,15 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         fold_stems(SegmentationDataset(data_root, "train", load_mask=False).stems, settings.coarse_folds,
                    flag="--coarse-folds", group=settings.coarse_fold_group)
     # a bad track fails now, before anything is trained or written
-    checked = {str(Path(f)): check_coarse_track(data_root, Path(f)) for f in settings.coarse_maps}
+    checked = {str(Path(f)): check_coarse_track(data_root, Path(f))
+               for f in (*settings.coarse_maps, *settings.refiner_coarse_maps)}
+    from .device import resolve_device
+
+    resolve_device(settings.device)  # a bad --device fails now
     run.mkdir(parents=True, exist_ok=True)
     stages = Stages(run, log)
+    pooled = [import_coarse_track(stages, data_root, run, Path(f), checked[str(Path(f))])[0]
+              for f in settings.refiner_coarse_maps]
     results = []
     image_only = None
     if settings.controls and settings.image_only:
@@ -297,12 +318,12 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         image_only = train_and_refine(stages, data_root, run, "image_only", config, None, settings)
     sources = [(Path(folder), None) for folder in settings.coarse_maps] or [(None, a) for a in settings.coarse_archs]
     shared = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
-    threads = side_by_side_threads(settings, shared)
-    if threads and refiners_trained(run, shared):
+    threads = side_by_side_threads(settings, shared, pooled)
+    if threads and refiners_trained(run, shared, pooled):
         threads = 0
     if threads:
         train_side_by_side(stages, data_root, run, settings, shared,
-                           [] if settings.coarse_maps else list(settings.coarse_archs), threads)
+                           [] if settings.coarse_maps else list(settings.coarse_archs), threads, pooled)
     for folder, arch in sources:
         if folder is not None:
             tag, arch = import_coarse_track(stages, data_root, run, folder, checked[str(folder)])
@@ -312,12 +333,13 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         coarse_train = evaluate_folder(data_root, data_root / "coarse" / tag, "train")
         config = shared
         label = arch if folder is None else tag  # two committed tracks may share an architecture
-        refined = train_and_refine(stages, data_root, run, f"diffusion_{label}", config, tag, settings)
+        refined = train_and_refine(stages, data_root, run, f"diffusion_{label}", config, tag, settings, pooled)
         entry: dict[str, Any] = {"coarse_arch": arch, "coarse": _strip(coarse_eval), "refined": _strip(refined),
                                  "coarse_train": _strip(coarse_train), "coarse_folds": settings.coarse_folds,
                                  "coarse_fold_group": settings.coarse_fold_group,
                                  "repair": refined.get("repair", {}),
-                                 "coarse_corruption": config.coarse_corruption}
+                                 "coarse_corruption": config.coarse_corruption,
+                                 **({"refiner_coarse_maps": list(settings.refiner_coarse_maps)} if pooled else {})}
         if folder is not None:
             provenance = json.loads((folder / "provenance.json").read_text())
             entry.update(coarse_maps=str(folder), coarse_folds=provenance.get("folds", 0),
@@ -330,7 +352,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
             entry["unsieved_repair"] = refined["unsieved"].get("repair", {})
         if settings.controls:
             det = train_and_refine(stages, data_root, run, f"deterministic_{label}",
-                                   control_config(config), tag, settings)
+                                   control_config(config), tag, settings, pooled)
             entry["controls"] = {**({"image_only": _strip(image_only)} if image_only else {}),
                                  "deterministic": _strip(det)}
             if "gated" in det:
@@ -409,10 +431,12 @@ def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, setting
     folds, group = settings.coarse_folds, settings.coarse_fold_group
     tag = f"bench_{arch}" if not folds else f"bench_{arch}_oof{folds}" + (f"_g{_short_hash(group)}" if group else "")
     coarse_dir = run / "coarse_models" / arch
+    weights = settings.coarse_encoder_weights
     coarse_params = {"arch": arch, "encoder": settings.coarse_encoder, "iters": settings.coarse_iters,
-                     "crop": settings.coarse_crop, "batch": settings.coarse_batch, "seed": settings.seed}
+                     "crop": settings.coarse_crop, "batch": settings.coarse_batch, "seed": settings.seed,
+                     **({"encoder_weights": weights} if weights else {})}  # (absent: stages run before it still match)
     train = dict(iters=settings.coarse_iters, encoder=settings.coarse_encoder, batch=settings.coarse_batch,
-                 crop=settings.coarse_crop, seed=settings.seed)
+                 crop=settings.coarse_crop, seed=settings.seed, encoder_weights=weights, device=settings.device)
     stages(f"train coarse {arch}", coarse_dir, coarse_params, lambda: train_coarse(data_root, arch, coarse_dir, **train))
     suffix = tag[len(f"bench_{arch}"):]
     extra = {"name": tag, "folds": folds, "fold_group": group} if folds else {}  # in-sample: the stages as before
@@ -420,7 +444,7 @@ def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, setting
         return lambda: maps_digest(data_root, tag, split)
 
     stages(f"predict coarse {arch} test", run / "coarse_pred" / f"{arch}_test{suffix}", {**coarse_params, "split": "test", **extra},
-           lambda: predict_coarse(coarse_dir, data_root, "test", tag), maps("test"))
+           lambda: predict_coarse(coarse_dir, data_root, "test", tag, device=settings.device), maps("test"))
     if folds:
         stages(f"predict coarse {arch} train out-of-fold", run / "coarse_pred" / f"{arch}_train{suffix}",
                {**coarse_params, "split": "train", **extra},
@@ -428,7 +452,7 @@ def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, setting
                                           group=group, **train), maps("train"))
     else:
         stages(f"predict coarse {arch} train", run / "coarse_pred" / f"{arch}_train", {**coarse_params, "split": "train"},
-               lambda: predict_coarse(coarse_dir, data_root, "train", tag), maps("train"))
+               lambda: predict_coarse(coarse_dir, data_root, "train", tag, device=settings.device), maps("train"))
     return tag
 
 

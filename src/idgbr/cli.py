@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "device", None) is not None:  # a device this host lacks fails before anything is written
+            from .device import resolve_device
+
+            resolve_device(args.device)
         result = args.func(args)
         return int(result or 0)
     except IdgbrError as exc:

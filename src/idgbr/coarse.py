@@ -362,10 +362,6 @@ def _subset(available: Sequence[str], stems: Sequence[str], split: str | None) -
     return stems
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int = 20000, batch: int = 8,
                  crop: int = 512, lr: float | None = None, encoder: str | None = None,
                  encoder_weights: str | Path | None = None, seed: int = 0, progress: bool = True, num_workers: int = 0,
@@ -392,7 +388,9 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         raise IdgbrError(f"need --iters >= 1 and --batch >= 2 (batch-norm layers), got {iters} and {batch}")
     if crop < INPUT_MULTIPLE or crop % INPUT_MULTIPLE:
         raise IdgbrError(f"--crop {crop} must be a positive multiple of {INPUT_MULTIPLE}")
-    device = torch.device(device) if device is not None else _default_device()
+    from .device import resolve_device
+
+    device = resolve_device(device)
     imagenet = encoder_weights is not None and str(encoder_weights) == IMAGENET
     pretrained = imagenet_encoder_name(encoder or spec.default_encoder) if imagenet else None
     dataset = SegmentationDataset(data_root, "train")
@@ -531,7 +529,9 @@ def predict_coarse(model_dir: str | Path | Sequence[str | Path], data_root: str 
     if tile < INPUT_MULTIPLE or not 0 <= overlap < tile:
         raise IdgbrError(f"need --tile >= {INPUT_MULTIPLE} and 0 <= --overlap < --tile, got {tile} and {overlap}")
     dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
-    models = [CoarseModel.load(d, device=device if device is not None else _default_device()) for d in dirs]
+    from .device import resolve_device
+
+    models = [CoarseModel.load(d, device=resolve_device(device)) for d in dirs]
     model = models[0]
     for other, path in zip(models[1:], dirs[1:]):
         if (other.config.num_classes, other.config.in_channels) != (model.config.num_classes, model.config.in_channels):

@@ -39,6 +39,7 @@ class DemoSettings:
     seed: int = 0
     train_minutes: float | None = None  # stop the refiner's training after this many minutes (or at its steps)
     coarse_folds: int = 0  # K >= 2: the refiner trains on out-of-fold coarse train maps (0: in-sample maps)
+    device: str = "auto"  # where the models run (idgbr.device)
 
 
 REPO_DUBAI = Path(__file__).resolve().parents[2] / "datasets" / "dubai_aerial"  # carried in the repository
@@ -103,10 +104,11 @@ def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings)
                          "use --train to train at another scale")
     name = DEFAULT_COARSE
     stages("predict coarse test", out / "coarse_pred" / "test", {"model": name, "split": "test"},
-           lambda: predict_coarse(name, data, "test", name))
+           lambda: predict_coarse(name, data, "test", name, device=settings.device))
     pred_dir = out / "refined" / "lite"
     stages("refine test", pred_dir, {"model": DEFAULT_REFINER, "coarse": name},
-           lambda: Refiner.from_pretrained(DEFAULT_REFINER).refine_folder(data, "test", name, pred_dir))
+           lambda: Refiner.from_pretrained(DEFAULT_REFINER, device=settings.device).refine_folder(data, "test", name,
+                                                                                                   pred_dir))
     refined = evaluate_folder(data, pred_dir, "test", coarse_dir=data / "coarse" / name)
     coarse = refined["coarse"]  # scored in the same pass
     description = (f"Coarse model: the shipped '{DEFAULT_COARSE}' ({card(DEFAULT_COARSE)['summary']}). "
@@ -127,12 +129,13 @@ def _train_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -
                "crop": settings.coarse_crop, "seed": settings.seed, "data": str(data)}
     stages(f"train coarse {settings.arch}", coarse_dir, cparams,
            lambda: train_coarse(data, settings.arch, coarse_dir, iters=settings.coarse_iters, encoder=settings.encoder,
-                                batch=settings.coarse_batch, crop=settings.coarse_crop, seed=settings.seed))
+                                batch=settings.coarse_batch, crop=settings.coarse_crop, seed=settings.seed,
+                                device=settings.device))
     folds = settings.coarse_folds
     suffix, extra = (f"_oof{folds}", {"folds": folds}) if folds else ("", {})  # in-sample: the stages as before
     name = f"demo{suffix}"
     stages("predict coarse test", out / "coarse_pred" / f"test{suffix}", {**cparams, "split": "test", **extra},
-           lambda: predict_coarse(coarse_dir, data, "test", name))
+           lambda: predict_coarse(coarse_dir, data, "test", name, device=settings.device))
     if folds:
         train = dict(iters=settings.coarse_iters, encoder=settings.encoder, batch=settings.coarse_batch,
                      crop=settings.coarse_crop, seed=settings.seed)
@@ -141,11 +144,12 @@ def _train_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -
                lambda: predict_coarse_oof(data, settings.arch, name, folds, out / f"coarse_model{suffix}", **train))
     else:
         stages("predict coarse train", out / "coarse_pred" / "train", {**cparams, "split": "train"},
-               lambda: predict_coarse(coarse_dir, data, "train", name))
+               lambda: predict_coarse(coarse_dir, data, "train", name, device=settings.device))
 
     config = refiner_config(data, "lite", settings.refiner_steps, settings.seed,
                             {"train_minutes": settings.train_minutes} if settings.train_minutes else {})
-    bench = BenchmarkSettings(sample_steps=settings.sample_steps, guidance=settings.guidance, strength=settings.strength)
+    bench = BenchmarkSettings(sample_steps=settings.sample_steps, guidance=settings.guidance, strength=settings.strength,
+                              device=settings.device)
     refined = train_and_refine(stages, data, out, "lite", config, name, bench)
     coarse = evaluate_folder(data, data / "coarse" / name, "test")
     description = (f"Coarse model: {settings.arch} ({settings.coarse_iters} iterations), trained here. Refiner: lite "

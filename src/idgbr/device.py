@@ -10,17 +10,21 @@ it is a one-line :class:`IdgbrError`, raised before anything is read or written.
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import IdgbrError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved, so that `idgbr --help` stays light
+    import torch
 
 DEVICE_HELP = "auto (default: the first CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N"
 
 
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device":
     """``None``/``"auto"`` -> ``cuda:0`` when CUDA is available, else ``cpu``; ``"cpu"``; ``"cuda"``/``"cuda:N"``
     (checked against the GPUs torch sees)."""
+    import torch
+
     if isinstance(spec, torch.device):
         spec = str(spec)
     text = "auto" if spec is None else str(spec).strip().lower()
@@ -40,8 +44,10 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device: "torch.device") -> "torch.dtype | None":
     """The autocast dtype a refiner uses by default on ``device``: bfloat16 on CUDA, none (fp32) on the CPU."""
+    import torch
+
     return torch.bfloat16 if device.type == "cuda" else None
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..device import add_device_argument
+
 
 def register(sub) -> None:
     parser = sub.add_parser("bench-speed", help="grid of steps x strength x CFG vs the paper's 25-step CFG-3 schedule",
@@ -19,6 +21,7 @@ def register(sub) -> None:
     parser.add_argument("--guidances", type=float, nargs="+", default=[3.0, 1.0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the Markdown table here")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -31,7 +34,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    refiner = Refiner.from_pretrained(args.model)
+    refiner = Refiner.from_pretrained(args.model, device=args.device)
     tiles = collect_tiles(args.data, args.split, args.coarse, args.tile, args.tiles)
     coarse, cells = run_grid(refiner, tiles, args.steps, args.strengths, args.guidances)
     reference_nfe = next(c.nfe for c in cells if (c.steps, c.strength, c.guidance) == (25, 1.0, 3.0))

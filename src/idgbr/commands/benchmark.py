@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..device import add_device_argument
+
 
 def register(sub) -> None:
     parser = sub.add_parser("benchmark", help="coarse models + refiner + controls on a dataset, with report.json/md",
@@ -15,6 +17,10 @@ def register(sub) -> None:
     parser.add_argument("--coarse-encoder", default="tu-mobilenetv3_small_100",
                         help="encoder of the coarse models (default: tu-mobilenetv3_small_100, light enough for 2 CPU "
                              "cores; 'resnet18' is smp's usual choice)")
+    parser.add_argument("--coarse-encoder-weights", default=None, metavar="PATH|imagenet",
+                        help="the coarse encoder's starting weights: a local file, or 'imagenet' (packaged, for "
+                             "--coarse-encoder tu-tf_efficientnet_lite0: strong coarse models on any RGB data set; "
+                             "default: random initialisation)")
     parser.add_argument("--coarse-iters", type=int, default=200)
     parser.add_argument("--coarse-crop", type=int, default=256)
     parser.add_argument("--coarse-batch", type=int, default=4)
@@ -51,12 +57,17 @@ def register(sub) -> None:
                         help="a complete coarse track instead of training coarse models (repeatable): a folder with a "
                              "map for every train (out-of-fold) and test stem and provenance.json, e.g. the committed "
                              "fixtures/coarse/dubai_half/* or 'idgbr predict-coarse --folds K --with-test' output")
+    parser.add_argument("--refiner-coarse-maps", action="append", default=[], metavar="DIR",
+                        help="real errors: the shared refiner and its control train on the train (out-of-fold) maps "
+                             "of these complete coarse tracks, pooled, mixed with synthetic ones at coarse_corruption "
+                             "(e.g. --set coarse_corruption=0.5; repeatable); one refiner serves every coarse model")
     parser.add_argument("--sequential", action="store_true",
                         help="train the refiner, its control and the coarse models one after the other with every "
                              "thread (default on a CPU: two side by side, half the threads each, which takes less "
                              "time; the thread count changes float rounding, so the models are not bit-identical to a "
                              "sequential run's)")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -66,7 +77,8 @@ def run(args) -> int:
 
     settings = BenchmarkSettings(
         coarse_archs=tuple(args.archs or ("deeplabv3plus", "unet")), preset=args.preset,
-        coarse_encoder=args.coarse_encoder, coarse_iters=args.coarse_iters, coarse_crop=args.coarse_crop, coarse_batch=args.coarse_batch,
+        coarse_encoder=args.coarse_encoder, coarse_encoder_weights=args.coarse_encoder_weights,
+        refiner_coarse_maps=tuple(args.refiner_coarse_maps), device=args.device, coarse_iters=args.coarse_iters, coarse_crop=args.coarse_crop, coarse_batch=args.coarse_batch,
         refiner_steps=args.steps, sample_steps=args.sample_steps, guidance=args.guidance, strength=args.strength,
         samples=args.samples, noise_scale=args.noise_scale, tta=args.tta, controls=not args.no_controls, image_only=args.image_only and not args.no_image_only,
         gate_width=None if args.gate < 0 else args.gate, sieve=args.sieve, seed=args.seed, coarse_folds=args.coarse_folds,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..device import add_device_argument
+
 
 # Listed here rather than imported so that `idgbr --help` does not import torch; tests check it matches ARCHS.
 ARCH_NAMES = ("deeplabv3plus", "unet", "segformer")
@@ -32,6 +34,7 @@ def register(sub) -> None:
     train.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     train.add_argument("--checkpoint-every", type=int, default=1000, help="rewrite the run folder every N iterations")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_argument(train)
     train.set_defaults(func=run_train)
 
     predict = sub.add_parser(
@@ -56,6 +59,7 @@ def register(sub) -> None:
     predict.add_argument("--overlap", type=int, default=64, help="sliding-window overlap (default: 64)")
     predict.add_argument("--batch", type=int, default=4, help="windows per forward pass (default: 4)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_argument(predict)
     oof = predict.add_argument_group("out-of-fold train maps (--folds K)")
     oof.add_argument("--folds", type=int, default=None, metavar="K", help="K >= 2 folds of the train split")
     oof.add_argument("--arch", default=None, help=f"architecture: {', '.join(ARCH_NAMES)}")
@@ -85,7 +89,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     train_coarse(args.data, args.arch, args.out, iters=args.iters, batch=args.batch, crop=args.crop, lr=args.lr,
                  encoder=args.encoder, encoder_weights=args.encoder_weights, seed=args.seed,
-                 progress=not args.no_progress, num_workers=args.workers, checkpoint_every=args.checkpoint_every)
+                 progress=not args.no_progress, num_workers=args.workers, checkpoint_every=args.checkpoint_every,
+                 device=args.device)
     print(f"saved {args.out}")
     return 0
 
@@ -104,7 +109,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..coarse import predict_coarse
 
     out = predict_coarse(args.model, args.data, args.split or "test", name=args.name, probs=args.probs, tile=args.tile,
-                         overlap=args.overlap, batch=args.batch, progress=not args.no_progress)
+                         overlap=args.overlap, batch=args.batch, progress=not args.no_progress, device=args.device)
     print(f"wrote {out}")
     return 0
 
@@ -125,7 +130,8 @@ def run_predict_oof(args: argparse.Namespace) -> int:
     out = predict_coarse_oof(args.data, args.arch, args.name, args.folds, args.work, iters=args.iters,
                              encoder=args.encoder, encoder_weights=args.encoder_weights, batch=args.train_batch, crop=args.crop, lr=args.lr, seed=args.seed,
                              tile=args.tile, overlap=args.overlap, group=args.fold_group, progress=not args.no_progress,
-                             val_every=args.val_every, test=args.with_test, command=args.command_line)
+                             val_every=args.val_every, test=args.with_test, command=args.command_line,
+                             device=args.device)
     extra = " + test maps from the fold-model ensemble" if args.with_test else ""
     print(f"wrote {out} (out-of-fold, {args.folds} folds{extra}; provenance.json)")
     return 0

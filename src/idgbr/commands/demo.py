@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..device import add_device_argument
+
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -20,6 +22,7 @@ def register(sub) -> None:
                              "models (default 0: in-sample maps of the coarse model)")
     parser.add_argument("--train-minutes", type=float, default=None, metavar="M",
                         help="with --train: stop the refiner's training after M minutes, or at its steps if sooner")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -30,6 +33,6 @@ def run(args) -> int:
     if not args.train and (args.coarse_folds or args.train_minutes is not None):
         raise IdgbrError("--coarse-folds and --train-minutes shape the training; add --train (the default demo "
                          "uses the shipped models)")
-    settings = DemoSettings(coarse_folds=args.coarse_folds, train_minutes=args.train_minutes)
+    settings = DemoSettings(coarse_folds=args.coarse_folds, train_minutes=args.train_minutes, device=args.device)
     run_demo(args.out, train=args.train, source=args.source, settings=settings)
     return 0

@@ -22,6 +22,9 @@ def register(sub) -> None:
     parser.add_argument("--gate", type=int, default=None, metavar="PX",
                         help="score the gated prediction: refined labels within PX of a coarse boundary, coarse "
                              "labels elsewhere (needs --coarse)")
+    parser.add_argument("--sieve", type=int, default=0, metavar="PX",
+                        help="score the maps with regions smaller than PX pixels merged into their largest neighbour "
+                             "(what 'idgbr refine --sieve PX' writes; default 0: as they are)")
     parser.add_argument("--out", default=None, help="write the report to this file instead of stdout")
     parser.set_defaults(func=run)
 
@@ -32,7 +35,7 @@ def run(args) -> int:
 
     result = evaluate_folder(args.data, args.pred, args.split, coarse_dir=args.coarse,
                              tolerances=args.tolerances, k=args.k, progress=sys.stderr.isatty(),
-                             gate_width=args.gate)
+                             gate_width=args.gate, sieve=args.sieve)
     if args.format == "md":
         text = format_markdown(result, f"Evaluation of {Path(args.pred).name} ({args.split})")
     else:

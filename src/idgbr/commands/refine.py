@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..device import add_device_argument
+
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -55,6 +57,7 @@ def register(sub) -> None:
     scene.add_argument("--no-resume", action="store_true", help="start over even if <out>.progress.json exists")
     parser.add_argument("--skip-existing", action="store_true", help="folder mode: keep maps already written")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import Refiner
 
     model = args.model if args.model is not None else _default_model(args)
-    refiner = Refiner.from_pretrained(model)
+    refiner = Refiner.from_pretrained(model, device=args.device)
     kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch, tta=args.tta,
               sieve=args.sieve)
     if folder:
