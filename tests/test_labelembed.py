@@ -85,3 +85,23 @@ def test_decode_layout_gives_the_nchw_values_and_gradients():
     (fast * plain.detach()).sum().backward()
     (plain * plain.detach()).sum().backward()
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_decode_in_pixel_blocks_gives_the_convolutions_values():
+    """Without autograd on the CPU, decode runs blocked matrix products (speed): the same logits as the 1x1
+    convolutions, across block edges, and that path is the one taken."""
+    torch.manual_seed(0)
+    model = LabelEmbedding(num_classes=5, hidden=32)
+    x = torch.randn(2, 3, 40, 70)  # 5600 pixels: two full blocks of 2048 and a partial one
+    plain = model.embedding_conv(x)
+    with torch.no_grad():
+        fast = model.decode(x)
+        blocks = model._decode_blocks(x, block=333)
+    torch.testing.assert_close(fast, plain.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blocks, plain.detach(), rtol=1e-5, atol=1e-5)
+    calls = []
+    model._decode_blocks = lambda e, block=2048: calls.append(e.shape) or plain.detach()
+    with torch.no_grad():
+        model.decode(x)
+    model.decode(x)  # with autograd: the convolutions
+    assert calls == [x.shape]

