@@ -27,8 +27,9 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     run = tmp_path / "bench"
     args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--preset", "tiny", "--coarse-iters", "2",
             "--coarse-crop", "32", "--coarse-batch", "2", "--steps", "2", "--sample-steps", "2", "--out", str(run),
-            "--train-minutes", "5", "--samples", "2", "--noise-scale", "0.5", "--image-only"]
+            "--train-minutes", "5", "--samples", "2", "--noise-scale", "0.5", "--image-only", "--coarse-folds", "0"]
     assert main(args) == 0
+    assert "[note] the refiner learns real errors from each coarse model's in-sample train maps" in capsys.readouterr().out
     trained = json.loads((run / "refiners" / "diffusion_unet" / "train_config.json").read_text())
     assert trained["train_minutes"] == 5 and trained["steps"] == 2
     refined = json.loads((run / "refined" / "diffusion_unet" / "stage.json").read_text())["params"]
@@ -92,8 +93,8 @@ def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):
     assert all(not set(f["held_out"]) & set(f["trained_on"]) for f in provenance["fold_models"])
     test = SegmentationDataset(synthetic, "test").stems
     assert all((maps / f"{stem}.png").exists() for stem in train + test)
-    refiner = json.loads((run / "refiners" / "diffusion_unet" / "stage.json").read_text())
-    assert refiner["params"]["coarse"] == "bench_unet_oof2"  # trained on the out-of-fold maps
+    refiner = json.loads((run / "refiners" / "diffusion_pooled" / "stage.json").read_text())
+    assert refiner["params"]["coarse"] == ["bench_unet_oof2"]  # trained on the out-of-fold maps
     capsys.readouterr()
     assert main(args[:-4] + ["--coarse-folds", "1", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
@@ -451,8 +452,8 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     assert "idgbr predict-coarse --folds 2" in entry["coarse_provenance"]
     assert set(entry["controls"]) == {"deterministic", "deterministic_gated"}  # --no-image-only
     assert not (run / "refiners" / "image_only").exists()
-    refiner = json.loads((run / "refiners" / "diffusion_track_unet_converged" / "stage.json").read_text())
-    assert refiner["params"]["coarse"] == "track_unet_converged"
+    refiner = json.loads((run / "refiners" / "diffusion_pooled" / "stage.json").read_text())
+    assert refiner["params"]["coarse"] == ["track_unet_pretrained", "track_unet_converged"]  # both tracks' real errors
     assert not (run / "coarse_models").exists()  # no coarse model was trained
     assert "coarse track" in (run / "report.md").read_text()
     # a sieve (here the config's, as lite's default) scores the same maps sieved, and unsieved beside them: nothing
@@ -548,3 +549,24 @@ def test_pooled_coarse_sources_give_each_image_once_per_source(synthetic, tmp_pa
     assert len(both) == 2 * len(one)
     assert all((s["coarse"] == 0).all() for s in both[:len(one)]) and all((s["coarse"] == 1).all() for s in both[len(one):])
     assert all(a["image"] is b["image"] and a["mask"] is b["mask"] for a, b in zip(both, both[len(one):]))
+
+
+def test_benchmark_learns_real_errors_out_of_fold_by_default(synthetic, tmp_path, capsys):
+    """A refiner that learns from real errors (coarse_corruption < 1) gets them out of fold by default: every coarse
+    model's K-fold train maps are made first and pooled into one shared refiner (and one control)."""
+    from idgbr.benchmark import AUTO_FOLDS
+
+    run = tmp_path / "bench_auto"
+    args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--coarse-arch", "deeplabv3plus", "--preset", "tiny",
+            "--coarse-iters", "1", "--coarse-crop", "32", "--coarse-batch", "2", "--steps", "1", "--sample-steps", "1",
+            "--gate", "-1", "--set", "coarse_corruption=0.5", "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (run / "refiners").iterdir()) == ["deterministic_pooled", "diffusion_pooled"]
+    pool = [f"bench_unet_oof{AUTO_FOLDS}", f"bench_deeplabv3plus_oof{AUTO_FOLDS}"]
+    assert json.loads((run / "refiners" / "diffusion_pooled" / "stage.json").read_text())["params"]["coarse"] == pool
+    assert out.index("[stage] predict coarse deeplabv3plus train out-of-fold") < out.index("[stage] train refiner")
+    report = json.loads((run / "report.json").read_text())
+    assert [e["coarse_folds"] for e in report["results"]] == [AUTO_FOLDS] * 2
+    assert all(e["refiner_pool"] == pool for e in report["results"])
+    assert "One refiner trains on the train-split maps of `bench_unet_oof3`" in (run / "report.md").read_text()

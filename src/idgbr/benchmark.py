@@ -29,6 +29,9 @@ from typing import Any, Callable, Sequence
 from .errors import IdgbrError
 
 
+AUTO_FOLDS = 3  # out-of-fold folds when the refiner learns from real errors and nothing else brings them
+
+
 @dataclass
 class BenchmarkSettings:
     coarse_archs: Sequence[str] = ("deeplabv3plus", "unet")
@@ -56,7 +59,10 @@ class BenchmarkSettings:
     image_only: bool = False  # with controls: also the image-only control (it does not depend on the coarse maps)
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
     seed: int = 0
-    coarse_folds: int = 0  # 0: the refiner trains on in-sample train maps; K >= 2: on K-fold out-of-fold maps
+    # 0: in-sample train maps; K >= 2: K-fold out-of-fold maps (the coarse models' real errors on images they did not
+    # see). None: AUTO_FOLDS when the refiner learns from real errors (coarse_corruption < 1) and no track brings
+    # them, else 0.
+    coarse_folds: int | None = None
     coarse_fold_group: str | None = None  # regex: stems with the same match share a fold (e.g. r"tile\d+")
     # Complete coarse tracks made beforehand (e.g. committed fixtures of a converged model): folders with a map for
     # every train and test stem and a provenance.json ('idgbr predict-coarse --folds K --with-test'). When given, they
@@ -290,8 +296,15 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
     """Run the protocol and write ``RUN/report.json`` and ``RUN/report.md``; returns the report dict."""
     from .evaluate import evaluate_folder
 
+    import dataclasses
+
     wall_start = time.perf_counter()
     data_root, run = Path(data_root), Path(run)
+    shared = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
+    real_errors = shared.use_coarse and shared.coarse_corruption < 1
+    if settings.coarse_folds is None:
+        auto = real_errors and not settings.coarse_maps and not settings.refiner_coarse_maps
+        settings = dataclasses.replace(settings, coarse_folds=AUTO_FOLDS if auto else 0)
     if not (data_root / "classes.json").exists():
         raise IdgbrError(f"{data_root}: not a prepared dataset (no classes.json); run 'idgbr prepare' first")
     if settings.coarse_folds:  # a bad K fails now, not after the first refiner has trained
@@ -317,15 +330,26 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                                 {**settings.overrides, "use_coarse": False})
         image_only = train_and_refine(stages, data_root, run, "image_only", config, None, settings)
     sources = [(Path(folder), None) for folder in settings.coarse_maps] or [(None, a) for a in settings.coarse_archs]
-    shared = refiner_config(data_root, settings.preset, settings.refiner_steps, settings.seed, settings.overrides)
+    tags: dict[int, tuple[str, str]] = {}  # coarse maps made before the refiner trains (they are its data)
+    if real_errors and not pooled and (settings.coarse_maps or settings.coarse_folds):
+        # one refiner learns from the real errors of every coarse model of the run: their out-of-fold train maps
+        for index, (folder, arch) in enumerate(sources):
+            tags[index] = (import_coarse_track(stages, data_root, run, folder, checked[str(folder)]) if folder is not None
+                           else (coarse_stages(stages, data_root, run, arch, settings), arch))
+        pooled = [tag for tag, _ in tags.values()]
+    elif real_errors and not pooled:
+        log("[note] the refiner learns real errors from each coarse model's in-sample train maps, which are cleaner "
+            "than its test maps; --coarse-folds K gives out-of-fold ones")
     threads = side_by_side_threads(settings, shared, pooled)
     if threads and refiners_trained(run, shared, pooled):
         threads = 0
     if threads:
         train_side_by_side(stages, data_root, run, settings, shared,
-                           [] if settings.coarse_maps else list(settings.coarse_archs), threads, pooled)
-    for folder, arch in sources:
-        if folder is not None:
+                           [] if settings.coarse_maps or tags else list(settings.coarse_archs), threads, pooled)
+    for index, (folder, arch) in enumerate(sources):
+        if index in tags:
+            tag, arch = tags[index]
+        elif folder is not None:
             tag, arch = import_coarse_track(stages, data_root, run, folder, checked[str(folder)])
         else:
             tag = coarse_stages(stages, data_root, run, arch, settings)
@@ -339,7 +363,9 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
                                  "coarse_fold_group": settings.coarse_fold_group,
                                  "repair": refined.get("repair", {}),
                                  "coarse_corruption": config.coarse_corruption,
-                                 **({"refiner_coarse_maps": list(settings.refiner_coarse_maps)} if pooled else {})}
+                                 **({"refiner_pool": list(pooled)} if pooled and real_errors else {}),
+                                 **({"refiner_coarse_maps": list(settings.refiner_coarse_maps)}
+                                    if settings.refiner_coarse_maps else {})}
         if folder is not None:
             provenance = json.loads((folder / "provenance.json").read_text())
             entry.update(coarse_maps=str(folder), coarse_folds=provenance.get("folds", 0),
@@ -553,8 +579,12 @@ def write_reports(run: Path, report: dict) -> None:
                     else "in-sample: the coarse model trained on these images")
             train, test = entry["coarse_train"], entry["coarse"]
             share = entry.get("coarse_corruption", 0.0)
+            pool = entry.get("refiner_pool")
             head = ("The refiner trains on synthetic degradations of the ground truth only (coarse_corruption 1), "
                     "never on a coarse model's maps. The coarse model's train-split maps" if share >= 1 else
+                    f"One refiner trains on the train-split maps of {', '.join(f'`{t}`' for t in pool)}, pooled "
+                    f"({100 * (1 - share):.0f} % of its samples; the rest are synthetic degradations of the ground "
+                    "truth). This coarse model's train-split maps" if pool else
                     f"Coarse maps the refiner trains on ({100 * (1 - share):.0f} % of its samples; the rest are "
                     "synthetic degradations of the ground truth)")
             lines += [f"{head} (train split, {kind}): mIoU {100 * train['miou']:.2f}, "

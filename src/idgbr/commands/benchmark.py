@@ -47,9 +47,11 @@ def register(sub) -> None:
                              "run of it serves every coarse track; off by default to keep the benchmark within 45 min)")
     parser.add_argument("--no-image-only", action="store_true", help=argparse.SUPPRESS)  # the default; old command lines
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="RefinerConfig override")
-    parser.add_argument("--coarse-folds", type=int, default=0, metavar="K",
-                        help="train the refiners on out-of-fold coarse train maps from K >= 2 fold models (see "
-                             "'idgbr predict-coarse --folds'); default 0: in-sample maps of the full coarse model")
+    parser.add_argument("--coarse-folds", type=int, default=None, metavar="K",
+                        help="train the refiner on out-of-fold coarse train maps from K >= 2 fold models per coarse "
+                             "model (see 'idgbr predict-coarse --folds'), pooled: one refiner learns the real errors "
+                             "of every coarse model; 0: in-sample maps of the full coarse model (default: 3 when the "
+                             "refiner learns from real errors, coarse_corruption < 1 as in lite; else 0)")
     parser.add_argument("--coarse-fold-group", default=None, metavar="REGEX",
                         help="with --coarse-folds: stems with the same first match of REGEX share a fold (e.g. "
                              "'tile\\d+' holds out whole source tiles, as a tile-wise test split does)")
