@@ -258,6 +258,10 @@ def refine_task(job: dict[str, Any]) -> dict[str, Any]:
             torch.set_num_threads(int(job["threads"]))
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB * 2 ** 20):
             out = Path(job["out"])
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise file_error(out.parent, f"cannot create the output folder ({exc.strerror})", "choose a writable OUT") from None
             lock = Lock(scene_lock_path(out))
             lock.acquire(job.get("stale_after", STALE_AFTER))
             try:
@@ -398,7 +402,7 @@ def refine_archive(pairs: list[Pair], out: str | Path, model: str | None = None,
     if clash is not None:
         raise file_error(clash, "an output would overwrite an input", "choose an OUT folder apart from the inputs")
     model_ref, shipped, config = _model_settings(model)
-    settings = {"model": model_ref, **{key: options.get(key) for key in OPTIONS}}
+    settings = _settings(model_ref, options, config)
     job_lock = Lock(out / JOB_LOCK)
     holder = job_lock.try_acquire()
     if holder is not None:
@@ -447,6 +451,14 @@ def refine_archive(pairs: list[Pair], out: str | Path, model: str | None = None,
     finally:
         job_lock.release()
     return manifest
+
+
+def _settings(model: str, options: dict[str, Any], config) -> dict[str, Any]:
+    """What decides the refined maps, defaults resolved (the batch size does not: tiles are independent)."""
+    defaults = {"tile": config.tile_size, "overlap": config.tile_overlap, "steps": config.sample_steps,
+                "guidance": config.guidance_scale, "strength": config.strength, "noise_scale": config.noise_scale,
+                "tta": config.tta, "sieve": config.sieve, "seed": 0, "gate_width": None, "bands": None}
+    return {"model": model, **{key: options.get(key, default) for key, default in defaults.items()}}
 
 
 def _tiles_of(path: Path, tile: int, overlap: int, factor: int) -> int | None:
