@@ -103,7 +103,7 @@ def client():
 
     cluster = archive.local_cluster(workers=2, threads=1)
     with cluster, Client(cluster) as dask_client:
-        dask_client.wait_for_workers(2)
+        dask_client.wait_for_workers(2, timeout=120)
         yield dask_client
 
 
@@ -222,7 +222,9 @@ def test_bad_scenes_fail_alone_with_one_line_errors(client, model, tmp_path, cap
     assert entries["good"]["status"] == "done" and (out / "good.tif").exists()
     for stem, pattern in expected.items():
         assert entries[stem]["status"] == "failed" and re.search(pattern, entries[stem]["error"]), entries[stem]
-        assert "\n" not in entries[stem]["error"] and not (out / f"{stem}.tif").exists()
+        error = entries[stem]["error"]
+        assert error.startswith(str(scenes if stem in ("broken", "orphan") else coarse)) and "internal error" not in error
+        assert "\n" not in error and not (out / f"{stem}.tif").exists()
         assert any(line.startswith(f"  {stem}: ") for line in err)
     assert leftovers(out) == []
     # without --model, the shipped refiner: a scene whose classes do not fit fails with how to train one
