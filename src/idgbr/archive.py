@@ -38,8 +38,9 @@ from typing import Any, Iterator
 
 from .errors import IdgbrError, file_error
 from .io import atomic_path
+from .locks import Lock
 
-__all__ = ["Pair", "find_pairs", "read_pairs", "refine_archive", "local_cluster", "refine_task", "Lock"]
+__all__ = ["Pair", "find_pairs", "read_pairs", "refine_archive", "local_cluster", "refine_task"]
 
 MANIFEST = "manifest.json"
 JOB_LOCK = ".idgbr-archive.lock"
@@ -109,90 +110,8 @@ def read_pairs(csv_path: str | Path) -> list[Pair]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Locks
+# Scene locks (idgbr.locks)
 # ----------------------------------------------------------------------------------------------------------------
-def _process_started(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
-        return None
-
-
-class Lock:
-    """A lock file created atomically (``os.link`` of a complete file: no reader sees it half written) holding the
-    holder's pid, host and process start time; :meth:`touch` is the heartbeat."""
-
-    def __init__(self, path: str | Path):
-        self.path, self.token = Path(path), uuid.uuid4().hex
-
-    def holder(self) -> dict[str, Any] | None:
-        try:
-            return {**json.loads(self.path.read_text()), "age": time.time() - self.path.stat().st_mtime}
-        except FileNotFoundError:
-            return None
-        except ValueError:  # not ours to judge: treat as held by an unknown process
-            return {"pid": None, "host": None, "age": 0.0}
-
-    def is_stale(self, holder: dict[str, Any], stale_after: float | None) -> bool:
-        if holder.get("host") == socket.gethostname() and holder.get("pid") is not None:
-            started = _process_started(int(holder["pid"]))
-            return started is None or abs(started - float(holder.get("started", started))) > 1.0
-        return stale_after is not None and holder["age"] > stale_after
-
-    def try_acquire(self, stale_after: float | None = None) -> dict[str, Any] | None:
-        """Take the lock: ``None`` on success, else the live holder (a stale holder's lock is taken over)."""
-        pid = os.getpid()
-        record = {"pid": pid, "host": socket.gethostname(), "started": _process_started(pid), "token": self.token}
-        tmp = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
-        tmp.write_text(json.dumps(record))
-        try:
-            for _ in range(5):
-                try:
-                    os.link(tmp, self.path)
-                    return None
-                except FileExistsError:
-                    holder = self.holder()
-                    if holder is None:
-                        continue
-                    if not self.is_stale(holder, stale_after):
-                        return holder
-                    self._break(holder)
-            return self.holder() or {"pid": None, "host": None, "age": 0.0}
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _break(self, holder: dict[str, Any]) -> None:
-        """Move a stale lock aside; put it back if someone else's fresh lock was moved instead."""
-        aside = self.path.with_name(f"{self.path.name}.{self.token}.stale")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            if json.loads(aside.read_text()).get("token") != holder.get("token"):
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.path)
-        except ValueError:
-            pass
-        aside.unlink(missing_ok=True)
-
-    def acquire(self, stale_after: float | None = None, poll: float = 0.5) -> None:
-        """Wait until the lock is ours."""
-        while self.try_acquire(stale_after) is not None:
-            time.sleep(poll)
-
-    def touch(self, *_: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.utime(self.path)
-
-    def release(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(self.path.read_text()).get("token") == self.token:
-                self.path.unlink()
-
-
 def scene_lock_path(out: Path) -> Path:
     return out.with_name(out.name + ".lock")
 
@@ -277,7 +196,9 @@ def refine_task(job: dict[str, Any]) -> dict[str, Any]:
                         from .commands.refine import shipped_refiner
 
                         shipped_refiner(coarse=Path(job["coarse"]), announce=False)
+                    loading = time.time()
                     refiner = _worker_refiner(job["model"])
+                    result["load_seconds"] = time.time() - loading
                     options = dict(job["options"])
                     summary = refine_scene(refiner, job["image"], job["coarse"], out, progress=False,
                                            callback=lock.touch, prefetch=options.get("batch_size", 4), **options)
@@ -487,7 +408,7 @@ def _run_jobs(client, jobs: list[dict[str, Any]], threads: int | None, manifest:
         for future in as_completed(futures):
             stem = stems[future.key]
             try:
-                result = future.result()
+                result = {**future.result(), "received": time.time()}
             except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the scene killed its worker repeatedly
                 result = {"status": "failed", "error": f"{entries[stem]['image']}: the task failed "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); rerun the "
