@@ -162,13 +162,14 @@ def refine_task(job: dict[str, Any]) -> dict[str, Any]:
     """Refine one scene (``job``: stem, image, coarse, out, model, shipped, threads, options, stale_after).
 
     Returns status ``done`` (this task wrote it), ``exists`` (the output was already there: an earlier attempt
-    finished it) or ``failed`` with the one-line error, and the timings."""
+    finished it) or ``failed`` with the one-line error, and the timings (``seconds`` includes the imports and the
+    model load of a worker's first scene; ``load_seconds`` is the model load)."""
+    started = time.time()
     import rasterio
     import torch
 
     from .scene import refine_scene, sidecar_paths
 
-    started = time.time()
     result: dict[str, Any] = {"stem": job["stem"], "status": "failed", "seconds": 0.0, "tiles": None, "computed": 0,
                               "resumed_tiles": 0, "error": None, "host": socket.gethostname(), "pid": os.getpid(),
                               "started": started}
@@ -240,7 +241,8 @@ def default_threads(workers: int) -> int:
 
 def local_cluster(workers: int | None = None, threads: int | None = None):
     """A ``LocalCluster`` of ``workers`` spawned worker processes, one task at a time each (torch gets ``threads``
-    threads: cores / workers by default), ``GDAL_CACHEMAX`` bounded per worker, no dashboard."""
+    threads: cores / workers by default), ``GDAL_CACHEMAX`` bounded per worker, no dashboard; workers import
+    idgbr (and torch) while they start, not during their first scene."""
     import dask
     from distributed import LocalCluster
 
@@ -248,7 +250,8 @@ def local_cluster(workers: int | None = None, threads: int | None = None):
     threads = threads or default_threads(workers)
     dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
     env = {"GDAL_CACHEMAX": str(GDAL_CACHEMAX_MB), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env)
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env,
+                        preload=["idgbr.scene"])
 
 
 @contextlib.contextmanager
