@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "embed",         # train-embed
     "train",         # train
     "refine",        # refine
+    "archive",       # refine-archive
     "evaluate",      # evaluate
     "demo",          # demo
     "benchmark",     # benchmark

@@ -388,7 +388,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                  gate_width: int | None = None, confidence: float | None = None, batch_size: int = 4,
                  bands: Sequence[int] | None = None, resume: bool = True, progress: bool = True,
                  callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None,
-                 tta: str | None = None, sieve: int | None = None) -> dict[str, Any]:
+                 tta: str | None = None, sieve: int | None = None, prefetch: int = 0) -> dict[str, Any]:
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
@@ -408,6 +408,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
         resume: continue from ``<out>.progress.json`` when it belongs to the same inputs and settings.
         callback: called with the indices of each finished batch (after it is saved).
+        prefetch: read up to this many tiles ahead in one background thread while the network runs (0: read in
+            line). Only that thread touches the datasets during the loop; the result is the same.
     Returns:
         summary dict: ``out``, ``uncertainty``, ``height``, ``width``, ``tiles``, ``computed`` (tiles run in this
         call), ``done_before`` (tiles restored from a previous run), ``skipped_nodata``, ``skipped_gate``,
@@ -479,24 +481,26 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
 
         bar = tqdm(total=len(windows), initial=len(windows) - len(todo), desc="tiles", unit="tile", disable=not progress)
         computed, batch = 0, []
-        for position, index in enumerate(todo):
-            item = _prepare_tile(scene, windows[index], gate_width, confidence, gating)
-            if isinstance(item, str):
-                state[f"skipped_{item}"].append(index)
-                bar.update(1)
-            else:
-                batch.append((index, item))
-            if len(batch) == batch_size or (position == len(todo) - 1 and batch):
-                computed += len(batch)
-                _run_batch(refiner, scene, windows, batch, noise, ramp, scratch, samples, steps, guidance, strength,
-                           noise_scale, tta)
-                state["done"].extend(index for index, _ in batch)
-                _write_json(paths["progress"], state)
-                scratch.journal.unlink(missing_ok=True)
-                bar.update(len(batch))
-                if callback is not None:
-                    callback([index for index, _ in batch])
-                batch = []
+        items = _prefetched(lambda index: _prepare_tile(scene, windows[index], gate_width, confidence, gating), todo,
+                            prefetch)
+        with contextlib.closing(items):  # the reading thread stops before the datasets close
+            for position, (index, item) in enumerate(zip(todo, items)):
+                if isinstance(item, str):
+                    state[f"skipped_{item}"].append(index)
+                    bar.update(1)
+                else:
+                    batch.append((index, item))
+                if len(batch) == batch_size or (position == len(todo) - 1 and batch):
+                    computed += len(batch)
+                    _run_batch(refiner, scene, windows, batch, noise, ramp, scratch, samples, steps, guidance, strength,
+                               noise_scale, tta)
+                    state["done"].extend(index for index, _ in batch)
+                    _write_json(paths["progress"], state)
+                    scratch.journal.unlink(missing_ok=True)
+                    bar.update(len(batch))
+                    if callback is not None:
+                        callback([index for index, _ in batch])
+                    batch = []
         bar.close()
         _write_json(paths["progress"], state)
         unc_path = uncertainty_path(out_path) if samples > 1 else None
@@ -520,6 +524,31 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
             "skipped_nodata": len(state["skipped_nodata"]), "skipped_gate": len(state["skipped_gate"]),
             "skipped_fraction": skipped / len(windows), "resumed": resumed,
             "seconds": time.perf_counter() - start_time}
+
+
+def _prefetched(read: Callable[[int], Any], indices: list[int], depth: int) -> Iterator[Any]:
+    """``read(i)`` for each of ``indices`` in order; with ``depth`` > 0 computed up to ``depth`` ahead in one thread
+    (I/O overlap without processes: a dask worker is daemonic and cannot start any). Close the generator to stop
+    the thread (pending reads are cancelled, the running one is waited for)."""
+    if depth <= 0:
+        for index in indices:
+            yield read(index)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="idgbr-read")
+    pending: deque = deque()
+    try:
+        upcoming = iter(indices)
+        for index in upcoming:
+            pending.append(pool.submit(read, index))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _model_id(refiner) -> str:

@@ -101,6 +101,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _default_model(args: argparse.Namespace) -> str:
     """The shipped refiner, when the data's classes fit it; else a one-line error that says how to train one."""
+    return shipped_refiner(coarse=None if args.data is not None else Path(args.coarse), data=args.data, split=args.split)
+
+
+def shipped_refiner(coarse: Path | None = None, data: str | Path | None = None, split: str = "test",
+                    announce: bool = True) -> str:
+    """The name of the shipped refiner when the classes of a dataset (``data``/``split``) or of one ``coarse`` map
+    fit it; else a one-line :class:`IdgbrError` that says how to train one. ``announce`` prints which model runs
+    (also used per scene by ``idgbr refine-archive``, quietly)."""
     import sys
 
     from ..errors import IdgbrError
@@ -110,18 +118,19 @@ def _default_model(args: argparse.Namespace) -> str:
     classes = info["classes"]
     train = (f"the shipped refiner '{DEFAULT_REFINER}' knows {len(classes)} classes ({', '.join(classes)}); train one "
              "for your classes with 'idgbr train --preset lite --data DATA --out RUN' and pass --model RUN")
-    if args.data is not None:
+    if data is not None:
         from ..data import SegmentationDataset
 
-        dataset = SegmentationDataset(args.data, args.split, load_mask=False)
+        dataset = SegmentationDataset(data, split, load_mask=False)
         if dataset.classes.num_classes != len(classes):
             raise IdgbrError(f"{dataset.root / 'classes.json'}: {dataset.classes.num_classes} classes, but {train}")
-    else:
-        largest = _largest_class(Path(args.coarse))
+    elif coarse is not None:
+        largest = _largest_class(Path(coarse))
         if largest >= len(classes):
-            raise IdgbrError(f"{args.coarse}: holds class {largest}, but {train}")
-    print(f"refining with the shipped refiner '{DEFAULT_REFINER}' ({info['summary']}); pass --model RUN for your own",
-          file=sys.stderr)
+            raise IdgbrError(f"{coarse}: holds class {largest}, but {train}")
+    if announce:
+        print(f"refining with the shipped refiner '{DEFAULT_REFINER}' ({info['summary']}); pass --model RUN for your own",
+              file=sys.stderr)
     return DEFAULT_REFINER
 
 
