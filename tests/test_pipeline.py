@@ -14,6 +14,7 @@ from idgbr.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
 from idgbr.model import IDGBRModel  # noqa: E402
 from idgbr.pipeline import Refiner, _repeat_batch  # noqa: E402
+from idgbr.tiling import tile_grid  # noqa: E402
 
 K = 3
 
@@ -255,3 +256,75 @@ def test_tta_averages_over_the_group(refiner: Refiner, tta: str, axes_turn: str)
     np.testing.assert_allclose(probs_turned, turn(probs, (1, 2)), atol=1e-5)
     with pytest.raises(IdgbrError, match="unknown tta"):
         refiner.refine(image, coarse, tta="rot", **kw)
+
+
+def _mixed_dataset(root, sizes=((45, 38), (45, 38), (30, 27), (70, 50), (45, 38), (20, 33))):
+    """A dataset of images of several sizes (so several tile shapes), one coarse map each (split None: all)."""
+    from tests.test_train import make_dataset
+
+    make_dataset(root, n=len(sizes), size=sizes[0], classes=K)
+    for n, (h, w) in enumerate(sizes):
+        image, coarse = inputs(h, w, seed=n)
+        coarse[n % 3: n % 3 + 4, :5] = 255  # nodata stays nodata
+        Image.fromarray(image).save(root / "images" / f"s{n}.png")
+        Image.fromarray(coarse).save(root / "coarse" / "c1" / f"s{n}.png")
+        Image.fromarray(coarse).save(root / "masks" / f"s{n}.png")
+    return root
+
+
+@pytest.mark.parametrize("options", [dict(noise_scale=0.0, steps=2),  # the lite/tiny default start: exact
+                                     dict(noise_scale=1.0, samples=2, steps=1, sieve=4)])
+def test_folder_batches_across_images_like_one_image_at_a_time(refiner: Refiner, tmp_path, options) -> None:
+    """refine_folder batches windows across images (batch 3: tiles of several images per call; reading and
+    writing in threads) and writes the labels of one refine call per image, each seeded with ``seed``."""
+    from idgbr.data import SegmentationDataset
+
+    data = _mixed_dataset(tmp_path / "data")
+    calls = []
+    real_sample = refiner.sample
+
+    def counting(image, *args, **kw):
+        calls.append(len(image))
+        return real_sample(image, *args, **kw)
+
+    refiner.sample = counting
+    try:
+        written = refiner.refine_folder(data, None, "c1", tmp_path / "out", seed=7, progress=False, batch_size=3,
+                                        **options)
+    finally:
+        del refiner.sample
+    dataset = SegmentationDataset(data, None, coarse="c1", load_mask=False)
+    agree = total = per_image_calls = 0
+    for index, path in enumerate(written):
+        sample = dataset[index]
+        per_image_calls += -(-len(tile_grid(*sample["coarse"].shape, 32, 8)) // 3)
+        expected = refiner.refine(sample["image"], sample["coarse"], generator=gen(7), batch_size=3, **options)
+        got = np.asarray(Image.open(path))
+        assert got.shape == expected.shape
+        agree, total = agree + (got == expected).sum(), total + got.size
+        if options["noise_scale"] == 0:
+            np.testing.assert_array_equal(got, expected)
+    assert agree / total >= 0.9999
+    assert max(calls) == 3 and len(calls) < per_image_calls  # batches were filled with tiles of several images
+
+
+def test_list_refine_batches_across_images_with_extras(refiner: Refiner) -> None:
+    """A list goes through the same cross-image batches; one generator feeds the images in order, as before;
+    probabilities and agreement come back per image."""
+    pairs = [inputs(32, 32, 0), inputs(45, 40, 1), inputs(20, 28, 2), inputs(32, 32, 3)]
+    kw = dict(steps=1, noise_scale=1.0, samples=2, return_probs=True, return_agreement=True, batch_size=3)
+    batched = refiner.refine([p[0] for p in pairs], [p[1] for p in pairs], generator=gen(4), **kw)
+    g = gen(4)
+    for (labels, probs, agreement), (image, coarse) in zip(batched, pairs):
+        ref_labels, ref_probs, ref_agreement = refiner.refine(image, coarse, generator=g, **kw)
+        np.testing.assert_array_equal(labels, ref_labels)
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
+        np.testing.assert_allclose(agreement, ref_agreement, atol=1e-6)
+
+
+def test_folder_errors_name_the_image_after_writing_the_ones_before(refiner: Refiner, tmp_path) -> None:
+    data = _mixed_dataset(tmp_path / "data", sizes=((32, 32), (32, 32), (32, 32)))
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(data / "coarse" / "c1" / "s1.png")
+    with pytest.raises(IdgbrError, match=r"s1\.png: .*\[7\]"):
+        refiner.refine_folder(data, None, "c1", tmp_path / "out", progress=False, steps=1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s0.png"]
