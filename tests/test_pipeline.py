@@ -311,7 +311,7 @@ def test_folder_batches_across_images_like_one_image_at_a_time(lively: Refiner, 
     lively.sample = sample
     try:
         written = lively.refine_folder(data, None, "c1", tmp_path / "out", seed=7, progress=False, batch_size=3,
-                                        **options)
+                                       read_ahead=0 if noisy else 2, **options)  # reading in series / in a thread
         calls_across = list(calls)
         dataset = SegmentationDataset(data, None, coarse="c1", load_mask=False)
         agree = total = per_image_calls = 0

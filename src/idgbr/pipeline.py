@@ -9,6 +9,11 @@ Any image size: images are cut into overlapping tiles (``config.tile_size``/``ti
 :mod:`idgbr.tiling`), each tile is reflect-padded to ``config.size_multiple``, and the tiles' softmax
 probabilities are blended with the tiling weights, then cropped back to the input size.
 
+Several images (a list, or ``refine_folder``) share network batches: windows of different images fill one batch
+(:meth:`Refiner._refine_stream`), while each image's starting noise is drawn exactly as for that image alone;
+``refine_folder`` reads and tiles the next images in one thread and labels, sieves and writes the finished ones
+in another, beside the compute.
+
 Fixes over the authors' pipeline (reference doc §6, §10.12): everything that does not depend on t (image and
 coarse latents, guidance-encoder features) is computed once per tile; ``strength < 1`` really starts from the
 coarse latent noised to the first kept timestep (SDEdit); ``guidance = 1`` is a single conditional pass; batches
@@ -205,7 +210,8 @@ class Refiner:
                 defaults from the model's config (``sample_steps``, ``guidance_scale``, ``strength``).
             generator: CPU ``torch.Generator`` for the noise (same seed and inputs give the same map).
             return_probs: also return the blended (K, H, W) float32 probabilities.
-            batch_size: tiles per network batch.
+            batch_size: tiles per network batch (for a list: taken across the images; each image's noise is drawn from
+                ``generator`` in turn, in chunks of ``batch_size`` tiles, as for one image at a time).
             callback: ``callback(step, t, x0_hat)`` after every sampling step (analyses; see ``sample``).
             samples: S > 1 draws S samples per tile in one batch and averages their probabilities (a posterior-mean
                 estimate instead of one noisy sample); default ``config.samples``.
