@@ -372,13 +372,3 @@ def test_pairs_by_stem_and_csv_errors(tmp_path):
         read_pairs(tmp_path / "dup.csv")
     assert main(["refine-archive", "--pairs", str(tmp_path / "dup.csv"), str(scenes), str(tmp_path / "o")]) == 2
 
-
-def test_prefetch_reads_ahead_with_the_same_result(model, tmp_path, one_thread):
-    scenes, coarse = make_scenes(tmp_path, stems=("a",))
-    refiner = Refiner.from_pretrained(model, device="cpu")
-    refine_scene(refiner, scenes / "a.tif", coarse / "a.tif", tmp_path / "inline.tif", progress=False, **SETTINGS)
-    refine_scene(refiner, scenes / "a.tif", coarse / "a.tif", tmp_path / "ahead.tif", progress=False, prefetch=3,
-                 **SETTINGS)
-    inline = read(tmp_path / "inline.tif")
-    assert np.bincount(inline.ravel(), minlength=K)[:K].min() > 50
-    np.testing.assert_array_equal(inline, read(tmp_path / "ahead.tif"))

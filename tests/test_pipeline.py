@@ -14,6 +14,7 @@ from idgbr.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
 from idgbr.model import IDGBRModel  # noqa: E402
 from idgbr.pipeline import Refiner, _repeat_batch  # noqa: E402
+from idgbr.tiling import tile_grid  # noqa: E402
 
 K = 3
 
@@ -255,3 +256,100 @@ def test_tta_averages_over_the_group(refiner: Refiner, tta: str, axes_turn: str)
     np.testing.assert_allclose(probs_turned, turn(probs, (1, 2)), atol=1e-5)
     with pytest.raises(IdgbrError, match="unknown tta"):
         refiner.refine(image, coarse, tta="rot", **kw)
+
+
+@pytest.fixture(scope="module")
+def lively() -> Refiner:
+    """The tiny test model with its zero-initialised guidance layers drawn at random, so that its output depends on
+    each tile's image and coarse map (a fresh one ignores them)."""
+    torch.manual_seed(0)
+    model = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.guidance.parameters():
+            if param.ndim > 1 and not param.any():
+                param.normal_(0, 0.3, generator=generator)
+    return Refiner(model)
+
+
+def _mixed_dataset(root, sizes=((45, 38), (45, 38), (30, 27), (70, 50), (45, 38), (20, 33))):
+    """A dataset of images of several sizes (so several tile shapes), one coarse map each (split None: all)."""
+    from tests.test_train import make_dataset
+
+    make_dataset(root, n=len(sizes), size=sizes[0], classes=K)
+    for n, (h, w) in enumerate(sizes):
+        image, coarse = inputs(h, w, seed=n)
+        coarse[n % 3: n % 3 + 4, :5] = 255  # nodata stays nodata
+        Image.fromarray(image).save(root / "images" / f"s{n}.png")
+        Image.fromarray(coarse).save(root / "coarse" / "c1" / f"s{n}.png")
+        Image.fromarray(coarse).save(root / "masks" / f"s{n}.png")
+    return root
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_folder_batches_across_images_like_one_image_at_a_time(lively: Refiner, tmp_path, noisy: bool) -> None:
+    """refine_folder batches windows across images (batch 3: tiles of several images per call; reading and
+    writing in threads) and writes the labels of one refine call per image, each seeded with ``seed``.
+
+    Not noisy: the tiny network from the default zero-noise start (exact). Noisy: two samples per tile, sieved, with
+    a stand-in sampler whose logits are the starting noise (an untrained tiny network hardly reacts to its noise),
+    so that any change in a tile's noise changes the labels."""
+    from idgbr.data import SegmentationDataset
+
+    data = _mixed_dataset(tmp_path / "data")
+    options = dict(noise_scale=1.0, samples=2, steps=1, sieve=4) if noisy else dict(noise_scale=0.0, steps=2)
+    calls = []
+    real_sample = lively.sample
+
+    def sample(image, prior, steps, guidance, strength, noise, callback=None, noise_scale=1.0, tta=None):
+        calls.append(len(image))
+        if not noisy:
+            return real_sample(image, prior, steps, guidance, strength, noise, callback, noise_scale, tta)
+        f = image.shape[-1] // noise.shape[-1]
+        return 10 * noise_scale * noise[:, :K].repeat_interleave(f, -2).repeat_interleave(f, -1)
+
+    lively.sample = sample
+    try:
+        written = lively.refine_folder(data, None, "c1", tmp_path / "out", seed=7, progress=False, batch_size=3,
+                                       read_ahead=0 if noisy else 2, **options)  # reading in series / in a thread
+        calls_across = list(calls)
+        dataset = SegmentationDataset(data, None, coarse="c1", load_mask=False)
+        agree = total = per_image_calls = 0
+        for index, path in enumerate(written):
+            sample_ = dataset[index]
+            per_image_calls += -(-len(tile_grid(*sample_["coarse"].shape, 32, 8)) // 3)
+            expected = lively.refine(sample_["image"], sample_["coarse"], generator=gen(7), batch_size=3, **options)
+            got = np.asarray(Image.open(path))
+            assert got.shape == expected.shape
+            agree, total = agree + (got == expected).sum(), total + got.size
+            if not noisy:
+                np.testing.assert_array_equal(got, expected)
+    finally:
+        del lively.sample
+    assert agree / total >= 0.9999
+    assert max(calls_across) == 3 and len(calls_across) < per_image_calls  # batches mixed the images' tiles
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_list_refine_batches_across_images_with_extras(lively: Refiner, noisy: bool) -> None:
+    """A list goes through the same cross-image batches (batch 3 over tiles of 4 images); one generator feeds the
+    images in order, as before; labels, probabilities and agreement come back per image (the tiny model labels
+    nearly every pixel alike, so the probabilities are compared too: equal up to the rounding of other batches)."""
+    pairs = [inputs(32, 32, 0), inputs(45, 40, 1), inputs(20, 28, 2), inputs(32, 32, 3)]
+    kw = dict(return_probs=True, return_agreement=True, batch_size=3)
+    kw.update(steps=1, noise_scale=1.0, samples=2) if noisy else kw.update(steps=2, noise_scale=0.0)
+    batched = lively.refine([p[0] for p in pairs], [p[1] for p in pairs], generator=gen(4), **kw)
+    g = gen(4)
+    for (labels, probs, agreement), (image, coarse) in zip(batched, pairs):
+        ref_labels, ref_probs, ref_agreement = lively.refine(image, coarse, generator=g, **kw)
+        np.testing.assert_array_equal(labels, ref_labels)
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-5)  # batches of other tiles round the last bits
+        np.testing.assert_array_equal(agreement, ref_agreement)
+
+
+def test_folder_errors_name_the_image_after_writing_the_ones_before(refiner: Refiner, tmp_path) -> None:
+    data = _mixed_dataset(tmp_path / "data", sizes=((32, 32), (32, 32), (32, 32)))
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(data / "coarse" / "c1" / "s1.png")
+    with pytest.raises(IdgbrError, match=r"s1\.png: .*\[7\]"):
+        refiner.refine_folder(data, None, "c1", tmp_path / "out", progress=False, steps=1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s0.png"]

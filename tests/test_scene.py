@@ -320,3 +320,64 @@ def test_sieve_is_seam_free_across_row_bands(scene, tmp_path, monkeypatch):
     expected = sieve_labels(raw_labels, 24)
     assert not np.array_equal(expected, raw_labels)
     np.testing.assert_array_equal(sieved, expected)
+
+
+@pytest.mark.parametrize("mode", ["model", "noise"])
+def test_windows_in_flight_equal_the_serial_path(scene, tmp_path, monkeypatch, mode):
+    """With tiles read ahead in a thread and each batch saved in another while the next is sampled, the map (and the
+    uncertainty) equal the serial path's (read_ahead=0) bit for bit; reading runs ahead of the sampling."""
+    import threading
+
+    import idgbr.scene as scene_module
+
+    real_prepare, prepared = scene_module._prepare_tile, []
+
+    def recording_prepare(*args, **kw):
+        prepared.append(threading.current_thread().name)
+        return real_prepare(*args, **kw)
+
+    monkeypatch.setattr(scene_module, "_prepare_tile", recording_prepare)
+    real_write_json, progress_writers = scene_module._write_json, []
+
+    def recording_write_json(path, payload):
+        progress_writers.append(threading.current_thread().name)
+        real_write_json(path, payload)
+
+    monkeypatch.setattr(scene_module, "_write_json", recording_write_json)
+    kw = dict(tile=32, overlap=8, batch_size=2, steps=1, samples=2, noise_scale=1.0, gate_width=6, seed=3,
+              progress=False)
+    outputs, ahead = {}, []
+    for read_ahead in (0, 3):
+        refiner = tiny_refiner() if mode == "model" else fake_refiner("noise")
+        real_sample = refiner.sample
+
+        def sample(*args, **kwargs):
+            if read_ahead and not ahead:  # the first batch waits until the reader has gone past it
+                for _ in range(200):
+                    if len(prepared) > 3 * 2:
+                        break
+                    threading.Event().wait(0.01)
+                ahead.append(len(prepared))
+            return real_sample(*args, **kwargs)
+
+        refiner.sample = sample
+        prepared.clear()
+        progress_writers.clear()
+        out, batches = tmp_path / f"ahead{read_ahead}.tif", []
+        summary = refine_scene(refiner, scene["image"], scene["coarse"], out, read_ahead=read_ahead,
+                               callback=batches.append, **kw)
+        outputs[read_ahead] = (read(out)[0], read(tmp_path / f"ahead{read_ahead}_uncertainty.tif")[0], summary,
+                               batches)
+        here = threading.current_thread().name
+        assert set(prepared) == ({"idgbr-scene-read"} if read_ahead else {here})
+        # the progress file: first and last written here, after each batch by the writing thread
+        assert progress_writers == [here] + [("idgbr-scene-write_0" if read_ahead else here)] * len(batches) + [here]
+    (labels0, unc0, sum0, batches0), (labels3, unc3, sum3, batches3) = outputs[0], outputs[3]
+    assert batches3 == batches0 and sum(map(len, batches0)) == sum0["computed"]
+    assert sum0["computed"] > 4 and sum0["skipped_gate"] + sum0["skipped_nodata"] > 0  # several batches, skips
+    np.testing.assert_array_equal(labels3, labels0)
+    np.testing.assert_array_equal(unc3, unc0)
+    assert {k: v for k, v in sum3.items() if k not in ("out", "uncertainty", "seconds")} == \
+        {k: v for k, v in sum0.items() if k not in ("out", "uncertainty", "seconds")}
+    assert ahead and ahead[0] > 2  # more tiles were read than the first batch holds: windows in flight
+    assert not any(p.exists() for p in sidecar_paths(tmp_path / "ahead3.tif").values())

@@ -202,7 +202,7 @@ def refine_task(job: dict[str, Any]) -> dict[str, Any]:
                     result["load_seconds"] = time.time() - loading
                     options = dict(job["options"])
                     summary = refine_scene(refiner, job["image"], job["coarse"], out, progress=False,
-                                           callback=lock.touch, prefetch=options.get("batch_size", 4), **options)
+                                           callback=lock.touch, read_ahead=2, **options)
                     result.update(status="done", tiles=summary["tiles"], computed=summary["computed"],
                                   resumed_tiles=summary["done_before"])
             finally:

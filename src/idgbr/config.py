@@ -157,6 +157,10 @@ class RefinerConfig:
     channels_last: bool = False  # NHWC memory format for the model and the image batch
     compile: bool = False  # torch.compile the model's forward and the guidance encoder (minutes to compile)
     prefetch: int = 2  # batches drawn ahead in a background thread (0: in series with the step); same batches
+    # Draw training batches in N torch DataLoader worker processes (0: in this process, as `prefetch` says). With
+    # N > 0 the batch of step k comes from a generator seeded by (seed, rank, k): the same batches for any N, other
+    # than N = 0's single stream, and a resume replays exactly (idgbr.train.WorkerBatches).
+    loader_workers: int = 0
 
     # --- inference defaults --------------------------------------------------------------------------------------
     tile_size: int = 256

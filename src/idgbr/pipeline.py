@@ -9,6 +9,11 @@ Any image size: images are cut into overlapping tiles (``config.tile_size``/``ti
 :mod:`idgbr.tiling`), each tile is reflect-padded to ``config.size_multiple``, and the tiles' softmax
 probabilities are blended with the tiling weights, then cropped back to the input size.
 
+Several images (a list, or ``refine_folder``) share network batches: windows of different images fill one batch
+(:meth:`Refiner._refine_stream`), while each image's starting noise is drawn exactly as for that image alone;
+``refine_folder`` reads and tiles the next images in one thread and labels, sieves and writes the finished ones
+in another, beside the compute.
+
 Fixes over the authors' pipeline (reference doc §6, §10.12): everything that does not depend on t (image and
 coarse latents, guidance-encoder features) is computed once per tile; ``strength < 1`` really starts from the
 coarse latent noised to the first kept timestep (SDEdit); ``guidance = 1`` is a single conditional pass; batches
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -205,7 +210,8 @@ class Refiner:
                 defaults from the model's config (``sample_steps``, ``guidance_scale``, ``strength``).
             generator: CPU ``torch.Generator`` for the noise (same seed and inputs give the same map).
             return_probs: also return the blended (K, H, W) float32 probabilities.
-            batch_size: tiles per network batch.
+            batch_size: tiles per network batch (for a list: taken across the images; each image's noise is drawn from
+                ``generator`` in turn, in chunks of ``batch_size`` tiles, as for one image at a time).
             callback: ``callback(step, t, x0_hat)`` after every sampling step (analyses; see ``sample``).
             samples: S > 1 draws S samples per tile in one batch and averages their probabilities (a posterior-mean
                 estimate instead of one noisy sample); default ``config.samples``.
@@ -222,6 +228,27 @@ class Refiner:
             agreement)`` or ``(map, probs, agreement)``; lists for list input.
         """
         cfg = self.config
+        settings = self._settings(steps, guidance, strength, batch_size, samples, noise_scale, tta, sieve)
+        sieve = settings.pop("sieve")
+        many = isinstance(image, (list, tuple))
+        images = list(image) if many else [image]
+        coarses = list(coarse) if isinstance(coarse, (list, tuple)) else [coarse]
+        if len(images) != len(coarses):
+            raise IdgbrError(f"{len(images)} images but {len(coarses)} coarse maps; give one coarse map per image")
+        if not many:  # one image: its tiles in batches, tile by tile (the reference path)
+            probs = self._refine_one(images[0], coarses[0], generator=generator, callback=callback, **settings)
+            nodata = None if _is_soft(coarses[0]) else np.asarray(coarses[0]) == IGNORE_INDEX
+            return self._finish(probs, nodata, sieve, return_probs, return_agreement)
+        # several: windows batched across images; each image's noise is drawn from ``generator`` as above, in order
+        jobs = (self._prepare(img, crs, generator, settings["batch_size"], settings["samples"], key=n)
+                for n, (img, crs) in enumerate(zip(images, coarses)))
+        return [self._finish(job.blender.result(), job.nodata, sieve, return_probs, return_agreement)
+                for job in self._refine_stream(jobs, callback=callback, **settings)]
+
+    def _settings(self, steps: int | None, guidance: float | None, strength: float | None, batch_size: int,
+                  samples: int | None, noise_scale: float | None, tta: str | None, sieve: int | None) -> dict[str, Any]:
+        """The sampling settings, defaults from the config, checked (one-line errors)."""
+        cfg = self.config
         steps = cfg.sample_steps if steps is None else int(steps)
         guidance = cfg.guidance_scale if guidance is None else float(guidance)
         strength = cfg.strength if strength is None else float(strength)
@@ -233,30 +260,28 @@ class Refiner:
                              f"noise_scale >= 0; got steps={steps}, strength={strength}, guidance={guidance}, "
                              f"batch_size={batch_size}, samples={samples}, noise_scale={noise_scale}")
         check_noise_for_samples(samples, noise_scale)
-        many = isinstance(image, (list, tuple))
-        images = list(image) if many else [image]
-        coarses = list(coarse) if isinstance(coarse, (list, tuple)) else [coarse]
-        if len(images) != len(coarses):
-            raise IdgbrError(f"{len(images)} images but {len(coarses)} coarse maps; give one coarse map per image")
-        results = []
-        for img, crs in zip(images, coarses):
-            probs = self._refine_one(img, crs, steps, guidance, strength, generator, batch_size, callback, samples,
-                                     noise_scale, tta)
-            probs, agreement = probs[:cfg.num_classes], probs[cfg.num_classes]
-            labels = probs.argmax(0).astype(np.uint8)
-            if not _is_soft(crs):
-                labels[np.asarray(crs) == IGNORE_INDEX] = IGNORE_INDEX
-            labels = sieve_labels(labels, sieve)
-            extra = ([probs] if return_probs else []) + ([agreement] if return_agreement else [])
-            results.append((labels, *extra) if extra else labels)
-        return results if many else results[0]
+        return dict(steps=steps, guidance=guidance, strength=strength, batch_size=int(batch_size), samples=samples,
+                    noise_scale=noise_scale, tta=tta, sieve=sieve)
+
+    def _finish(self, probs: np.ndarray, nodata: np.ndarray | None, sieve: int, return_probs: bool,
+                return_agreement: bool):
+        """Labels (nodata 255, sieved) of blended (K + 1, H, W) probabilities, with the asked extras."""
+        probs, agreement = probs[:self.config.num_classes], probs[self.config.num_classes]
+        labels = probs.argmax(0).astype(np.uint8)
+        if nodata is not None:
+            labels[nodata] = IGNORE_INDEX
+        labels = sieve_labels(labels, sieve)
+        extra = ([probs] if return_probs else []) + ([agreement] if return_agreement else [])
+        return (labels, *extra) if extra else labels
 
     def _refine_one(self, image: np.ndarray, coarse: np.ndarray, steps: int, guidance: float, strength: float,
                     generator: torch.Generator | None, batch_size: int,
                     callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int = 1,
                     noise_scale: float = 1.0, tta: str | None = None) -> np.ndarray:
         """Blended (K + 1, H, W) for one image, tile by tile: the class probabilities (the mean over ``samples``)
-        and, last, the share of samples agreeing with the mean's label."""
+        and, last, the share of samples agreeing with the mean's label.
+
+        The reference path: :meth:`_refine_stream` (lists, folders) must give the same maps for each image."""
         from .tiling import sliding_window
 
         cfg = self.config
@@ -281,6 +306,107 @@ class Refiner:
 
         return sliding_window(predict, stacked, cfg.num_classes + 1, tile=cfg.tile_size, overlap=cfg.tile_overlap,
                               batch_size=batch_size, multiple=cfg.size_multiple)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Batching across images: per-image preparation (noise as the per-image path draws it), shared batches.
+    # ----------------------------------------------------------------------------------------------------------
+    def _prepare(self, image: np.ndarray, coarse: np.ndarray, generator: torch.Generator | None, batch_size: int,
+                 samples: int, key: Any = None) -> "_Job":
+        """Check one image and cut it into model-ready tiles: the image tiles (input dtype), the prior tiles and
+        each tile's starting noise (S, C_lat, h/f, w/f), drawn from ``generator`` exactly as :meth:`_refine_one`
+        draws it (chunks of ``batch_size`` tiles, sample-major within a chunk), so batching across images leaves
+        every tile's noise as it was. Runs in the reading thread of :meth:`refine_folder`."""
+        from .tiling import Blender, pad_to_multiple, tile_grid
+
+        cfg = self.config
+        nodata = None if _is_soft(coarse) else np.asarray(coarse) == IGNORE_INDEX
+        image, coarse = self._check_inputs(image, coarse)
+        bands = image.shape[-1]
+        stacked = torch.from_numpy(np.concatenate([np.moveaxis(image, -1, 0).astype(np.float32),
+                                                   coarse.astype(np.float32)]))
+        soft = coarse.shape[0] > 1
+        dtype = torch.from_numpy(np.empty(0, dtype=image.dtype)).dtype  # tiles go back to the input dtype
+        height, width = image.shape[:2]
+        windows = tile_grid(height, width, cfg.tile_size, cfg.tile_overlap)
+        tiles, crop = [], (slice(None), slice(None))
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            batch = torch.stack([stacked[:, w.row:w.bottom, w.col:w.right] for w in chunk])
+            batch, crop = pad_to_multiple(batch, cfg.size_multiple, mode="reflect")
+            z_shape = self._latent_shape(batch.shape[-2:])
+            noise = torch.stack([torch.randn(z_shape, generator=generator) for _ in range(samples * len(chunk))])
+            noise = noise.unflatten(0, (samples, len(chunk)))
+            pixels = batch[:, :bands].to(dtype)
+            prior = batch[:, bands:] if soft else _one_hot(batch[:, bands].long(), cfg.num_classes)
+            tiles += [(pixels[i], prior[i], noise[:, i]) for i in range(len(chunk))]
+        blender = Blender(cfg.num_classes + 1, height, width, (windows[0].height, windows[0].width), cfg.tile_overlap)
+        return _Job(key, windows, tiles, crop, blender, nodata)
+
+    def _refine_stream(self, jobs: Iterable["_Job"], steps: int, guidance: float, strength: float, batch_size: int,
+                       samples: int, noise_scale: float, tta: str | None,
+                       callback: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator["_Job"]:
+        """Sample the tiles of a stream of prepared images in batches of ``batch_size`` taken across images; yield
+        each image (its ``blender`` complete) in input order once all its tiles are blended.
+
+        Tiles wait in one queue per tile shape (and dtype) until a batch is full; at most ``batch_size + 1`` images
+        are open at once (the oldest one's queue is then run part-full). An exception raised by ``jobs`` is re-raised
+        after the images before it are finished and yielded (so a folder run writes them, as it did in series)."""
+        from collections import deque
+
+        queues: dict[Any, deque] = {}
+        open_jobs: deque = deque()
+        max_open = batch_size + 1
+
+        def run(key: Any) -> None:
+            items = [queues[key].popleft() for _ in range(min(batch_size, len(queues[key])))]
+            image = torch.stack([job.tiles[n][0] for job, n in items]).to(self.device)
+            prior = torch.stack([job.tiles[n][1] for job, n in items]).to(self.device)
+            noise = torch.stack([job.tiles[n][2] for job, n in items], 1).flatten(0, 1)  # sample-major (S B, ...)
+            logits = self.sample(image, prior, steps, guidance, strength, noise.to(self.device), callback, noise_scale,
+                                 tta)
+            probs = torch.softmax(logits.float(), dim=1).unflatten(0, (samples, len(items)))  # (S, B, K, h, w)
+            mean = probs.mean(0)
+            agreement = (probs.argmax(2) == mean.argmax(1)).float().mean(0)  # (B, h, w)
+            out = torch.cat([mean, agreement[:, None]], 1).float().cpu()
+            for (job, n), tile in zip(items, out):
+                job.blender.add(job.windows[n], tile[..., job.crop[0], job.crop[1]])
+                job.done += 1
+
+        def finished() -> Iterator[_Job]:
+            while open_jobs and open_jobs[0].done == len(open_jobs[0].tiles):
+                job = open_jobs.popleft()
+                job.tiles = []  # free the inputs before the output is handed on
+                yield job
+
+        def finish_oldest() -> Iterator[_Job]:
+            oldest = open_jobs[0]
+            while oldest.done < len(oldest.tiles):
+                run(oldest.queue_key)
+            yield from finished()
+
+        error = None
+        iterator = iter(jobs)
+        while True:
+            try:
+                job = next(iterator)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - raised once the images before it are done
+                error = exc
+                break
+            job.queue_key = (tuple(job.tiles[0][0].shape), job.tiles[0][0].dtype, tuple(job.tiles[0][1].shape))
+            open_jobs.append(job)
+            queue = queues.setdefault(job.queue_key, deque())
+            queue.extend((job, n) for n in range(len(job.tiles)))
+            while len(queue) >= batch_size:
+                run(job.queue_key)
+            yield from finished()
+            while len(open_jobs) > max_open:
+                yield from finish_oldest()
+        while open_jobs:
+            yield from finish_oldest()
+        if error is not None:
+            raise error
 
     def _latent_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
         """(C_lat, h, w) of the label latent for a (H, W) tile."""
@@ -323,30 +449,83 @@ class Refiner:
         return image, coarse[None]
 
     def refine_folder(self, data_root: str | Path, split: str | None, coarse_name: str | None, out_dir: str | Path,
-                      seed: int = 0, skip_existing: bool = False, progress: bool = True, **kw: Any) -> list[Path]:
+                      seed: int = 0, skip_existing: bool = False, progress: bool = True, read_ahead: int = 2,
+                      **kw: Any) -> list[Path]:
         """Refine every image of a dataset split into ``out_dir/<stem>.png``; each image is seeded with ``seed``.
+
+        Windows are batched across images (``batch_size`` tiles per network call, whatever the image they come from);
+        each image's noise is drawn from its own ``torch.Generator().manual_seed(seed)`` exactly as ``refine`` draws
+        it for that image alone, so the maps are those of one ``refine`` call per image (up to the last bits of
+        batched arithmetic). Reading and tiling run ``read_ahead`` images ahead in a thread, labelling, sieving and
+        writing in another (0: reading in series with the compute). ``kw``: ``refine``'s sampling settings.
 
         ``coarse_name`` may be None only for an image-only model (``use_coarse=False``, the paper's Experiment A).
         """
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
+
+        from .background import ReadAhead
 
         if coarse_name is None and self.config.use_coarse:
             raise IdgbrError("this model refines coarse maps: give --coarse NAME (a folder under DATA/coarse/)")
+        callback = kw.pop("callback", None)
+        settings = self._settings(kw.pop("steps", None), kw.pop("guidance", None), kw.pop("strength", None),
+                                  kw.pop("batch_size", 4), kw.pop("samples", None), kw.pop("noise_scale", None),
+                                  kw.pop("tta", None), kw.pop("sieve", None))
+        if kw:
+            raise IdgbrError(f"refine_folder: unknown options {sorted(kw)}")
+        sieve = settings.pop("sieve")
         dataset = SegmentationDataset(data_root, split, coarse=coarse_name, load_mask=False)
         out_dir = Path(out_dir)
-        written = []
-        for index in tqdm(range(len(dataset)), desc="refine", unit="img", disable=not progress):
-            target = out_dir / f"{dataset.stems[index]}.png"
-            if not (skip_existing and target.exists()):
+        targets = [out_dir / f"{stem}.png" for stem in dataset.stems]
+        todo = [index for index, target in enumerate(targets) if not (skip_existing and target.exists())]
+        self._latent_shape((self.config.size_multiple,) * 2)  # probe the model here, not in the reading thread
+
+        def read() -> Iterator[_Job]:
+            for index in todo:
                 sample = dataset[index]
                 coarse = sample["coarse"] if coarse_name else np.zeros(sample["image"].shape[:2], np.uint8)
                 try:
-                    refined = self.refine(sample["image"], coarse, generator=torch.Generator().manual_seed(seed), **kw)
+                    yield self._prepare(sample["image"], coarse, torch.Generator().manual_seed(seed),
+                                        settings["batch_size"], settings["samples"], key=index)
                 except IdgbrError as exc:  # name the offending image
                     raise IdgbrError(f"{dataset.image_path(dataset.stems[index])}: {exc}") from None
-                write_label(target, refined)
-            written.append(target)
-        return written
+
+        def write(job: _Job) -> None:
+            write_label(targets[job.key], self._finish(job.blender.result(), job.nodata, sieve, False, False))
+
+        bar = tqdm(total=len(targets), initial=len(targets) - len(todo), desc="refine", unit="img",
+                   disable=not progress)
+        with ReadAhead(read(), depth=read_ahead, name="idgbr-refine-read") as jobs, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="idgbr-refine-write") as writer:
+            writes: deque = deque()
+            for job in self._refine_stream(jobs, callback=callback, **settings):
+                writes.append(writer.submit(write, job))
+                while len(writes) > 2 or (writes and writes[0].done()):
+                    writes.popleft().result()
+                    bar.update(1)
+            while writes:
+                writes.popleft().result()
+                bar.update(1)
+        bar.close()
+        return targets
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One image in :meth:`Refiner._refine_stream`: its windows, model-ready tiles ``(image, prior, noise)``, the
+    crop of a padded tile back to its window, the blending accumulators and the nodata mask of its coarse map."""
+
+    key: Any
+    windows: list
+    tiles: list
+    crop: tuple[slice, slice]
+    blender: Any
+    nodata: np.ndarray | None
+    done: int = 0
+    queue_key: Any = None
 
 
 def _dihedral(k: int, transpose: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:

@@ -36,6 +36,10 @@ How a scene is processed (all sizes in pixels; ``f`` is the codec's latent facto
   batch is added to the scratch arrays their previous values are journalled, so a run killed at any moment
   rolls back the batch in flight and a re-run computes only the missing tiles. The final rasters are written
   to temporary names and renamed; the sidecars are removed on success.
+* **In flight.** Tiles are read and prepared ``read_ahead`` batches ahead in a reading thread, and each batch is
+  saved (journal, scratch arrays, progress file) in a writing thread while the next batch is sampled; the
+  output equals the serial path's (``read_ahead=0``), and at most one batch is being saved at any time, so the
+  journal still covers whatever a kill interrupts.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from .data import IGNORE_INDEX
 from .errors import IdgbrError, file_error
 from .io import atomic_path, is_geotiff
 from .postprocess import check_sieve, sieve_labels
+from .background import ReadAhead
 from .tiling import Window, blend_weights, pad_to_multiple, tile_grid
 
 __all__ = ["refine_scene", "NoiseField", "seam_score", "gate_band", "sidecar_paths"]
@@ -388,7 +393,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                  gate_width: int | None = None, confidence: float | None = None, batch_size: int = 4,
                  bands: Sequence[int] | None = None, resume: bool = True, progress: bool = True,
                  callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None,
-                 tta: str | None = None, sieve: int | None = None, prefetch: int = 0) -> dict[str, Any]:
+                 tta: str | None = None, sieve: int | None = None, read_ahead: int = 2) -> dict[str, Any]:
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
@@ -408,8 +413,9 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
         resume: continue from ``<out>.progress.json`` when it belongs to the same inputs and settings.
         callback: called with the indices of each finished batch (after it is saved).
-        prefetch: read up to this many tiles ahead in one background thread while the network runs (0: read in
-            line). Only that thread touches the datasets during the loop; the result is the same.
+        read_ahead: batches of tiles read and prepared ahead in a thread while a batch is sampled (the batch before
+            it is saved to the scratch arrays in another thread meanwhile); 0: read, sample and save in series.
+            The output does not depend on it.
     Returns:
         summary dict: ``out``, ``uncertainty``, ``height``, ``width``, ``tiles``, ``computed`` (tiles run in this
         call), ``done_before`` (tiles restored from a previous run), ``skipped_nodata``, ``skipped_gate``,
@@ -435,6 +441,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         raise IdgbrError(f"--tile {tile} must be a multiple of {multiple} and --overlap {overlap} a multiple of {f} "
                          f"in [0, tile) for this model; e.g. --tile {max(multiple, tile // multiple * multiple)} "
                          f"--overlap {overlap // f * f}")
+    read_ahead = max(0, int(read_ahead))
     if steps < 1 or not 0 < strength <= 1 or guidance < 0 or batch_size < 1 or samples < 1:
         raise IdgbrError(f"need steps >= 1, 0 < strength <= 1, guidance >= 0, batch >= 1 and samples >= 1; got "
                          f"steps={steps}, strength={strength}, guidance={guidance}, batch={batch_size}, samples={samples}")
@@ -481,10 +488,26 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
 
         bar = tqdm(total=len(windows), initial=len(windows) - len(todo), desc="tiles", unit="tile", disable=not progress)
         computed, batch = 0, []
-        items = _prefetched(lambda index: _prepare_tile(scene, windows[index], gate_width, confidence, gating), todo,
-                            prefetch)
-        with contextlib.closing(items):  # the reading thread stops before the datasets close
-            for position, (index, item) in enumerate(zip(todo, items)):
+
+        def prepared() -> Iterator[tuple[int, str | dict[str, np.ndarray]]]:
+            for index in todo:
+                yield index, _prepare_tile(scene, windows[index], gate_width, confidence, gating)
+
+        def save(result: tuple, snapshot: dict[str, Any]) -> None:  # one batch: journal, scratch, progress, journal
+            scratch.add(*result)
+            _write_json(paths["progress"], snapshot)
+            scratch.journal.unlink(missing_ok=True)
+
+        def saved(indices: list[int]) -> None:
+            bar.update(len(indices))
+            if callback is not None:
+                callback(indices)
+
+        # in flight: up to read_ahead batches of tiles read ahead (reading thread), one batch sampled (here), the
+        # batch before it being saved (writing thread); read_ahead 0: all in series, in this thread
+        with ReadAhead(prepared(), depth=read_ahead * batch_size, name="idgbr-scene-read") as items, \
+                _Saver(threaded=read_ahead > 0) as saver:
+            for position, (index, item) in enumerate(items):
                 if isinstance(item, str):
                     state[f"skipped_{item}"].append(index)
                     bar.update(1)
@@ -492,15 +515,12 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                     batch.append((index, item))
                 if len(batch) == batch_size or (position == len(todo) - 1 and batch):
                     computed += len(batch)
-                    _run_batch(refiner, scene, windows, batch, noise, ramp, scratch, samples, steps, guidance, strength,
-                               noise_scale, tta)
+                    result = _run_batch(refiner, scene, windows, batch, noise, ramp, samples, steps, guidance,
+                                        strength, noise_scale, tta)
                     state["done"].extend(index for index, _ in batch)
-                    _write_json(paths["progress"], state)
-                    scratch.journal.unlink(missing_ok=True)
-                    bar.update(len(batch))
-                    if callback is not None:
-                        callback([index for index, _ in batch])
+                    saver.submit(save, result, json.loads(json.dumps(state)), [index for index, _ in batch], saved)
                     batch = []
+            saver.wait()
         bar.close()
         _write_json(paths["progress"], state)
         unc_path = uncertainty_path(out_path) if samples > 1 else None
@@ -524,31 +544,6 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
             "skipped_nodata": len(state["skipped_nodata"]), "skipped_gate": len(state["skipped_gate"]),
             "skipped_fraction": skipped / len(windows), "resumed": resumed,
             "seconds": time.perf_counter() - start_time}
-
-
-def _prefetched(read: Callable[[int], Any], indices: list[int], depth: int) -> Iterator[Any]:
-    """``read(i)`` for each of ``indices`` in order; with ``depth`` > 0 computed up to ``depth`` ahead in one thread
-    (I/O overlap without processes: a dask worker is daemonic and cannot start any). Close the generator to stop
-    the thread (pending reads are cancelled, the running one is waited for)."""
-    if depth <= 0:
-        for index in indices:
-            yield read(index)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="idgbr-read")
-    pending: deque = deque()
-    try:
-        upcoming = iter(indices)
-        for index in upcoming:
-            pending.append(pool.submit(read, index))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _model_id(refiner) -> str:
@@ -614,9 +609,10 @@ def _prepare_tile(scene: _Scene, window: Window, gate_width: int | None, confide
 
 
 def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[int, dict[str, np.ndarray]]],
-               noise: NoiseField, ramp: np.ndarray, scratch: _Scratch, samples: int, steps: int, guidance: float,
-               strength: float, noise_scale: float, tta: str) -> None:
-    """Sample every tile of ``batch`` ``samples`` times and add the weighted probabilities to the scratch arrays."""
+               noise: NoiseField, ramp: np.ndarray, samples: int, steps: int, guidance: float, strength: float,
+               noise_scale: float, tta: str) -> tuple[list[Window], list[np.ndarray], list[np.ndarray], list[int]]:
+    """Sample every tile of ``batch`` ``samples`` times: the arguments of :meth:`_Scratch.add` (clipped windows,
+    probabilities (S, K, h, w), weights (h, w), tile indices)."""
     cfg, device = refiner.config, refiner.device
     image = torch.from_numpy(np.stack([item["image"] for _, item in batch]))
     if image.dtype == torch.float64:
@@ -634,8 +630,45 @@ def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[
                                 (start * noise_scale).to(device), tta=tta)
         out[:, sample] = torch.softmax(logits.float(), dim=1)[..., crop[0], crop[1]].cpu().numpy()
     clipped = [_clip(windows[index], scene.height, scene.width) for index, _ in batch]
-    scratch.add(clipped, [o[:, :, :w.height, :w.width] for o, w in zip(out, clipped)],
-                [ramp[:w.height, :w.width] for w in clipped], [index for index, _ in batch])
+    return (clipped, [o[:, :, :w.height, :w.width] for o, w in zip(out, clipped)],
+            [ramp[:w.height, :w.width] for w in clipped], [index for index, _ in batch])
+
+
+class _Saver:
+    """Saves a batch (``submit(save, *args, indices, saved)``) in a writing thread while the next one is sampled.
+
+    At most one save is in flight: ``submit`` first waits for the previous one, then calls its ``saved(indices)``
+    (progress bar, the caller's callback) in the caller's thread; an exception of a save is re-raised there.
+    ``threaded=False`` saves in the caller's thread at once."""
+
+    def __init__(self, threaded: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idgbr-scene-write") if threaded else None
+        self._pending: tuple[Any, list[int], Callable[[list[int]], None]] | None = None
+
+    def submit(self, save: Callable[..., None], result: tuple, snapshot: dict[str, Any], indices: list[int],
+               saved: Callable[[list[int]], None]) -> None:
+        self.wait()
+        if self._pool is None:
+            save(result, snapshot)
+            saved(indices)
+        else:
+            self._pending = (self._pool.submit(save, result, snapshot), indices, saved)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            future, indices, saved = self._pending
+            self._pending = None
+            future.result()
+            saved(indices)
+
+    def __enter__(self) -> "_Saver":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # a save in flight completes (a kill mid-save is what the journal is for)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ whole-scene refinement (:mod:`idgbr.scene`). All sizes are in pixels.
 * :func:`blend_weights` gives each window a strictly positive weight that ramps down over ``overlap`` pixels
   towards its edges; overlapping predictions are averaged with these weights (no last-writer-wins seams).
 * :func:`sliding_window` runs a ``predict_fn`` over the grid and blends its class probabilities into one
-  ``(K, H, W)`` map; only the two accumulators are held at full size.
+  ``(K, H, W)`` map; only the two accumulators are held at full size (a :class:`Blender`, which the refiner's
+  batching across images also uses, one per image).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Window", "tile_grid", "blend_weights", "pad_to_multiple", "sliding_window"]
+__all__ = ["Window", "tile_grid", "blend_weights", "pad_to_multiple", "sliding_window", "Blender"]
 
 MIN_WEIGHT = 1e-3  # floor of the blending ramp: every pixel of a window keeps a (tiny) positive weight
 
@@ -181,9 +182,7 @@ def sliding_window(
     _, height, width = tensor.shape
     windows = tile_grid(height, width, tile, overlap)
     win_h, win_w = windows[0].height, windows[0].width
-    weight = torch.from_numpy(blend_weights(win_h, win_w, overlap))
-    probs_acc = torch.zeros((num_classes, height, width), dtype=torch.float32)
-    weight_acc = torch.zeros((height, width), dtype=torch.float32)
+    blender = Blender(num_classes, height, width, (win_h, win_w), overlap)
 
     bar = None
     if progress:
@@ -200,12 +199,33 @@ def sliding_window(
             raise ValueError(f"predict_fn returned shape {tuple(out.shape)}, expected {expected}")
         out = out[..., crop[0], crop[1]].float().cpu()
         for window, probs in zip(chunk, out):
-            rows, cols = window.slices
-            probs_acc[:, rows, cols] += probs * weight
-            weight_acc[rows, cols] += weight
+            blender.add(window, probs)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    probs_acc /= weight_acc
-    return probs_acc.numpy()
+    return blender.result()
+
+
+class Blender:
+    """Weighted-mean accumulators of one image: ``add`` window predictions (any order), then ``result``.
+
+    Every window has the size ``window_shape`` and the weights :func:`blend_weights` (``overlap``).
+    """
+
+    def __init__(self, num_classes: int, height: int, width: int, window_shape: tuple[int, int],
+                 overlap: int | Sequence[int]):
+        self.weight = torch.from_numpy(blend_weights(*window_shape, overlap))
+        self.probs_acc = torch.zeros((num_classes, height, width), dtype=torch.float32)
+        self.weight_acc = torch.zeros((height, width), dtype=torch.float32)
+
+    def add(self, window: Window, probs: torch.Tensor) -> None:
+        """Add ``probs`` (K, h, w) float32 CPU of ``window``."""
+        rows, cols = window.slices
+        self.probs_acc[:, rows, cols] += probs * self.weight
+        self.weight_acc[rows, cols] += self.weight
+
+    def result(self) -> np.ndarray:
+        """(K, H, W) float32: the weighted mean (the accumulators are divided in place; call once)."""
+        self.probs_acc /= self.weight_acc
+        return self.probs_acc.numpy()

@@ -13,7 +13,8 @@ written to a temporary folder and renamed into place, so ``kill -9`` never leave
 Throughput (issue 12; figures in ``docs/results/train_throughput.md``): a step reads nothing back to the host
 except every ``log_every`` steps and at checkpoints (labels are validated once at load); AdamW is foreach on CPU
 and fused on CUDA (``config.optimizer_impl``); crops resample only their window; ``config.prefetch`` draws batches
-in a background thread; ``config.train_minutes`` bounds the wall time. ``scripts/profile_train.py`` times a step
+in a background thread, or ``config.loader_workers`` in DataLoader worker processes (:class:`WorkerBatches`; figures
+in ``docs/results/train_loader.md``); ``config.train_minutes`` bounds the wall time. ``scripts/profile_train.py`` times a step
 per phase.
 
 Run layout::
@@ -284,6 +285,71 @@ class Prefetcher:
         self._thread.join()
 
 
+class _StepBatches(torch.utils.data.IterableDataset):
+    """The batches of steps ``start..stop-1``, each drawn by ``sampler`` from ``step_rng(seed, rank, step)``; in a
+    DataLoader worker ``w`` of ``N``, the steps ``start + w, start + w + N, ...`` (the DataLoader hands the workers'
+    batches out in turn, so they come back in step order)."""
+
+    def __init__(self, sampler: CropSampler, seed: int, rank: int, start: int, stop: int):
+        self.sampler, self.seed, self.rank, self.start, self.stop = sampler, seed, rank, start, stop
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(self.start + worker, self.stop, workers):
+            yield step, self.sampler(step_rng(self.seed, self.rank, step))
+
+
+def step_rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    """The generator that draws the batch of optimiser step ``step`` on process ``rank`` with ``loader_workers`` > 0."""
+    return np.random.default_rng([seed, rank, step])
+
+
+def _quiet_worker(worker: int) -> None:
+    """A DataLoader worker runs one thread of OpenCV too (torch already sets one thread per worker)."""
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover - cv2 is a dependency
+        pass
+
+
+class WorkerBatches:
+    """Training batches drawn in ``workers`` DataLoader worker processes (``config.loader_workers``).
+
+    The batch of step k is ``sampler(step_rng(seed, rank, k))``: it depends on the seed, the process rank and the
+    step only, not on the number of workers nor on which worker drew it, so a given seed gives the same batch
+    sequence for any worker count (N >= 1) and a run resumed at step s draws exactly the batches s, s+1, ... of an
+    uninterrupted run (no generator state to checkpoint). ``depth`` batches per worker are drawn ahead; with
+    ``pin_memory`` the DataLoader pins them (for asynchronous copies to a GPU).
+
+    Worker processes are forked (the platform's default start method); a daemonic process (e.g. a multiprocessing
+    pool's worker) cannot have them: use ``loader_workers=0`` there.
+    """
+
+    def __init__(self, sampler: CropSampler, seed: int, rank: int, start: int, stop: int, workers: int,
+                 depth: int = 2, pin_memory: bool = False):
+        loader = torch.utils.data.DataLoader(
+            _StepBatches(sampler, seed, rank, start, stop), batch_size=None, num_workers=workers,
+            prefetch_factor=max(1, depth), pin_memory=pin_memory, worker_init_fn=_quiet_worker,
+            generator=torch.Generator().manual_seed(seed))  # leaves the global torch generator alone
+        self._iterator: Any = iter(loader)
+        self._step = start
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        step, batch = next(self._iterator)
+        if step != self._step:  # the DataLoader's in-order hand-out is what makes the sequence deterministic
+            raise IdgbrError(f"training loader returned the batch of step {step} at step {self._step}")
+        self._step += 1
+        return batch
+
+    def close(self) -> None:
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 def _pad_to(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Pad image (reflect), mask (ignore) and coarse (edge) so both sides are at least ``size``."""
     image, mask, coarse = sample["image"], sample["mask"], sample.get("coarse")
@@ -301,6 +367,12 @@ def coarse_sources(coarse: str | Sequence[str] | None) -> list[str]:
         return []
     items = [coarse] if isinstance(coarse, (str, Path)) else list(coarse)
     return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def _stored_sources(coarse: str | Sequence[str] | None) -> str | list[str] | None:
+    """How train_config.json records the coarse source(s): None, one name, or the pooled list."""
+    sources = coarse_sources(coarse)
+    return None if not sources else sources[0] if len(sources) == 1 else sources
 
 
 def load_training_samples(data_root: str | Path, coarse: str | Sequence[str] | None
@@ -622,6 +694,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
 
     out_dir = Path(out_dir)
     check_paths(config)
+    if config.loader_workers < 0:
+        raise IdgbrError(f"loader_workers must be >= 0, got {config.loader_workers}")
     if not resume and list_checkpoints(out_dir):
         raise file_error(out_dir, "already holds checkpoints", "pass --resume to continue or choose another --out")
     mixed = config.mixed_precision if torch.cuda.is_available() or config.mixed_precision == "bf16" else "no"
@@ -648,7 +722,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
     if coarse is None and config.use_coarse:
         log("no --coarse maps: every training coarse map is a synthetic degradation of the ground truth")
     if main:
-        resolved = {**config.to_dict(), "data": str(Path(data_root).resolve()), "coarse": coarse_sources(coarse) or None,
+        resolved = {**config.to_dict(), "data": str(Path(data_root).resolve()), "coarse": _stored_sources(coarse),
                     "num_processes": accelerator.num_processes}
         with atomic_path(out_dir / "train_config.json") as tmp:
             tmp.write_text(json.dumps(resolved, indent=2) + "\n")
@@ -690,8 +764,14 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
     if main:
         accelerator.init_trackers("tb")
     cuda = accelerator.device.type == "cuda"
-    sampler = CropSampler(samples, config, pin_memory=cuda)
-    prefetcher = Prefetcher(sampler, rng, config.prefetch) if config.prefetch > 0 else None
+    workers = config.loader_workers
+    sampler = CropSampler(samples, config, pin_memory=cuda and workers == 0)
+    if workers > 0:  # the batch of step k from step_rng(seed, rank, k): resume needs no generator state
+        prefetcher: Any = WorkerBatches(sampler, config.seed, rank, start, config.steps, workers,
+                                        depth=config.prefetch, pin_memory=cuda)
+        log(f"drawing batches in {workers} loader worker processes")
+    else:
+        prefetcher = Prefetcher(sampler, rng, config.prefetch) if config.prefetch > 0 else None
     next_batch = prefetcher if prefetcher is not None else (lambda: sampler(rng))
     bar = tqdm(total=config.steps, initial=start, disable=not (progress and main), desc=progress_desc,
                position=progress_position, dynamic_ncols=True)
@@ -746,7 +826,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
             if done % config.checkpoint_every == 0 or last:
                 loss = _finite_loss(losses, step, data_root)  # never checkpoint a diverged model
                 path = save_checkpoint(accelerator, unwrapped, optimizer, lr_schedule, done, out_dir,
-                                       prefetcher.rng if prefetcher is not None else rng, gen, ema)
+                                       prefetcher.rng if isinstance(prefetcher, Prefetcher) else rng, gen, ema)
                 log(f"checkpoint {path.name} (loss {loss:.4f})")
             if out_of_time:
                 break
