@@ -64,7 +64,7 @@ def make_view(data: Path, out: Path, every: int, holdout: str | None) -> Path:
 
 # Fields that only change sampling: a trained model is reused whatever they are.
 INFERENCE_FIELDS = ("sample_steps", "guidance_scale", "strength", "samples", "noise_scale", "tta", "tile_size",
-                    "tile_overlap")
+                    "tile_overlap", "flip_margin", "sieve")
 
 
 def find_trained(models: Path, config, suffix: str) -> Path | None:

@@ -91,3 +91,61 @@ def test_evaluate_cli_scores_sieved_maps(tmp_path, capsys):
     assert scores["4"]["miou"] > scores["0"]["miou"]
     assert main(["evaluate", "--data", str(data), "--pred", str(preds), "--sieve", "-2"]) == 2
     assert "--sieve must be >= 0" in capsys.readouterr().err
+
+
+def test_keep_unsure_keeps_the_coarse_label_unless_the_refiner_is_surer_by_the_margin():
+    from idgbr.postprocess import keep_unsure
+
+    probs = np.array([[[0.5, 0.2, 0.9, 0.1]], [[0.4, 0.7, 0.05, 0.3]], [[0.1, 0.1, 0.05, 0.6]]], np.float32)  # (3, 1, 4)
+    labels = probs.argmax(0).astype(np.uint8)  # [0, 1, 0, 2]
+    coarse = np.array([[1, 0, 0, 255]], np.uint8)
+    # pixel 0: 0 beats coarse 1 by 0.1; pixel 1: 1 beats coarse 0 by 0.5; pixel 2 agrees; pixel 3 is nodata
+    np.testing.assert_array_equal(keep_unsure(labels, probs, coarse, 0.2), [[1, 1, 0, 2]])
+    np.testing.assert_array_equal(keep_unsure(labels, probs, coarse, 0.05), [[0, 1, 0, 2]])
+    np.testing.assert_array_equal(keep_unsure(labels, probs, coarse, 0.6), [[1, 0, 0, 2]])
+
+
+def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
+    """refine(flip_margin=P) = keep_unsure of the plain map and its probabilities; the config's value is the
+    default; folder mode writes the same maps; a bad margin is one line."""
+    from idgbr.postprocess import keep_unsure
+
+    torch.manual_seed(0)
+    cfg = RefinerConfig.preset_config("tiny", num_classes=3, sample_steps=1)
+    model = IDGBRModel(cfg)
+    with torch.no_grad():  # an untrained tiny model ignores its inputs: give its zero-initialised layers weights
+        for name, param in model.named_parameters():
+            if not param.abs().sum():
+                param.normal_(0, 0.3)
+    refiner = Refiner(model)
+    g = np.random.default_rng(1)
+    image = g.integers(0, 255, (40, 40, 3)).astype(np.uint8)
+    coarse = g.integers(0, 3, (40, 40)).astype(np.uint8)
+    coarse[:4, :4] = 255
+
+    def run(**kw):
+        return refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0), **kw)
+
+    plain, probs = run(return_probs=True, flip_margin=0)
+    margin = 0.15
+    kept = run(flip_margin=margin)
+    np.testing.assert_array_equal(kept, keep_unsure(plain, probs, coarse, margin))
+    changed = (plain != coarse) & (coarse != 255)
+    assert changed.sum() > (kept != coarse)[coarse != 255].sum() > 0  # fewer flips, but some
+    refiner.model.config = cfg.replace(flip_margin=margin)
+    np.testing.assert_array_equal(run(), kept)
+    with pytest.raises(IdgbrError, match="--flip-margin must lie in"):
+        run(flip_margin=1.5)
+    # folder mode (batched across images) writes the same map
+    from idgbr.data import write_splits
+    from idgbr.io import read_label, write_image, write_label
+
+    data = tmp_path / "data"
+    write_image(data / "images" / "a.png", image)
+    write_label(data / "masks" / "a.png", coarse)
+    write_label(data / "coarse" / "c" / "a.png", coarse)
+    (data / "classes.json").write_text('{"classes": [{"name": "x", "value": 0}, {"name": "y", "value": 1}, '
+                                       '{"name": "z", "value": 2}], "ignore": [255]}')
+    write_splits(data, {"train": ["a"], "test": ["a"]})
+    refiner.refine_folder(data, "test", "c", tmp_path / "out", progress=False)
+    np.testing.assert_array_equal(read_label(tmp_path / "out" / "a.png")[0], kept)

@@ -381,3 +381,20 @@ def test_windows_in_flight_equal_the_serial_path(scene, tmp_path, monkeypatch, m
         {k: v for k, v in sum0.items() if k not in ("out", "uncertainty", "seconds")}
     assert ahead and ahead[0] > 2  # more tiles were read than the first batch holds: windows in flight
     assert not any(p.exists() for p in sidecar_paths(tmp_path / "ahead3.tif").values())
+
+
+def test_flip_margin_keeps_coarse_where_the_refiner_is_unsure(scene, tmp_path):
+    """Scene mode applies the flip margin when it writes: a margin no refiner can beat leaves the coarse map, a
+    small one keeps the refined labels the fake sampler is sure of (its logits are one-hot x 10)."""
+    plain, sure, never = tmp_path / "plain.tif", tmp_path / "sure.tif", tmp_path / "never.tif"
+    for out, margin in ((plain, 0.0), (sure, 0.5), (never, 0.9999999)):
+        refine_scene(fake_refiner(), scene["image"], scene["coarse"], out, tile=32, overlap=8, progress=False,
+                     flip_margin=margin)
+    valid = ~scene["nodata"]
+    plain_map, sure_map, never_map = (read(p)[0] for p in (plain, sure, never))
+    assert (plain_map[valid] != scene["coarse_map"][valid]).sum() > 50
+    np.testing.assert_array_equal(sure_map, plain_map)
+    np.testing.assert_array_equal(never_map[valid], scene["coarse_map"][valid])
+    with pytest.raises(IdgbrError, match="--flip-margin"):
+        refine_scene(fake_refiner(), scene["image"], scene["coarse"], tmp_path / "bad.tif", progress=False,
+                     flip_margin=-0.1)

@@ -177,6 +177,10 @@ class RefinerConfig:
     # Minimum mapping unit of the written map: regions smaller than this many pixels are merged into their largest
     # neighbour (idgbr.postprocess; 0 = off). Post-processing only: training never sees it.
     sieve: int = 0
+    # A pixel takes the refined label only where the refiner's probability of it beats that of the coarse label by
+    # more than this margin; elsewhere the coarse label stays (0 = plain argmax). The refiner's own confidence then
+    # decides where it acts (issue 28; docs/results/strong_maps.md). Post-sampling: training never sees it.
+    flip_margin: float = 0.0
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -213,6 +217,8 @@ class RefinerConfig:
         if self.image_encoder != "copy" and self.image_channels != 3:
             raise IdgbrError(f"image_encoder {self.image_encoder!r} reads RGB, but image_channels is "
                              f"{self.image_channels}; use image_encoder='copy' for other imagery")
+        if not 0 <= self.flip_margin < 1:
+            raise IdgbrError(f"flip_margin must lie in [0, 1), got {self.flip_margin}")
         if self.sieve < 0:
             raise IdgbrError(f"sieve must be >= 0 pixels (0: off), got {self.sieve}")
         if self.image_encoder_trainable_stages < 0 or self.image_encoder_lr_scale <= 0:

@@ -6,6 +6,9 @@ graphs) pay for every fragment. The sieve merges every region smaller than ``min
 class, as :class:`idgbr.metrics.BoundaryPR` counts components) into its largest neighbour, with GDAL's sieve
 (:func:`rasterio.features.sieve`). Nodata (``IGNORE_INDEX``) pixels are left as they are and do not count as
 neighbours. The lite preset's ``sieve`` was chosen on validation (docs/results/pretrained_refiner.md).
+
+:func:`keep_unsure` is the flip margin: the refined label only where the refiner is surer of it than of the coarse
+label by a margin (``RefinerConfig.flip_margin``).
 """
 
 from __future__ import annotations
@@ -35,3 +38,13 @@ def sieve_labels(labels: np.ndarray, min_area: int) -> np.ndarray:
     out = sieve(labels, min_area, mask=valid, connectivity=4)
     out[~valid] = IGNORE_INDEX
     return out.astype(np.uint8, copy=False)
+
+
+def keep_unsure(labels: np.ndarray, probs: np.ndarray, coarse: np.ndarray, margin: float) -> np.ndarray:
+    """``labels`` where the refined label's probability beats the ``coarse`` label's by more than ``margin``, the
+    coarse label elsewhere (nodata pixels of ``coarse`` keep ``labels``). ``probs``: (K, H, W)."""
+    valid = coarse != IGNORE_INDEX
+    index = np.where(valid, coarse, 0).astype(np.int64)
+    lead = probs.max(0) - np.take_along_axis(probs, index[None], 0)[0]
+    keep = valid & (lead <= margin)
+    return np.where(keep, coarse, labels).astype(labels.dtype)

@@ -61,7 +61,7 @@ import torch
 from .data import IGNORE_INDEX
 from .errors import IdgbrError, file_error
 from .io import atomic_path, is_geotiff
-from .postprocess import check_sieve, sieve_labels
+from .postprocess import check_sieve, keep_unsure, sieve_labels
 from .background import ReadAhead
 from .tiling import Window, blend_weights, pad_to_multiple, tile_grid
 
@@ -393,7 +393,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                  gate_width: int | None = None, confidence: float | None = None, batch_size: int = 4,
                  bands: Sequence[int] | None = None, resume: bool = True, progress: bool = True,
                  callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None,
-                 tta: str | None = None, sieve: int | None = None, read_ahead: int = 2) -> dict[str, Any]:
+                 tta: str | None = None, sieve: int | None = None, read_ahead: int = 2,
+                 flip_margin: float | None = None) -> dict[str, Any]:
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
@@ -408,6 +409,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         tta: test-time augmentation per tile, "none", "flips" or "d4" (default: the model's ``tta``).
         sieve: merge regions smaller than this many pixels into their largest neighbour, seam-free (0: off;
             default: the model's ``sieve``; :mod:`idgbr.postprocess`).
+        flip_margin: the refined label only where its probability beats the coarse label's by more than this
+            (default: the model's ``flip_margin``; :func:`idgbr.postprocess.keep_unsure`).
         gate_width: refine only within this many px of coarse boundaries (None: refine everything);
         confidence: with soft coarse input, also refine pixels whose max probability is below this.
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
@@ -434,6 +437,9 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
 
     tta = check_tta(cfg.tta if tta is None else tta)
     sieve = check_sieve(cfg.sieve if sieve is None else sieve)
+    flip_margin = cfg.flip_margin if flip_margin is None else float(flip_margin)
+    if not 0 <= flip_margin < 1:
+        raise IdgbrError(f"--flip-margin must lie in [0, 1) (0: plain argmax), got {flip_margin}")
 
     check_noise_for_samples(samples, noise_scale)
     f, multiple = cfg.latent_factor, cfg.size_multiple
@@ -524,7 +530,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         bar.close()
         _write_json(paths["progress"], state)
         unc_path = uncertainty_path(out_path) if samples > 1 else None
-        _write_output(scene, scratch, out_path, unc_path, gate_width, confidence, gating, sieve)
+        _write_output(scene, scratch, out_path, unc_path, gate_width, confidence, gating, sieve, flip_margin)
     except IdgbrError:
         # bad input found mid-scene (a truncated tile, NaN probabilities): the signature pins the input files, so
         # sidecars started by this call could never be resumed once the file is fixed; leave no partial output
@@ -699,7 +705,7 @@ def _raster_writer(path: Path | None, scene: _Scene) -> Iterator[Any]:
 
 
 def _write_output(scene: _Scene, scratch: _Scratch, out_path: Path, unc_path: Path | None, gate_width: int | None,
-                  confidence: float | None, gating: bool, sieve: int = 0) -> None:
+                  confidence: float | None, gating: bool, sieve: int = 0, flip_margin: float = 0.0) -> None:
     """Vote, gate, mask and sieve the accumulated probabilities in row bands; write the map (and the uncertainty).
 
     With ``sieve`` > 1 each band's labels are computed with a halo of ``sieve`` rows: a region smaller than
@@ -721,6 +727,8 @@ def _write_output(scene: _Scene, scratch: _Scratch, out_path: Path, unc_path: Pa
         coarse, _, _ = scene.read_coarse(window)
         valid = scene.read_valid(window, coarse)
         take = (weight > 0) & (_band_for(scene, window, gate_width, confidence) if gating else True)
+        if flip_margin > 0:  # the coarse label stays where the refiner is not surer of another by the margin
+            take = take & (keep_unsure(vote.astype(np.uint8), mean.mean(0), coarse, flip_margin) == vote)
         return np.where(valid, np.where(take, vote, coarse), IGNORE_INDEX).astype(np.uint8), disagree, take, valid
 
     with _raster_writer(out_path, scene) as write, _raster_writer(unc_path, scene) as write_unc:

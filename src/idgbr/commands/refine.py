@@ -36,6 +36,9 @@ def register(sub) -> None:
     parser.add_argument("--tta", default=None, choices=["none", "flips", "d4"],
                         help="test-time augmentation: average over flips (4 passes) or all 8 rotations/mirrors "
                              "(default: the model's, none)")
+    parser.add_argument("--flip-margin", type=float, default=None, metavar="P",
+                        help="take a refined label only where its probability beats the coarse label's by more than P, "
+                             "keep the coarse label elsewhere (0 = plain argmax; default: the model's)")
     parser.add_argument("--sieve", type=int, default=None, metavar="PX",
                         help="minimum mapping unit: merge regions smaller than PX pixels into their largest neighbour, "
                              "0 = off (default: the model's; lite 6, the shipped dubai-lite 0)")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else _default_model(args)
     refiner = Refiner.from_pretrained(model, device=args.device)
     kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch, tta=args.tta,
-              sieve=args.sieve)
+              sieve=args.sieve, flip_margin=args.flip_margin)
     if folder:
         out = Path(args.out) if args.out else Path(args.data) / "refined" / (Path(model).resolve() if Path(model).exists() else Path(model)).name
         written = refiner.refine_folder(args.data, args.split, args.coarse, out, seed=args.seed,
@@ -190,7 +193,8 @@ def _run_scene(args: argparse.Namespace, refiner) -> int:
                            steps=args.steps, guidance=args.guidance, strength=args.strength, seed=args.seed,
                            samples=args.samples or 1, gate_width=args.gate, confidence=args.confidence,
                            batch_size=args.batch, bands=bands, resume=not args.no_resume, progress=not args.no_progress,
-                           noise_scale=args.noise_scale, tta=args.tta, sieve=args.sieve)
+                           noise_scale=args.noise_scale, tta=args.tta, sieve=args.sieve,
+                           flip_margin=args.flip_margin)
     extra = f" and {summary['uncertainty']}" if summary["uncertainty"] else ""
     print(f"wrote {summary['out']}{extra}: {summary['tiles']} tiles, {summary['computed']} computed now, "
           f"{summary['done_before']} resumed, {100 * summary['skipped_fraction']:.1f}% skipped "
