@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--sieve", type=int, default=None)
+    parser.add_argument("--tta", default=None, choices=["none", "flips", "d4"])
     args = parser.parse_args()
 
     import torch
@@ -91,7 +92,7 @@ def main() -> int:
 
     pipeline.sieve_labels = sieve
     print(f"model {args.model}: tile {cfg.tile_size} overlap {cfg.tile_overlap}, image {cfg.image_encoder}, "
-          f"{torch.get_num_threads()} threads, {args.size}² input")
+          f"tta {args.tta or cfg.tta}, {torch.get_num_threads()} threads, {args.size}² input")
     print("| NFE | total s/tile | image latent | label latent | guidance features | network | decode | blend + rest | sieve |")
     print("|---|---|---|---|---|---|---|---|---|")
     for steps in args.steps:
@@ -100,7 +101,7 @@ def main() -> int:
             spans.clear()
             start = time.perf_counter()
             refiner.refine(image, coarse, steps=steps, guidance=1.0, batch_size=args.batch,
-                           generator=torch.Generator().manual_seed(0), sieve=args.sieve)
+                           generator=torch.Generator().manual_seed(0), sieve=args.sieve, tta=args.tta)
             total = time.perf_counter() - start
             if r:
                 runs.append((total, dict(spans)))

@@ -170,3 +170,23 @@ def test_attention_free_unet_and_guidance_attention_on_coarse_levels_only(tmp_pa
     assert outs[0].shape == (2, 48, 8, 8) and torch.equal(outs[0], outs[1])
     with pytest.raises(IdgbrError, match="guidance_attention_stride"):
         RefinerConfig.preset_config("tiny", guidance_attention_stride=0)
+
+
+def test_boundary_map_is_the_square_window_test():
+    """boundary_map (separable max pools, for speed) marks exactly the pixels whose (2w+1)² window holds another
+    label, at the image edges too."""
+    import torch.nn.functional as F
+
+    from idgbr.model import boundary_map
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (2, 37, 53))
+    labels[:, :10] = 2
+    for width in (1, 3, 4):
+        x = labels[:, None].float()
+        size = 2 * width + 1
+        square = (F.max_pool2d(x, size, 1, width) != -F.max_pool2d(-x, size, 1, width))[:, 0]
+        assert torch.equal(boundary_map(labels, width), square)
+    one = torch.zeros(1, 9, 9, dtype=torch.long)
+    one[0, 4, 4] = 1
+    assert boundary_map(one, 2)[0].sum() == 25  # the 5x5 window around the odd pixel

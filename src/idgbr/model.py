@@ -391,9 +391,12 @@ def boundary_map(labels: torch.Tensor, width: int) -> torch.Tensor:
     """(B, H, W) bool: pixels with another label within a (2 width + 1)² window (class boundaries, ``width`` px)."""
     x = labels[:, None].float()
     size = 2 * width + 1
-    high = F.max_pool2d(x, size, stride=1, padding=width)
-    low = -F.max_pool2d(-x, size, stride=1, padding=width)
-    return (high != low)[:, 0]
+
+    def window_max(y: torch.Tensor) -> torch.Tensor:  # a square max is a row max of a column max (same values)
+        y = F.max_pool2d(y, (1, size), stride=1, padding=(0, width))
+        return F.max_pool2d(y, (size, 1), stride=1, padding=(width, 0))
+
+    return (window_max(x) != -window_max(-x))[:, 0]
 
 
 def boundary_band(labels: torch.Tensor, width: int, factor: int) -> torch.Tensor:
