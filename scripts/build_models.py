@@ -7,8 +7,8 @@ Each step is a real ``idgbr`` command, run in a fresh interpreter and timed:
 1. ``idgbr prepare dubai datasets/dubai_aerial --out WORK/data --scale 0.5``
 2. ``idgbr train-coarse``: DeepLabV3+ with an EfficientNet-Lite0 encoder initialised from ImageNet, 200 iterations,
    seed 0 (issue 21: it won on validation against the from-scratch MobileNetV3-small, docs/results/pretrained_encoder.md)
-3. ``idgbr train --preset lite``: the lite refiner at the lite defaults, seed 0, on the out-of-fold train maps of
-   the four committed coarse tracks pooled with synthetic degradations (issue 28; see ``REFINER``)
+3. ``idgbr train --preset lite``: the lite refiner (synthetic coarse maps only), seed 0, with the copied image
+   encoder and no sieve (the lite defaults before issue 21; see ``REFINER``)
 4. ``idgbr predict-coarse`` and ``idgbr refine`` on the 18 test tiles, ``idgbr evaluate`` of both
 
 The folders are then copied (config + safetensors only) to ``src/idgbr/models/{dubai-coarse,dubai-lite}`` with a
@@ -33,12 +33,9 @@ SCALE = 0.5
 SEED = 0
 COARSE = ["--arch", "deeplabv3plus", "--encoder", "tu-tf_efficientnet_lite0", "--encoder-weights", "imagenet",
           "--iters", "200", "--batch", "4", "--crop", "256", "--seed", str(SEED)]
-# The shipped refiner learns the real errors of four coarse models (issue 28): the out-of-fold train maps of the
-# committed coarse tracks (fixtures/coarse/dubai_half: DeepLabV3+ and U-Net, converged from scratch and with an
-# ImageNet encoder), pooled, mixed half and half with synthetic degradations (the lite preset's coarse_corruption).
-# Train maps only: no test image is read.
-TRACKS = ["deeplabv3plus_pretrained", "unet_pretrained", "deeplabv3plus_converged", "unet_converged"]
-REFINER = [arg for track in TRACKS for arg in ("--coarse", str(ROOT / "fixtures" / "coarse" / "dubai_half" / track))]
+# The shipped refiner was trained before issue 21 changed the lite preset (pretrained image branch, sieve): these
+# settings rebuild it as it is. Drop them to train one with today's lite defaults.
+REFINER = ["--set", "image_encoder=copy", "--set", "image_encoder_trainable_stages=0", "--set", "sieve=0"]
 
 
 def main() -> int:
@@ -106,8 +103,7 @@ def main() -> int:
         },
         "dubai-lite": {
             **common, "kind": "refiner",
-            "summary": "lite preset, 4800 steps on the out-of-fold train maps of 4 coarse models pooled with "
-                       "synthetic degradations, 4 DDIM steps",
+            "summary": "lite preset, 4800 steps on synthetic coarse maps, 4 DDIM steps",
             "made_by": [log["prepare"]["command"], log["train_refiner"]["command"]],
             "seconds": log["train_refiner"]["seconds"], "commit": log["train_refiner"]["commit"],
             "test": {"coarse": "dubai-coarse", **figures["refined"],
