@@ -324,8 +324,8 @@ class WorkerBatches:
     uninterrupted run (no generator state to checkpoint). ``depth`` batches per worker are drawn ahead; with
     ``pin_memory`` the DataLoader pins them (for asynchronous copies to a GPU).
 
-    Worker processes are forked (the platform's default start method); a daemonic process (e.g. a multiprocessing
-    pool's worker) cannot have them: use ``loader_workers=0`` there.
+    Worker processes start from a fork server (a clean process; the sampler is pickled to them); a daemonic
+    process (e.g. a multiprocessing pool's worker) cannot have them: use ``loader_workers=0`` there.
     """
 
     def __init__(self, sampler: CropSampler, seed: int, rank: int, start: int, stop: int, workers: int,
@@ -333,6 +333,9 @@ class WorkerBatches:
         loader = torch.utils.data.DataLoader(
             _StepBatches(sampler, seed, rank, start, stop), batch_size=None, num_workers=workers,
             prefetch_factor=max(1, depth), pin_memory=pin_memory, worker_init_fn=_quiet_worker,
+            # forkserver, not fork: a worker forked from a process that runs other threads (a prefetch or reading
+            # thread, a dask client's) can inherit a lock held by one of them and hang in OpenCV (seen in the suite)
+            multiprocessing_context="forkserver",
             generator=torch.Generator().manual_seed(seed))  # leaves the global torch generator alone
         self._iterator: Any = iter(loader)
         self._step = start
