@@ -229,7 +229,6 @@ class Refiner:
             (H, W) uint8 index map (nodata pixels stay ``IGNORE_INDEX``), or a tuple ``(map, probs)``, ``(map,
             agreement)`` or ``(map, probs, agreement)``; lists for list input.
         """
-        cfg = self.config
         settings = self._settings(steps, guidance, strength, batch_size, samples, noise_scale, tta, sieve, flip_margin)
         sieve, margin = settings.pop("sieve"), settings.pop("flip_margin")
         many = isinstance(image, (list, tuple))
