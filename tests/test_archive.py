@@ -177,6 +177,10 @@ def test_two_workers_manifest_skip_and_equal_to_one_process(client, model, tmp_p
     assert main([*args[:-len(CLI_SETTINGS)], "--tile", "64", "--overlap", "8", "--no-progress"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tif")} == mtimes
+    # the flip margin (a sampling flag shared with `idgbr refine`) is part of the settings too
+    assert manifest["settings"]["flip_margin"] == 0.0
+    assert main([*args, "--flip-margin", "0.3"]) == 2
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_resume_half_done_scene_and_pairs_csv(client, model, tmp_path):

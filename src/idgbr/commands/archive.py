@@ -26,14 +26,9 @@ def register(sub) -> None:
                         help="torch threads per worker (default: CPU cores / workers)")
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
                         help="use an existing dask cluster (tcp://HOST:8786) instead of a local one")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    parser.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (default: the model's)")
-    parser.add_argument("--noise-scale", type=float, default=None, help="starting noise scale (default: the model's)")
-    parser.add_argument("--tta", default=None, choices=["none", "flips", "d4"], help="test-time augmentation")
-    parser.add_argument("--sieve", type=int, default=None, metavar="PX", help="minimum mapping unit (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    parser.add_argument("--batch", type=int, default=4, help="tiles per network batch (default: 4)")
+    from .refine import add_sampling_options
+
+    add_sampling_options(parser)
     parser.add_argument("--tile", type=int, default=None, help="tile size in px (default: the model's)")
     parser.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: the model's)")
     parser.add_argument("--gate", type=int, default=None, metavar="PX", help="refine only within PX px of coarse boundaries")
@@ -58,12 +53,9 @@ def run(args: argparse.Namespace) -> int:
         raise IdgbrError(f"need --workers >= 1 and --threads >= 1; got {args.workers}, {args.threads}")
     if args.scheduler is not None and args.workers is not None:
         raise IdgbrError("--workers sizes a local cluster; with --scheduler the cluster decides (drop --workers)")
-    bands = None
-    if args.bands is not None:
-        try:
-            bands = [int(b) for b in args.bands.split(",") if b.strip()]
-        except ValueError:
-            raise IdgbrError(f"--bands {args.bands!r}: expected 1-based band numbers separated by commas, e.g. 3,2,1") from None
+    from .refine import parse_bands
+
+    bands = parse_bands(args.bands)
     if args.model is None:
         from .refine import shipped_refiner
 
@@ -71,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = refine_archive(pairs, args.out, args.model, workers=args.workers, threads=args.threads,
                               scheduler=args.scheduler, progress=not args.no_progress, tile=args.tile,
                               overlap=args.overlap, steps=args.steps, guidance=args.guidance, strength=args.strength,
-                              noise_scale=args.noise_scale, tta=args.tta, sieve=args.sieve, seed=args.seed,
+                              noise_scale=args.noise_scale, tta=args.tta, sieve=args.sieve, flip_margin=args.flip_margin,
+                              seed=args.seed,
                               batch_size=args.batch, gate_width=args.gate, bands=bands)
     statuses = list(manifest["job"].values())
     failed = [stem for stem, status in manifest["job"].items() if status == "failed"]

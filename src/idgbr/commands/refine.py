@@ -28,22 +28,7 @@ def register(sub) -> None:
     parser.add_argument("--out", default=None, help="output map (single file) or folder (default: DATA/refined/<run>)")
     parser.add_argument("--data", default=None, help="folder mode: canonical dataset folder")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="folder mode split (default: test)")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's config: lite 4, sd15 25)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: the model's config: lite 1, sd15 3)")
-    parser.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (default: 1)")
-    parser.add_argument("--noise-scale", type=float, default=None,
-                        help="scale of the starting noise, 0 = deterministic start (default: the model's)")
-    parser.add_argument("--tta", default=None, choices=["none", "flips", "d4"],
-                        help="test-time augmentation: average over flips (4 passes) or all 8 rotations/mirrors "
-                             "(default: the model's, none)")
-    parser.add_argument("--flip-margin", type=float, default=None, metavar="P",
-                        help="take a refined label only where its probability beats the coarse label's by more than P, "
-                             "keep the coarse label elsewhere (0 = plain argmax; default: the model's)")
-    parser.add_argument("--sieve", type=int, default=None, metavar="PX",
-                        help="minimum mapping unit: merge regions smaller than PX pixels into their largest neighbour, "
-                             "0 = off (default: the model's; lite 6, the shipped dubai-lite 0)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    parser.add_argument("--batch", type=int, default=4, help="tiles per network batch (default: 4)")
+    add_sampling_options(parser)
     scene = parser.add_argument_group("scene mode (GeoTIFF / large images)")
     scene.add_argument("--tile", type=int, default=None, help="tile size in px (default: the model's tile_size)")
     scene.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default: the model's tile_overlap)")
@@ -62,6 +47,38 @@ def register(sub) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_argument(parser)
     parser.set_defaults(func=run)
+
+
+def add_sampling_options(parser) -> None:
+    """The sampling and post-processing flags that every refining command shares (refine, refine-archive)."""
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's config: lite 4, sd15 25)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: the model's config: lite 1, sd15 3)")
+    parser.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (default: 1)")
+    parser.add_argument("--noise-scale", type=float, default=None,
+                        help="scale of the starting noise, 0 = deterministic start (default: the model's)")
+    parser.add_argument("--tta", default=None, choices=["none", "flips", "d4"],
+                        help="test-time augmentation: average over flips (4 passes) or all 8 rotations/mirrors "
+                             "(default: the model's, none)")
+    parser.add_argument("--flip-margin", type=float, default=None, metavar="P",
+                        help="take a refined label only where its probability beats the coarse label's by more than P, "
+                             "keep the coarse label elsewhere (0 = plain argmax; default: the model's)")
+    parser.add_argument("--sieve", type=int, default=None, metavar="PX",
+                        help="minimum mapping unit: merge regions smaller than PX pixels into their largest neighbour, "
+                             "0 = off (default: the model's; lite 6, the shipped dubai-lite 0)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--batch", type=int, default=4, help="tiles per network batch (default: 4)")
+
+
+def parse_bands(text: str | None) -> list[int] | None:
+    """``--bands 4,3,2`` -> [4, 3, 2] (1-based), or None; a one-line error for anything else."""
+    from ..errors import IdgbrError
+
+    if text is None:
+        return None
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise IdgbrError(f"--bands {text!r}: expected 1-based band numbers separated by commas, e.g. 3,2,1") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,15 +197,9 @@ def _scene_mode(args: argparse.Namespace, tile_size: int) -> bool:
 
 
 def _run_scene(args: argparse.Namespace, refiner) -> int:
-    from ..errors import IdgbrError
     from ..scene import refine_scene
 
-    bands = None
-    if args.bands is not None:
-        try:
-            bands = [int(b) for b in args.bands.split(",") if b.strip()]
-        except ValueError:
-            raise IdgbrError(f"--bands {args.bands!r}: expected 1-based band numbers separated by commas, e.g. 3,2,1") from None
+    bands = parse_bands(args.bands)
     summary = refine_scene(refiner, args.image, args.coarse, args.out, tile=args.tile, overlap=args.overlap,
                            steps=args.steps, guidance=args.guidance, strength=args.strength, seed=args.seed,
                            samples=args.samples or 1, gate_width=args.gate, confidence=args.confidence,
