@@ -46,7 +46,7 @@ def make_view(data: Path, out: Path, every: int, holdout: str | None) -> Path:
     matching the regular expression ``holdout``, else every ``every``-th stem)."""
     import re
 
-    from idgbr.data import SegmentationDataset, write_splits
+    from idgbr.data.dataset import SegmentationDataset, write_splits
 
     view = out / "data"
     if (view / "classes.json").exists():

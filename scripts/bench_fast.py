@@ -51,12 +51,12 @@ def main() -> None:
         refiner = Refiner(model, device=args.device, dtype=dtype)
     size = args.tile
     if args.data:
-        from idgbr.data import SegmentationDataset
+        from idgbr.data.dataset import SegmentationDataset
 
         sample = SegmentationDataset(args.data, "test", coarse=args.coarse)[0]
         image, coarse = sample["image"][:size, :size], sample["coarse"][:size, :size]
     else:
-        from idgbr.synthetic import make_scene
+        from idgbr.data.synthetic import make_scene
 
         scene = make_scene(size, seed=0)
         image, coarse = scene["image"], scene["mask"] % refiner.config.num_classes

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_scene.py --sizes 1500 3000 6000 --out /tmp/bench_scene
 
 For each size a synthetic 3-band uint8 GeoTIFF (EPSG:32633, 0.5 m pixels, a 64 px nodata border on the left)
-and its coarse map are written block by block (a mosaic of 500 px ``idgbr.synthetic.make_scene`` blocks, half of
+and its coarse map are written block by block (a mosaic of 500 px ``idgbr.data.synthetic.make_scene`` blocks, half of
 them homogeneous land or water as in real scenes; the coarse map is ``degrade_mask`` of the truth), then a
 lite-preset model with random weights (timing only; ``--model RUN`` takes a trained one) refines it with the fast
 setting (``--steps 2 --strength 0.4``, guidance 1) in a fresh subprocess, which reports its wall time and peak RSS (``ru_maxrss``). Each run also
@@ -33,7 +33,7 @@ def write_scene(folder: Path, size: int, seed: int = 0) -> tuple[Path, Path]:
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    from idgbr.synthetic import degrade_mask, make_scene
+    from idgbr.data.synthetic import degrade_mask, make_scene
 
     image_path, coarse_path = folder / f"scene_{size}.tif", folder / f"coarse_{size}.tif"
     if image_path.exists() and coarse_path.exists():

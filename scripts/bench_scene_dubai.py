@@ -25,7 +25,7 @@ import numpy as np
 def to_geotiff(path: Path, array: np.ndarray, nodata: float) -> None:
     from rasterio.transform import from_origin
 
-    from idgbr.io import write_geotiff
+    from idgbr.data.io import write_geotiff
 
     geo = {"crs": "EPSG:32640", "transform": from_origin(300000.0, 2800000.0, 0.3, 0.3)}
     write_geotiff(path, array if array.ndim == 3 else array[None], geo, nodata=nodata)
@@ -47,7 +47,7 @@ def main() -> None:
 
     import rasterio
 
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
     from idgbr.pipeline import Refiner
     from idgbr.scene import refine_scene, seam_score

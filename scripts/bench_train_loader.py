@@ -43,7 +43,7 @@ def main() -> None:
     import torch
 
     from idgbr.config import RefinerConfig, parse_overrides
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
     from idgbr.labelembed import train_label_embedding
     from idgbr.train import train_refiner
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
     from idgbr.errors import IdgbrError
     from idgbr.evaluate import _find_map, _read_map
 

@@ -21,7 +21,7 @@ args = parser.parse_args()
 
 import torch  # noqa: E402
 
-import idgbr.augment as A  # noqa: E402
+import idgbr.data.augment as A  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 if args.mode == "old":

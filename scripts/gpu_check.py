@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from idgbr import train as T
     from idgbr.config import RefinerConfig
     from idgbr.model import IDGBRModel
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     device, smoke, start = torch.device(args.device), args.smoke, time.perf_counter()
     preset = "tiny" if smoke else "lite"

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from idgbr.coarse import train_coarse
-from idgbr.data import SegmentationDataset
+from idgbr.data.dataset import SegmentationDataset
 
 
 def main(argv: list[str] | None = None) -> int:

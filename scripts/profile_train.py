@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_root = args.data
         if data_root is None:
-            from idgbr.synthetic import write_synthetic_dataset
+            from idgbr.data.synthetic import write_synthetic_dataset
 
             data_root = str(Path(tmp) / "synthetic")
             write_synthetic_dataset(data_root, n=10, size=256, seed=0)

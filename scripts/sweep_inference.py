@@ -28,9 +28,9 @@ LINE = re.compile(r"(\S+) tile(\d+) margin ([\d.]+) sieve (\d+): dWFm3 ([-+\d.]+
 def sweep(run: Path, tile: int, tta: str) -> None:
     import torch
 
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
     from idgbr.evaluate import evaluate_folder
-    from idgbr.io import write_label
+    from idgbr.data.io import write_label
     from idgbr.pipeline import Refiner
     from idgbr.postprocess import keep_unsure, sieve_labels
 

@@ -272,7 +272,7 @@ def test_fold_groups_stay_together():
 
 def test_oof_maps_come_from_models_that_never_saw_them(data, tmp_path):
     from idgbr.coarse import predict_coarse_oof
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     out = predict_coarse_oof(data, "unet", "oof3", 3, tmp_path / "work", iters=1, batch=2, crop=32, tile=32, overlap=8,
                              progress=False)
@@ -364,7 +364,7 @@ def test_predict_with_several_models_averages_their_probabilities(data, tmp_path
         train_coarse(data, "unet", dirs[-1], iters=2, batch=2, crop=32, seed=seed, progress=False)
     out = predict_coarse(dirs, data, "test", name="ens", tile=32, overlap=8, progress=False)
     models = [CoarseModel.load(d) for d in dirs]
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     test = SegmentationDataset(data, "test", load_mask=False)
     for i, stem in enumerate(test.stems):

@@ -10,7 +10,7 @@ from idgbr.cli import main
 from idgbr.config import RefinerConfig
 from idgbr.device import autocast_dtype, resolve_device
 from idgbr.errors import IdgbrError
-from idgbr.io import write_image, write_label
+from idgbr.data.io import write_image, write_label
 from idgbr.model import IDGBRModel
 from idgbr.pipeline import Refiner
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("syn") / "data"
     write_synthetic_dataset(root, n=10, size=64, seed=3)
@@ -58,7 +58,7 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     assert "[stage]" not in out and "[reuse]" in out
     # the coarse maps live in DATA/coarse/, shared by every run: if another run overwrote them, they are predicted
     # again from this run's coarse model instead of being scored as they are
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     maps = synthetic / "coarse" / "bench_unet"
     victim = sorted(maps.glob("*.png"))[0]
@@ -76,7 +76,7 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
 
 def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):
     """--coarse-folds K: the refiner trains on out-of-fold train maps; the report gives their scores next to test."""
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     run = tmp_path / "bench_oof"
     args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--preset", "tiny", "--coarse-iters", "2",
@@ -132,7 +132,7 @@ def test_benchmark_trains_side_by_side_as_it_would_one_after_the_other(synthetic
     from safetensors.torch import load_file
 
     from idgbr.benchmark import BenchmarkSettings, run_benchmark
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     def settings(side_by_side, **overrides):
         return BenchmarkSettings(coarse_archs=("unet", "deeplabv3plus"), preset="tiny", coarse_iters=1, coarse_crop=32,
@@ -172,8 +172,8 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
     # coarse maps: ground truth shifted by a few pixels
     coarse = synthetic / "coarse" / "shifted"
     coarse.mkdir(parents=True, exist_ok=True)
-    from idgbr.data import SegmentationDataset
-    from idgbr.io import write_label
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.data.io import write_label
 
     dataset = SegmentationDataset(synthetic, None)
     for stem in dataset.stems:
@@ -191,7 +191,7 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert {"miou", "mf1", "oa", "kappa", "wfm", "per_class"} <= set(result)
     # refine wrote, for every test image, what the Refiner gives for it with the CLI's seed (0)
-    from idgbr.io import read_label
+    from idgbr.data.io import read_label
     from idgbr.metrics import evaluate_maps
     from idgbr.pipeline import Refiner
 
@@ -267,13 +267,13 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
 def test_frequency_analysis(synthetic, tmp_path):
     from idgbr.analysis import band_energy, frequency_report
     from idgbr.config import RefinerConfig
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
     from idgbr.model import IDGBRModel
 
     dataset = SegmentationDataset(synthetic, None)
     coarse = synthetic / "coarse" / "gt"
     coarse.mkdir(parents=True, exist_ok=True)
-    from idgbr.io import write_label
+    from idgbr.data.io import write_label
 
     for stem in dataset.stems:
         write_label(coarse / f"{stem}.png", dataset.read_mask(stem))
@@ -325,7 +325,7 @@ def test_band_split_and_change_fractions_on_known_fields():
 
 def test_speed_grid_counts_network_evaluations(synthetic):
     from idgbr.config import RefinerConfig
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
     from idgbr.model import IDGBRModel
     from idgbr.pipeline import Refiner
     from idgbr.speed import pick_fast_mode, run_grid
@@ -395,8 +395,8 @@ def test_demo_without_data_is_one_line(tmp_path, capsys):
 
 
 def test_prepare_dubai_scale(datasets_dir, tmp_path):
-    from idgbr.data import SegmentationDataset
-    from idgbr.prepare import prepare
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.data.prepare import prepare
 
     raw = datasets_dir / "dubai_aerial"
     summary = prepare("dubai", raw, tmp_path / "half", scale=0.25)
@@ -429,7 +429,7 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     """--coarse-maps DIR: a complete track made beforehand replaces the coarse stages; a bad folder is one line."""
     import shutil
 
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     assert main(["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(synthetic), "--name", "conv",
                  "--work", str(tmp_path / "w"), "--iters", "2", "--crop", "32", "--train-batch", "2", "--tile", "64", "--overlap", "8",
@@ -537,7 +537,7 @@ def test_pooled_coarse_sources_give_each_image_once_per_source(synthetic, tmp_pa
         if not folder.exists():
             shutil.copytree(synthetic / "masks", folder)
             for path in folder.glob("*.png"):
-                from idgbr.io import read_label, write_label
+                from idgbr.data.io import read_label, write_label
 
                 label, _ = read_label(path)
                 write_label(path, np.full_like(label, value))

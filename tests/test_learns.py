@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from idgbr.config import RefinerConfig
-from idgbr.io import write_label
+from idgbr.data.io import write_label
 
 torch.set_num_threads(1)  # shared CI box: one thread per test process
 
@@ -86,7 +86,7 @@ def make_task(root: Path, train: int = 6, test: int = 4, seed: int = 0) -> Path:
 
 def train_and_score(root: Path, run: Path, seed: int, **overrides) -> tuple[float, float]:
     """(coarse, refined) WFm(3 px) on the test split after training lite on the train split."""
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
     from idgbr.pipeline import Refiner
     from idgbr.train import train_refiner

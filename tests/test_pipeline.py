@@ -294,7 +294,7 @@ def test_folder_batches_across_images_like_one_image_at_a_time(lively: Refiner, 
     Not noisy: the tiny network from the default zero-noise start (exact). Noisy: two samples per tile, sieved, with
     a stand-in sampler whose logits are the starting noise (an untrained tiny network hardly reacts to its noise),
     so that any change in a tile's noise changes the labels."""
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     data = _mixed_dataset(tmp_path / "data")
     options = dict(noise_scale=1.0, samples=2, steps=1, sieve=4) if noisy else dict(noise_scale=0.0, steps=2)

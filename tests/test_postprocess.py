@@ -67,9 +67,9 @@ def test_evaluate_cli_scores_sieved_maps(tmp_path, capsys):
     import json
 
     from idgbr.cli import main
-    from idgbr.data import SegmentationDataset
-    from idgbr.io import write_label
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.data.io import write_label
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     data = tmp_path / "data"
     write_synthetic_dataset(data, n=4, size=48, seed=1)
@@ -137,8 +137,8 @@ def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
     with pytest.raises(IdgbrError, match="--flip-margin must lie in"):
         run(flip_margin=1.5)
     # folder mode (batched across images) writes the same map
-    from idgbr.data import write_splits
-    from idgbr.io import read_label, write_image, write_label
+    from idgbr.data.dataset import write_splits
+    from idgbr.data.io import read_label, write_image, write_label
 
     data = tmp_path / "data"
     write_image(data / "images" / "a.png", image)

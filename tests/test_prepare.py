@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from idgbr.cli import main
-from idgbr.data import IGNORE_INDEX, SegmentationDataset
+from idgbr.data.dataset import IGNORE_INDEX, SegmentationDataset
 from idgbr.errors import IdgbrError
-from idgbr.prepare import CONVERTERS, DUBAI_COLOURS, grid_positions, prepare
+from idgbr.data.prepare import CONVERTERS, DUBAI_COLOURS, grid_positions, prepare
 
 
 def _lines(path):
@@ -145,7 +145,7 @@ def _tif(path, array, crs="EPSG:32633", x0=500000.0, y0=5800000.0, res=0.5):
 
 
 def _isprs_label(rng, size):
-    from idgbr.prepare import ISPRS_COLOURS
+    from idgbr.data.prepare import ISPRS_COLOURS
 
     index = rng.integers(0, 6, (size, size))
     return np.asarray(ISPRS_COLOURS, np.uint8)[index], index

@@ -236,7 +236,7 @@ def test_cli_train_sd15_with_pretrained_folder(sd15_folder: Path, tmp_path: Path
 
     from idgbr.cli import main
     from idgbr.pipeline import Refiner
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     data = tmp_path / "data"
     write_synthetic_dataset(data, n=3, size=64, seed=0)

@@ -81,7 +81,7 @@ def test_model_names_resolve_or_fail_in_one_line(tmp_path, monkeypatch):
 
 def _dubai_tile(datasets_dir, size=160):
     """A crop of a real Dubai test image, its ground truth, and a coarse map with shifted boundaries."""
-    from idgbr.prepare import DUBAI_COLOURS
+    from idgbr.data.prepare import DUBAI_COLOURS
     from PIL import Image
 
     image = np.asarray(Image.open(datasets_dir / "dubai_aerial" / "images" / "tile7_part01.jpg").convert("RGB"))
@@ -137,7 +137,7 @@ def test_refine_with_no_model_refuses_other_classes(tmp_path, capsys):
     assert err.count("\n") == 1 and "coarse.png: holds class 7" in err and "idgbr train --preset lite" in err
     assert not (tmp_path / "o.png").exists()
     # folder mode: the dataset's classes.json decides
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", n=4, size=32, seed=0)
     assert main(["refine", "--data", str(tmp_path / "data"), "--coarse", "x"]) == 2

@@ -344,7 +344,7 @@ def _synthetic_wrong_share(samples: list[dict], **config: object) -> float:
 
 
 def _scene_samples() -> list[dict]:
-    from idgbr.synthetic import make_scene
+    from idgbr.data.synthetic import make_scene
 
     return [{"image": s["image"], "mask": s["mask"]} for s in (make_scene(96, seed) for seed in range(3))]
 
@@ -364,7 +364,7 @@ def test_corruption_min_strength_mixes_in_milder_synthetic_coarse_maps() -> None
     """corruption_min_strength < 1 draws degrade_mask strengths below 1: fewer wrong coarse pixels on average; at 1
     the batch is the one drawn before the field existed (no extra random draw)."""
     from idgbr.errors import IdgbrError
-    from idgbr.synthetic import degrade_mask
+    from idgbr.data.synthetic import degrade_mask
     from idgbr.train import CropSampler
 
     samples = _scene_samples()

@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "IdgbrError": "idgbr.errors",
-    "ClassMap": "idgbr.data",
-    "SegmentationDataset": "idgbr.data",
+    "ClassMap": "idgbr.data.dataset",
+    "SegmentationDataset": "idgbr.data.dataset",
     "Refiner": "idgbr.pipeline",
     "RefinerConfig": "idgbr.config",
     "IDGBRModel": "idgbr.model",
@@ -30,7 +30,10 @@ _EXPORTS = {
     "predict_coarse": "idgbr.coarse",
     "train_refiner": "idgbr.train",
     "refine_scene": "idgbr.scene",
-    "prepare": "idgbr.prepare",
+    "prepare": "idgbr.data.prepare",
+    "read_image": "idgbr.data.io",
+    "read_label": "idgbr.data.io",
+    "write_label": "idgbr.data.io",
 }
 
 __all__ = sorted(_EXPORTS)

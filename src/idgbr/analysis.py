@@ -160,8 +160,8 @@ def frequency_report(model_dir: str | Path, data_root: str | Path, split: str, c
 
     import torch
 
-    from .data import SegmentationDataset
-    from .io import atomic_path
+    from .data.dataset import SegmentationDataset
+    from .data.io import atomic_path
     from .pipeline import Refiner
 
     refiner = Refiner.from_pretrained(model_dir)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import IdgbrError, file_error
-from .io import atomic_path
+from .data.io import atomic_path
 from .locks import Lock
 
 __all__ = ["Pair", "find_pairs", "read_pairs", "refine_archive", "local_cluster", "refine_task"]

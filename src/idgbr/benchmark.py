@@ -117,7 +117,7 @@ class Stages:
         fn()
         seconds = time.perf_counter() - start
         folder.mkdir(parents=True, exist_ok=True)
-        from .io import atomic_path
+        from .data.io import atomic_path
 
         with atomic_path(marker) as tmp:
             record = {"params": params, "seconds": seconds}
@@ -131,7 +131,7 @@ class Stages:
 def refiner_config(data_root: Path, preset: str, steps: int | None, seed: int, overrides: dict[str, Any]):
     """A RefinerConfig whose classes and bands come from the dataset."""
     from .config import RefinerConfig
-    from .data import SegmentationDataset
+    from .data.dataset import SegmentationDataset
 
     dataset = SegmentationDataset(data_root, "train", load_mask=False)
     bands = dataset[0]["image"].shape[-1]
@@ -311,7 +311,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         raise IdgbrError(f"{data_root}: not a prepared dataset (no classes.json); run 'idgbr prepare' first")
     if settings.coarse_folds:  # a bad K fails now, not after the first refiner has trained
         from .coarse import fold_stems
-        from .data import SegmentationDataset
+        from .data.dataset import SegmentationDataset
 
         fold_stems(SegmentationDataset(data_root, "train", load_mask=False).stems, settings.coarse_folds,
                    flag="--coarse-folds", group=settings.coarse_fold_group)
@@ -406,7 +406,7 @@ def check_coarse_track(data_root: Path, folder: Path) -> tuple[str, list[str], s
     of their maps; a one-line :class:`IdgbrError` if the folder is not one."""
     import hashlib
 
-    from .data import SegmentationDataset
+    from .data.dataset import SegmentationDataset
 
     provenance_file = folder / "provenance.json"
     if not provenance_file.is_file():
@@ -488,7 +488,7 @@ def maps_digest(data_root: Path, name: str, split: str) -> str:
     """SHA-1 of the maps ``DATA/coarse/<name>/<stem>.png`` of ``split`` (a missing map counts as such)."""
     import hashlib
 
-    from .data import SegmentationDataset
+    from .data.dataset import SegmentationDataset
 
     digest = hashlib.sha1()
     for stem in SegmentationDataset(data_root, split, load_mask=False).stems:
@@ -547,7 +547,7 @@ def verdict_lines(report: dict) -> list[str]:
 
 
 def write_reports(run: Path, report: dict) -> None:
-    from .io import atomic_path
+    from .data.io import atomic_path
     from .report import bar_chart, flat_metrics, metrics_table
 
     with atomic_path(run / "report.json") as tmp:

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, SegmentationDataset
+from .data.dataset import IGNORE_INDEX, SegmentationDataset
 from .errors import IdgbrError, check_unknown_keys, file_error
-from .io import atomic_path, write_array, write_label
+from .data.io import atomic_path, write_array, write_label
 from .tiling import sliding_window
 
 __all__ = ["ARCHS", "ArchSpec", "CoarseConfig", "CoarseModel", "canonical_arch", "get_arch", "train_coarse", "predict_coarse",
@@ -377,7 +377,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     ``validation``: ``[{"iter", "miou", "wfm3"}, ...]`` (fractions).
 
     Paper defaults: batch 8, 20k iterations, 512 crops with the paper's augmentations
-    (:func:`idgbr.augment.paper_train_transform`). ``encoder_weights`` is a local weights file or ``"imagenet"``
+    (:func:`idgbr.data.augment.paper_train_transform`). ``encoder_weights`` is a local weights file or ``"imagenet"``
     (the packaged weights of a registered encoder, e.g. ``tu-tf_efficientnet_lite0``; 8-bit RGB images only, which
     are then normalised as the weights expect). Cross-entropy ignoring 255, AdamW (weight decay 1e-2) with a
     poly (power 0.9) learning-rate decay. The run directory is rewritten atomically every ``checkpoint_every``
@@ -433,7 +433,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     model.to(device).train()
 
     if transform is None:
-        from .augment import paper_train_transform
+        from .data.augment import paper_train_transform
 
         transform = paper_train_transform(crop)
     train_set = _CachedTrainSet(samples, transform, mean, std, seed)

@@ -262,7 +262,7 @@ class RefinerConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def save(self, path: str | Path) -> None:
-        from .io import atomic_path
+        from .data.io import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

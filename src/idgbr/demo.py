@@ -73,7 +73,7 @@ def run_demo(out: str | Path, train: bool = False, source: str | Path | None = N
 
     Returns ``{"coarse", "refined", "seconds", "summary"}`` (the two evaluation results, wall seconds, the printed
     summary); ``DIR/report.md`` holds the report with pictures."""
-    from .prepare import prepare
+    from .data.prepare import prepare
 
     settings = settings or DemoSettings()
     out = Path(out)
@@ -119,7 +119,7 @@ def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings)
 def _train_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -> tuple[dict, dict, str, str]:
     """The full protocol from scratch: train a coarse model and the lite refiner, then refine the test tiles."""
     from .coarse import fold_stems, predict_coarse, predict_coarse_oof, train_coarse
-    from .data import SegmentationDataset
+    from .data.dataset import SegmentationDataset
     from .evaluate import evaluate_folder
 
     if settings.coarse_folds:  # a bad K fails before any training
@@ -159,8 +159,8 @@ def _train_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -
 
 def write_demo_report(out: Path, data: Path, coarse: dict, refined: dict, description: str,
                       stage_seconds: dict[str, float], seconds: float, name: str = "demo") -> dict:
-    from .data import SegmentationDataset
-    from .io import atomic_path, read_label
+    from .data.dataset import SegmentationDataset
+    from .data.io import atomic_path, read_label
     from .report import bar_chart, comparison_panel, flat_metrics, metrics_table
 
     rows = {"coarse": coarse, "IDGBR lite refined": refined}

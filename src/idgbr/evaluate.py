@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .data import IGNORE_INDEX, SegmentationDataset, coarse_folder, read_index_map
+from .data.dataset import IGNORE_INDEX, SegmentationDataset, coarse_folder, read_index_map
 from .errors import IdgbrError, file_error
 from .metrics import evaluate_maps
 

@@ -348,7 +348,7 @@ class IDGBRModel(nn.Module):
         """Write ``config.json``, ``architecture.json`` and ``model.safetensors`` (everything but the REPA projector)."""
         from safetensors.torch import save_file
 
-        from .io import atomic_path
+        from .data.io import atomic_path
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

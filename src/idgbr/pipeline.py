@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, SegmentationDataset
+from .data.dataset import IGNORE_INDEX, SegmentationDataset
 from .postprocess import check_sieve, keep_unsure, sieve_labels
 from .errors import IdgbrError, file_error
-from .io import write_label
+from .data.io import write_label
 
 
 def _repeat_batch(tree: Any, times: int = 2) -> Any:

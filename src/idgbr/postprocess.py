@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import IGNORE_INDEX
+from .data.dataset import IGNORE_INDEX
 from .errors import IdgbrError
 
 

@@ -58,9 +58,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX
+from .data.dataset import IGNORE_INDEX
 from .errors import IdgbrError, file_error
-from .io import atomic_path, is_geotiff
+from .data.io import atomic_path, is_geotiff
 from .postprocess import check_sieve, keep_unsure, sieve_labels
 from .background import ReadAhead
 from .tiling import Window, blend_weights, pad_to_multiple, tile_grid

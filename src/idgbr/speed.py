@@ -32,7 +32,7 @@ class Cell:
 
 def collect_tiles(data_root: str | Path, split: str, coarse: str, tile: int, count: int, seed: int = 0):
     """Up to ``count`` (image, gt, coarse) crops of ``tile``² taken at random from the split's images."""
-    from .data import SegmentationDataset
+    from .data.dataset import SegmentationDataset
 
     dataset = SegmentationDataset(data_root, split, coarse=coarse)
     rng = np.random.default_rng(seed)

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RefinerConfig
-from .data import IGNORE_INDEX, SegmentationDataset
+from .data.dataset import IGNORE_INDEX, SegmentationDataset
 from .errors import IdgbrError, file_error
-from .io import atomic_path
+from .data.io import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 TRAINING_STATE = "training_state.pt"
@@ -190,7 +190,7 @@ class CropSampler:
     """
 
     def __init__(self, samples: list[dict[str, Any]], config: RefinerConfig, pin_memory: bool = False):
-        from .augment import boundary_pixels, paper_train_transform
+        from .data.augment import boundary_pixels, paper_train_transform
 
         self.config = config
         self.crop = config.crop_size
@@ -207,7 +207,7 @@ class CropSampler:
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long."""
-        from .synthetic import degrade_mask, degrade_regions
+        from .data.synthetic import degrade_mask, degrade_regions
 
         images, masks, coarses = [], [], []
         for _ in range(self.config.batch_size):
@@ -672,7 +672,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
 
     Args:
         config: the resolved configuration (``num_classes``/``image_channels`` are taken from the dataset).
-        data_root: a canonical dataset folder (see :mod:`idgbr.data`).
+        data_root: a canonical dataset folder (see :mod:`idgbr.data.dataset`).
         coarse: name of ``coarse/<name>/`` maps predicted on the training images, several names (a list or
             ``"a,b"``: pooled, each image once per source), or None (synthetic coarse only).
         out_dir: the run folder.

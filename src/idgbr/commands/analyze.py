@@ -39,8 +39,8 @@ def run_wiener(args) -> int:
 
     from ..analysis import label_spectrum, plot_wiener, wiener_curves
     from ..config import RefinerConfig
-    from ..data import SegmentationDataset
-    from ..io import atomic_path
+    from ..data.dataset import SegmentationDataset
+    from ..data.io import atomic_path
 
     dataset = SegmentationDataset(args.data, args.split)
     labels = []

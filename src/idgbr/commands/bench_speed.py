@@ -31,7 +31,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..io import atomic_path
+    from ..data.io import atomic_path
     from ..pipeline import Refiner
     from ..speed import collect_tiles, markdown_table, pick_fast_mode, run_grid
 

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     image, geo = _read_inputs(args, refiner.config.num_classes, refiner.config.image_channels)
     refined = refiner.refine(image[0], image[1], generator=torch.Generator().manual_seed(args.seed),
                              noise_scale=args.noise_scale, **kw)
-    from ..io import write_label
+    from ..data.io import write_label
 
     write_label(args.out, refined, geo, nodata=255 if geo else None)
     print(f"wrote {args.out}")
@@ -139,7 +139,7 @@ def shipped_refiner(coarse: Path | None = None, data: str | Path | None = None, 
     train = (f"the shipped refiner '{DEFAULT_REFINER}' knows {len(classes)} classes ({', '.join(classes)}); train one "
              "for your classes with 'idgbr train --preset lite --data DATA --out RUN' and pass --model RUN")
     if data is not None:
-        from ..data import SegmentationDataset
+        from ..data.dataset import SegmentationDataset
 
         dataset = SegmentationDataset(data, split, load_mask=False)
         if dataset.classes.num_classes != len(classes):
@@ -159,8 +159,8 @@ def _largest_class(path: Path) -> int:
     probabilities; an unreadable file is left to the normal checks (returns -1)."""
     import numpy as np
 
-    from ..data import IGNORE_INDEX
-    from ..io import read_label
+    from ..data.dataset import IGNORE_INDEX
+    from ..data.io import read_label
 
     try:
         if path.suffix.lower() == ".npy":
@@ -180,7 +180,7 @@ SCENE_OPTIONS = ("tile", "overlap", "samples", "gate", "confidence", "bands")
 def _scene_mode(args: argparse.Namespace, tile_size: int) -> bool:
     """Scene mode for GeoTIFF images, images larger than one tile, or any scene option; never for .npy coarse."""
     from ..errors import IdgbrError
-    from ..io import is_geotiff
+    from ..data.io import is_geotiff
 
     options = [name for name in SCENE_OPTIONS if getattr(args, name) is not None] + (["no_resume"] if args.no_resume else [])
     if Path(args.coarse).suffix.lower() == ".npy":
@@ -190,7 +190,7 @@ def _scene_mode(args: argparse.Namespace, tile_size: int) -> bool:
         return False
     if options or is_geotiff(args.image):
         return True
-    from ..io import read_image
+    from ..data.io import read_image
 
     image, _ = read_image(args.image)
     return max(image.shape[:2]) > tile_size
@@ -218,9 +218,9 @@ def _read_inputs(args: argparse.Namespace, num_classes: int, channels: int):
     model so that every error names the file."""
     import numpy as np
 
-    from ..data import read_index_map
+    from ..data.dataset import read_index_map
     from ..errors import file_error
-    from ..io import read_image
+    from ..data.io import read_image
 
     image, geo = read_image(args.image)
     if image.shape[-1] != channels:

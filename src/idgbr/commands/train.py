@@ -59,7 +59,7 @@ def image_bands(data: str) -> int | None:
 
     if not (Path(data) / "classes.json").exists():
         return None
-    from ..data import SegmentationDataset
+    from ..data.dataset import SegmentationDataset
 
     return int(SegmentationDataset(data, "train", load_mask=False)[0]["image"].shape[-1])
 

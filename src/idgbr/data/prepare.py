@@ -1,4 +1,4 @@
-"""Converters from the layouts datasets are distributed in to the canonical layout (see :mod:`idgbr.data`).
+"""Converters from the layouts datasets are distributed in to the canonical layout (see :mod:`idgbr.data.dataset`).
 
 ``prepare(name, raw, out, **options)`` looks ``name`` up in :data:`CONVERTERS` and returns a summary dict. Every
 converter writes index-coded masks (0..K-1, 255 = ignore), ``classes.json`` with index values and
@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .data import SPLITS, ClassMap, default_split, find_file, split_stems, write_splits
-from .errors import IdgbrError, file_error
+from .dataset import SPLITS, ClassMap, default_split, find_file, split_stems, write_splits
+from ..errors import IdgbrError, file_error
 from .io import IMAGE_EXTS, atomic_path, read_image, read_label, write_geotiff, write_label
 
 Progress = Callable[[Iterable, int, str], Iterable]

@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
-from .data import IGNORE_INDEX
-from .metrics import label_edges
+from .dataset import IGNORE_INDEX
+from ..metrics import label_edges
 
 Sample = dict[str, Any]
 LABEL_KEYS = ("mask", "coarse")

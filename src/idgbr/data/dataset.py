@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import IdgbrError, file_error
+from ..errors import IdgbrError, file_error
 from .io import IMAGE_EXTS, read_image, read_label
 
 IGNORE_INDEX = 255

@@ -3,7 +3,7 @@
 :func:`make_scene` draws a top-down scene: land background, water (lake or river), vegetation/field blobs,
 straight or curved roads, and buildings (rotated rectangles with cast shadows), with per-class colour, texture and
 sensor noise. :func:`write_synthetic_dataset` writes such scenes in the canonical dataset layout
-(see :mod:`idgbr.data`). :func:`degrade_mask` turns a true mask into a realistic "coarse" prediction whose errors
+(see :mod:`idgbr.data.dataset`). :func:`degrade_mask` turns a true mask into a realistic "coarse" prediction whose errors
 sit mostly on class boundaries, as a discriminative model's do; the refiner trainer uses it as synthetic input.
 """
 
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from .data import IGNORE_INDEX, ClassMap, split_stems, write_splits
+from .dataset import IGNORE_INDEX, ClassMap, split_stems, write_splits
 from .io import atomic_path, write_geotiff, write_label
 
 CLASS_NAMES = ("background", "building", "road", "vegetation", "water")
@@ -144,7 +144,7 @@ def write_synthetic_dataset(out: str | Path, n: int = 20, size: int = 256, seed:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        from .errors import file_error
+        from ..errors import file_error
 
         raise file_error(out, "exists and is not a folder", "choose a folder for --out")
     rng = np.random.default_rng(seed)
