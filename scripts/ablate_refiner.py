@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def parse_items(text: str) -> dict:
     """``key=value,key=[a,b]`` -> overrides; commas inside brackets belong to the (JSON) value."""
-    from idgbr.config import parse_overrides
+    from idgbr.nn.config import parse_overrides
 
     items, depth, start = [], 0, 0
     for i, char in enumerate(text + ","):
@@ -71,7 +71,7 @@ def find_trained(models: Path, config, suffix: str) -> Path | None:
     """A finished model under ``models`` trained with ``config`` (inference fields aside). Configs saved before a
     field existed read it at its default, which is what they were trained with, so adding a field to RefinerConfig
     does not orphan the models trained before."""
-    from idgbr.config import RefinerConfig
+    from idgbr.nn.config import RefinerConfig
 
     def key(cfg) -> str:
         values = {k: v for k, v in cfg.to_dict().items() if k not in INFERENCE_FIELDS}

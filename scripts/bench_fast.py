@@ -36,8 +36,8 @@ def main() -> None:
 
     import torch
 
-    from idgbr.config import RefinerConfig
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.nn.model import IDGBRModel
     from idgbr.pipeline import Refiner
 
     if args.threads:

@@ -72,8 +72,8 @@ def child(args: argparse.Namespace) -> None:
 
     import torch
 
-    from idgbr.config import RefinerConfig
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.nn.model import IDGBRModel
     from idgbr.pipeline import Refiner
     from idgbr import scene as scene_module
 

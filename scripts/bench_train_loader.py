@@ -42,9 +42,9 @@ def main() -> None:
 
     import torch
 
-    from idgbr.config import RefinerConfig, parse_overrides
+    from idgbr.nn.config import RefinerConfig, parse_overrides
     from idgbr.data.dataset import SegmentationDataset
-    from idgbr.labelembed import train_label_embedding
+    from idgbr.nn.labelembed import train_label_embedding
     from idgbr.train import train_refiner
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

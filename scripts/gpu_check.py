@@ -56,7 +56,7 @@ def sync(device: torch.device) -> None:
 def train_rate(config, samples, device: torch.device, steps: int, warmup: int, dtype: torch.dtype | None,
                load_weights: bool = True) -> tuple[float, float, float]:
     """(steps/s all-in, ms/step waiting for data, peak GiB) of the training step of ``idgbr.train`` (no accelerate)."""
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.model import IDGBRModel
     from idgbr.train import CropSampler, Prefetcher, RefinerObjective, apply_throughput_switches, make_optimizer
 
     model = IDGBRModel(config, load_weights=load_weights).to(device).train()
@@ -117,8 +117,8 @@ def infer_ms(model, device: torch.device, tile: int, batch: int, steps: int, gui
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from idgbr import train as T
-    from idgbr.config import RefinerConfig
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.nn.model import IDGBRModel
     from idgbr.data.synthetic import write_synthetic_dataset
 
     device, smoke, start = torch.device(args.device), args.smoke, time.perf_counter()

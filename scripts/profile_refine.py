@@ -35,8 +35,8 @@ def main() -> int:
 
     import torch
 
-    from idgbr.config import RefinerConfig
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.nn.model import IDGBRModel
     from idgbr.pipeline import Refiner
 
     if args.threads:

@@ -69,8 +69,8 @@ class PhaseTimer:
 
 
 def build(args: argparse.Namespace, data_root: str):
-    from idgbr.config import RefinerConfig, parse_overrides
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.config import RefinerConfig, parse_overrides
+    from idgbr.nn.model import IDGBRModel
     from idgbr import train as T
 
     overrides = {"batch_size": args.batch, "crop_size": args.crop, **parse_overrides(args.set)}

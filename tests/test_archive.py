@@ -29,9 +29,9 @@ from idgbr import archive  # noqa: E402
 from idgbr.archive import JOB_LOCK, MANIFEST, find_pairs, read_pairs, refine_archive, refine_task  # noqa: E402
 from idgbr.locks import Lock  # noqa: E402
 from idgbr.cli import main  # noqa: E402
-from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel  # noqa: E402
+from idgbr.nn.model import IDGBRModel  # noqa: E402
 from idgbr.pipeline import Refiner  # noqa: E402
 from idgbr.scene import refine_scene  # noqa: E402
 

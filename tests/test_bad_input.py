@@ -24,9 +24,9 @@ rasterio = pytest.importorskip("rasterio")
 torch.set_num_threads(1)  # the test machines are shared
 
 from idgbr.cli import main  # noqa: E402
-from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel  # noqa: E402
+from idgbr.nn.model import IDGBRModel  # noqa: E402
 from tests.test_train import make_dataset  # noqa: E402
 
 K = 3

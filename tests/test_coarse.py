@@ -163,7 +163,7 @@ LITE0 = "tu-tf_efficientnet_lite0"
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_imagenet_encoder_weights_and_normalisation(arch, data, tmp_path):
-    from idgbr.encoders import package_weights
+    from idgbr.nn.encoders import package_weights
 
     out = tmp_path / arch
     train_coarse(data, arch, out, iters=1, batch=2, crop=32, lr=0.0, encoder=LITE0, encoder_weights="imagenet",
@@ -178,7 +178,7 @@ def test_imagenet_encoder_weights_and_normalisation(arch, data, tmp_path):
 
 
 def test_cli_imagenet_encoder_predicts_without_the_weights_package(data, tmp_path, monkeypatch):
-    from idgbr.encoders import ENCODERS
+    from idgbr.nn.encoders import ENCODERS
 
     out = tmp_path / "lite0"
     assert main(["train-coarse", "--data", str(data), "--arch", "deeplabv3plus", "--out", str(out), "--iters", "2",
@@ -191,7 +191,7 @@ def test_cli_imagenet_encoder_predicts_without_the_weights_package(data, tmp_pat
 
 
 def test_imagenet_weights_refuse_other_encoders_bands_and_a_missing_package(data, tmp_path, monkeypatch):
-    from idgbr.encoders import ENCODERS
+    from idgbr.nn.encoders import ENCODERS
 
     with pytest.raises(IdgbrError, match="no packaged ImageNet weights for --encoder 'resnet18'.*tu-tf_efficientnet_lite0"):
         train_coarse(data, "unet", tmp_path / "a", iters=1, batch=2, crop=32, encoder_weights="imagenet", progress=False)

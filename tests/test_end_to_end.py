@@ -166,8 +166,8 @@ def test_benchmark_trains_side_by_side_as_it_would_one_after_the_other(synthetic
 
 
 def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
-    from idgbr.config import RefinerConfig
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.nn.model import IDGBRModel
 
     # coarse maps: ground truth shifted by a few pixels
     coarse = synthetic / "coarse" / "shifted"
@@ -218,8 +218,8 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
 
 
 def test_callback_sees_every_step_and_channels_last_is_identical():
-    from idgbr.config import RefinerConfig
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.nn.model import IDGBRModel
     from idgbr.pipeline import Refiner
 
     torch.manual_seed(0)
@@ -266,9 +266,9 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
 
 def test_frequency_analysis(synthetic, tmp_path):
     from idgbr.analysis import band_energy, frequency_report
-    from idgbr.config import RefinerConfig
+    from idgbr.nn.config import RefinerConfig
     from idgbr.data.dataset import SegmentationDataset
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.model import IDGBRModel
 
     dataset = SegmentationDataset(synthetic, None)
     coarse = synthetic / "coarse" / "gt"
@@ -324,9 +324,9 @@ def test_band_split_and_change_fractions_on_known_fields():
 
 
 def test_speed_grid_counts_network_evaluations(synthetic):
-    from idgbr.config import RefinerConfig
+    from idgbr.nn.config import RefinerConfig
     from idgbr.data.dataset import SegmentationDataset
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.model import IDGBRModel
     from idgbr.pipeline import Refiner
     from idgbr.speed import pick_fast_mode, run_grid
 

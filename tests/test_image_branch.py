@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from idgbr.benchmark import control_config
-from idgbr.config import RefinerConfig
-from idgbr.encoders import ENCODERS
+from idgbr.nn.config import RefinerConfig
+from idgbr.nn.encoders import ENCODERS
 from idgbr.errors import IdgbrError
-from idgbr.image_branch import encoder_input
-from idgbr.model import IDGBRModel
-from idgbr.repa import EncoderTeacher
+from idgbr.nn.image_branch import encoder_input
+from idgbr.nn.model import IDGBRModel
+from idgbr.nn.repa import EncoderTeacher
 from idgbr.train import RefinerObjective, make_optimizer
 
 NAME = "tf_efficientnet_lite0"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from idgbr.labelembed import LabelEmbedding, embedding_accuracy, train_label_embedding
+from idgbr.nn.labelembed import LabelEmbedding, embedding_accuracy, train_label_embedding
 
 torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
 

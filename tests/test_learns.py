@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idgbr.config import RefinerConfig
+from idgbr.nn.config import RefinerConfig
 from idgbr.data.io import write_label
 
 torch.set_num_threads(1)  # shared CI box: one thread per test process

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from idgbr.config import RefinerConfig
+from idgbr.nn.config import RefinerConfig
 from idgbr.errors import IdgbrError
-from idgbr.model import IDGBRModel
+from idgbr.nn.model import IDGBRModel
 
 torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
 
@@ -177,7 +177,7 @@ def test_boundary_map_is_the_square_window_test():
     label, at the image edges too."""
     import torch.nn.functional as F
 
-    from idgbr.model import boundary_map
+    from idgbr.nn.model import boundary_map
 
     torch.manual_seed(0)
     labels = torch.randint(0, 4, (2, 37, 53))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.config import RefinerConfig
+from idgbr.nn.config import RefinerConfig
 from idgbr.errors import IdgbrError
 from idgbr.metrics import BoundaryPR
-from idgbr.model import IDGBRModel
+from idgbr.nn.model import IDGBRModel
 from idgbr.pipeline import Refiner
 from idgbr.postprocess import sieve_labels
 

@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 from rasterio.transform import from_origin  # noqa: E402
 
 from idgbr.cli import main  # noqa: E402
-from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel  # noqa: E402
+from idgbr.nn.model import IDGBRModel  # noqa: E402
 from idgbr.pipeline import Refiner  # noqa: E402
 from idgbr.scene import NoiseField, gate_band, refine_scene, seam_score, sidecar_paths  # noqa: E402
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.config import RefinerConfig
-from idgbr.model import IDGBRModel, unet_config
+from idgbr.nn.config import RefinerConfig
+from idgbr.nn.model import IDGBRModel, unet_config
 
 torch.set_num_threads(1)  # shared CI box
 
@@ -66,7 +66,7 @@ def _perturb_cg(model: IDGBRModel) -> None:
 
 def test_sd15_toy_is_the_paper_architecture() -> None:
     from idgbr import unet_parts
-    from idgbr.codecs import VAECodec
+    from idgbr.nn.codecs import VAECodec
 
     model = toy_model()
     cfg = model.config
@@ -207,7 +207,7 @@ def test_load_sd15_reads_a_diffusers_folder(sd15_folder: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from idgbr.model import load_sd15
+    from idgbr.nn.model import load_sd15
 
     unet, vae, context = load_sd15(str(sd15_folder))
     saved_unet = UNet2DConditionModel.from_pretrained(sd15_folder / "unet")

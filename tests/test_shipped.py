@@ -9,7 +9,7 @@ import pytest
 
 from idgbr.cli import main
 from idgbr.errors import IdgbrError
-from idgbr.zoo import SHIPPED, card, shipped_path
+from idgbr.nn.zoo import SHIPPED, card, shipped_path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from idgbr.cli import main
-from idgbr.config import RefinerConfig
+from idgbr.nn.config import RefinerConfig
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # the test machines are shared; oversubscribed threads only slow things down
@@ -61,7 +61,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embed(tmp_path_factory) -> Path:
     """A label embedding shared by the tests (skips retraining it in every run)."""
-    from idgbr.labelembed import train_label_embedding
+    from idgbr.nn.labelembed import train_label_embedding
 
     path = tmp_path_factory.mktemp("embed") / "label_embed"
     train_label_embedding(3, 30, 0.15, hidden=16, progress=False).save_pretrained(path)
@@ -150,7 +150,7 @@ def test_ema_final_model_is_the_average_and_resumes(data: Path, embed: Path, tmp
 ])
 def test_objectives(overrides: dict) -> None:
     """Every objective gives a finite loss whose gradient reaches the denoiser and the guidance modules."""
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.model import IDGBRModel
     from idgbr.train import RefinerObjective
 
     config = tiny(num_classes=3, cond_dropout=0.0, **overrides)
@@ -220,8 +220,8 @@ def test_repa_loss_in_the_objective() -> None:
     """With teacher tokens the objective adds repa_weight x the negative cosine of the projected deepest down-skip
     CG output; that term's gradient reaches the projector, that CG module and the UNet's encoder half, and not its
     decoder half; without teacher tokens the term is 0."""
-    from idgbr.model import IDGBRModel
-    from idgbr.repa import repa_loss
+    from idgbr.nn.model import IDGBRModel
+    from idgbr.nn.repa import repa_loss
     from idgbr.train import RefinerObjective
 
     config = tiny(num_classes=3, cond_dropout=0.0, repa_weight=0.5)
@@ -517,7 +517,7 @@ def test_prefetch_gives_the_same_batches_and_exact_resume(data: Path, embed: Pat
 
 def test_throughput_switches_train(data: Path, embed: Path, tmp_path: Path) -> None:
     """channels_last and fused AdamW run through the loop and save a loadable model."""
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.model import IDGBRModel
 
     from safetensors.torch import load_file
 

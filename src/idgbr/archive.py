@@ -153,7 +153,7 @@ def _peak_rss_mb() -> float:
 
 
 def count_tiles(height: int, width: int, tile: int, overlap: int, factor: int) -> int:
-    from .tiling import tile_grid
+    from .nn.tiling import tile_grid
 
     return len(tile_grid(-(-height // factor) * factor, -(-width // factor) * factor, tile, overlap))
 
@@ -291,8 +291,8 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 def _model_settings(model: str | None) -> tuple[str, bool, Any]:
     """(what workers load, shipped?, config): a run folder becomes an absolute path; a bad one fails here, once."""
-    from .config import RefinerConfig
-    from .zoo import DEFAULT_REFINER, resolve_model
+    from .nn.config import RefinerConfig
+    from .nn.zoo import DEFAULT_REFINER, resolve_model
 
     shipped = model is None
     path = resolve_model(DEFAULT_REFINER if shipped else model, "refiner",

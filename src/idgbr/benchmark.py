@@ -74,7 +74,7 @@ class BenchmarkSettings:
     # refiner then serves every coarse model of the run. Empty: the refiner trains as the config says.
     refiner_coarse_maps: Sequence[str] = ()
     overrides: dict[str, Any] = field(default_factory=dict)  # RefinerConfig fields
-    device: str = "auto"  # where the refiners and coarse models run (idgbr.device); training picks its own
+    device: str = "auto"  # where the refiners and coarse models run (idgbr.nn.device); training picks its own
     # Train the shared refiner and its control side by side (train_side_by_side): None = where it pays (a CPU with
     # >= 2 threads), False = one after the other with every thread, True = always (tests).
     side_by_side: bool | None = None
@@ -130,7 +130,7 @@ class Stages:
 
 def refiner_config(data_root: Path, preset: str, steps: int | None, seed: int, overrides: dict[str, Any]):
     """A RefinerConfig whose classes and bands come from the dataset."""
-    from .config import RefinerConfig
+    from .nn.config import RefinerConfig
     from .data.dataset import SegmentationDataset
 
     dataset = SegmentationDataset(data_root, "train", load_mask=False)
@@ -272,7 +272,7 @@ def train_lane(spec_file: str) -> int:
     """One process of :func:`train_side_by_side`: run the stages listed in ``spec_file``; returns an exit code."""
     import torch
 
-    from .config import RefinerConfig
+    from .nn.config import RefinerConfig
 
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec["threads"])
@@ -318,7 +318,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
     # a bad track fails now, before anything is trained or written
     checked = {str(Path(f)): check_coarse_track(data_root, Path(f))
                for f in (*settings.coarse_maps, *settings.refiner_coarse_maps)}
-    from .device import resolve_device
+    from .nn.device import resolve_device
 
     resolve_device(settings.device)  # a bad --device fails now
     run.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "device", None) is not None:  # a device this host lacks fails before anything is written
-            from .device import resolve_device
+            from .nn.device import resolve_device
 
             resolve_device(args.device)
         result = args.func(args)

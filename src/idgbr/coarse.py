@@ -4,13 +4,13 @@ IDGBR refines coarse maps from *any* model; this module gives users one that wor
 built through segmentation-models-pytorch (smp) from a small registry (:data:`ARCHS`); nothing is downloaded:
 encoders start from random weights unless the user gives a local weights file (``--encoder-weights PATH``) or asks
 for the ImageNet weights an installed package ships (``--encoder tu-tf_efficientnet_lite0 --encoder-weights
-imagenet``, :mod:`idgbr.encoders`). With those, images are normalised as the weights expect (``x / 127.5 - 1``,
+imagenet``, :mod:`idgbr.nn.encoders`). With those, images are normalised as the weights expect (``x / 127.5 - 1``,
 stored as mean = std = 127.5) instead of by the training images' band statistics.
 
 A run directory holds ``config.json`` (architecture, encoder, classes, bands and the per-band normalisation
 computed from the training images) and ``model.safetensors``; :meth:`CoarseModel.load` rebuilds the model from
 it alone. Coarse maps are written to ``DATA/coarse/<name>/<stem>.png`` at full image size with blended sliding
-windows (:func:`idgbr.tiling.sliding_window`).
+windows (:func:`idgbr.nn.tiling.sliding_window`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .data.dataset import IGNORE_INDEX, SegmentationDataset
 from .errors import IdgbrError, check_unknown_keys, file_error
 from .data.io import atomic_path, write_array, write_label
-from .tiling import sliding_window
+from .nn.tiling import sliding_window
 
 __all__ = ["ARCHS", "ArchSpec", "CoarseConfig", "CoarseModel", "canonical_arch", "get_arch", "train_coarse", "predict_coarse",
            "fold_stems", "predict_coarse_oof",
@@ -40,7 +40,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAINING_FILE = "training.json"
 INPUT_MULTIPLE = 32  # every registered encoder down-samples by at most 32: inputs are padded to a multiple of it
-IMAGENET = "imagenet"  # --encoder-weights imagenet: the packaged ImageNet weights of the encoder (idgbr.encoders)
+IMAGENET = "imagenet"  # --encoder-weights imagenet: the packaged ImageNet weights of the encoder (idgbr.nn.encoders)
 
 
 @dataclass(frozen=True)
@@ -181,11 +181,11 @@ class CoarseModel(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CoarseModel":
         """Rebuild a model from a run directory (``config.json`` + ``model.safetensors``), or a shipped coarse model
-        by name (``"dubai-coarse"``, see :mod:`idgbr.zoo`)."""
+        by name (``"dubai-coarse"``, see :mod:`idgbr.nn.zoo`)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from .zoo import resolve_model
+        from .nn.zoo import resolve_model
 
         directory = resolve_model(directory, "coarse", "give the --out folder of 'idgbr train-coarse'")
         if not directory.is_dir():
@@ -283,9 +283,9 @@ def load_encoder_weights(model: CoarseModel, path: str | Path) -> None:
 
 
 def imagenet_encoder_name(encoder: str) -> str:
-    """The :mod:`idgbr.encoders` registry name behind smp encoder ``encoder``, for ``--encoder-weights imagenet``;
+    """The :mod:`idgbr.nn.encoders` registry name behind smp encoder ``encoder``, for ``--encoder-weights imagenet``;
     an encoder without packaged weights lists the ones that have them. Checks that the weights package is installed."""
-    from .encoders import ENCODERS, pretrained_for_smp, weights_path
+    from .nn.encoders import ENCODERS, pretrained_for_smp, weights_path
 
     name = pretrained_for_smp(encoder)
     if name is None:
@@ -296,7 +296,7 @@ def imagenet_encoder_name(encoder: str) -> str:
 
 
 def _load_imagenet_encoder(model: CoarseModel, name: str) -> None:
-    from .encoders import smp_encoder_state_dict
+    from .nn.encoders import smp_encoder_state_dict
 
     model.net.encoder.load_state_dict(smp_encoder_state_dict(name, model.net.encoder), strict=True)
 
@@ -388,7 +388,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         raise IdgbrError(f"need --iters >= 1 and --batch >= 2 (batch-norm layers), got {iters} and {batch}")
     if crop < INPUT_MULTIPLE or crop % INPUT_MULTIPLE:
         raise IdgbrError(f"--crop {crop} must be a positive multiple of {INPUT_MULTIPLE}")
-    from .device import resolve_device
+    from .nn.device import resolve_device
 
     device = resolve_device(device)
     imagenet = encoder_weights is not None and str(encoder_weights) == IMAGENET
@@ -413,7 +413,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         raise file_error(dataset.root / "images", f"training images have different band counts {sorted(bands)}",
                          "give every image the same bands")
     if pretrained is not None:
-        from .encoders import get_encoder
+        from .nn.encoders import get_encoder
 
         dtypes = sorted({str(s["image"].dtype) for s in samples})
         if bands != {3} or dtypes != ["uint8"]:
@@ -491,7 +491,7 @@ def _package_version(name: str) -> str:
     """``<distribution> <version>`` of the package that ships encoder ``name``'s weights (recorded in training.json)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .encoders import get_encoder
+    from .nn.encoders import get_encoder
 
     package = get_encoder(name).package
     try:
@@ -529,7 +529,7 @@ def predict_coarse(model_dir: str | Path | Sequence[str | Path], data_root: str 
     if tile < INPUT_MULTIPLE or not 0 <= overlap < tile:
         raise IdgbrError(f"need --tile >= {INPUT_MULTIPLE} and 0 <= --overlap < --tile, got {tile} and {overlap}")
     dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
-    from .device import resolve_device
+    from .nn.device import resolve_device
 
     models = [CoarseModel.load(d, device=resolve_device(device)) for d in dirs]
     model = models[0]

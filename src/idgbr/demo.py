@@ -1,6 +1,6 @@
 """``idgbr demo``: the whole system on the Dubai set carried in the repository, with an honest report.
 
-By default the demo uses the shipped models (:mod:`idgbr.zoo`): prepare the Dubai set -> predict the test tiles
+By default the demo uses the shipped models (:mod:`idgbr.nn.zoo`): prepare the Dubai set -> predict the test tiles
 with the shipped coarse model -> refine them with the shipped lite refiner -> evaluate coarse vs refined ->
 ``DIR/report.md`` with pictures, and a summary table on stdout (about 2 minutes on 2 CPU cores).
 
@@ -39,7 +39,7 @@ class DemoSettings:
     seed: int = 0
     train_minutes: float | None = None  # stop the refiner's training after this many minutes (or at its steps)
     coarse_folds: int = 0  # K >= 2: the refiner trains on out-of-fold coarse train maps (0: in-sample maps)
-    device: str = "auto"  # where the models run (idgbr.device)
+    device: str = "auto"  # where the models run (idgbr.nn.device)
 
 
 REPO_DUBAI = Path(__file__).resolve().parents[2] / "datasets" / "dubai_aerial"  # carried in the repository
@@ -97,7 +97,7 @@ def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings)
     from .coarse import predict_coarse
     from .evaluate import evaluate_folder
     from .pipeline import Refiner
-    from .zoo import DEFAULT_COARSE, DEFAULT_REFINER, card
+    from .nn.zoo import DEFAULT_COARSE, DEFAULT_REFINER, card
 
     if settings.scale != card(DEFAULT_REFINER)["data"]["scale"]:
         raise IdgbrError(f"the shipped models were made at scale {card(DEFAULT_REFINER)['data']['scale']}; "

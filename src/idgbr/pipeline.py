@@ -6,7 +6,7 @@
     >>> fast = refiner.refine(image, coarse, steps=2, strength=0.4, guidance=1.0)  # SDEdit start, no CFG
 
 Any image size: images are cut into overlapping tiles (``config.tile_size``/``tile_overlap``, via
-:mod:`idgbr.tiling`), each tile is reflect-padded to ``config.size_multiple``, and the tiles' softmax
+:mod:`idgbr.nn.tiling`), each tile is reflect-padded to ``config.size_multiple``, and the tiles' softmax
 probabilities are blended with the tiling weights, then cropped back to the input size.
 
 Several images (a list, or ``refine_folder``) share network batches: windows of different images fill one batch
@@ -58,11 +58,11 @@ class Refiner:
     def __init__(self, model: nn.Module, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = "auto", channels_last: bool = False, compile: bool = False):
         """``device``: ``"auto"`` (CUDA when there is a GPU, else the CPU), ``"cpu"``, ``"cuda[:N]"``, or None (leave
-        the model where it is); :func:`idgbr.device.resolve_device`. ``dtype`` (torch.float16 / bfloat16) runs the
+        the model where it is); :func:`idgbr.nn.device.resolve_device`. ``dtype`` (torch.float16 / bfloat16) runs the
         network under autocast on a GPU; ``"auto"`` is bfloat16 on CUDA and fp32 on the CPU, None always fp32.
         ``channels_last`` and ``compile`` (torch.compile of the UNet) are throughput options that leave the
         results unchanged."""
-        from .device import autocast_dtype, resolve_device
+        from .nn.device import autocast_dtype, resolve_device
 
         self.model = model.eval()
         if device is not None:
@@ -77,14 +77,14 @@ class Refiner:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = "auto", **options: Any) -> "Refiner":
         """Load a run folder written by ``idgbr train`` (or one of its ``checkpoints/step-N`` folders), a shipped
-        model by name (``"dubai-lite"``, see :mod:`idgbr.zoo`), or a Hugging Face repo id where the network allows,
+        model by name (``"dubai-lite"``, see :mod:`idgbr.nn.zoo`), or a Hugging Face repo id where the network allows,
         onto ``device`` (default ``"auto"``: the GPU when there is one)."""
         if device is not None:  # a bad --device fails before the weights are read
-            from .device import resolve_device
+            from .nn.device import resolve_device
 
             device = resolve_device(device)
-        from .model import IDGBRModel
-        from .zoo import resolve_model
+        from .nn.model import IDGBRModel
+        from .nn.zoo import resolve_model
 
         path = resolve_model(path, "refiner", "point --model at a run folder written by 'idgbr train'")
         if not (path / "config.json").exists():
@@ -290,7 +290,7 @@ class Refiner:
         and, last, the share of samples agreeing with the mean's label.
 
         The reference path: :meth:`_refine_stream` (lists, folders) must give the same maps for each image."""
-        from .tiling import sliding_window
+        from .nn.tiling import sliding_window
 
         cfg = self.config
         image, coarse = self._check_inputs(image, coarse)
@@ -324,7 +324,7 @@ class Refiner:
         each tile's starting noise (S, C_lat, h/f, w/f), drawn from ``generator`` exactly as :meth:`_refine_one`
         draws it (chunks of ``batch_size`` tiles, sample-major within a chunk), so batching across images leaves
         every tile's noise as it was. Runs in the reading thread of :meth:`refine_folder`."""
-        from .tiling import Blender, pad_to_multiple, tile_grid
+        from .nn.tiling import Blender, pad_to_multiple, tile_grid
 
         cfg = self.config
         nodata = None if _is_soft(coarse) else np.asarray(coarse) == IGNORE_INDEX

@@ -12,9 +12,9 @@ How a scene is processed (all sizes in pixels; ``f`` is the codec's latent facto
   (``<out>.scratch/``: ``probs.npy`` (S, K, H, W), ``weight.npy`` (H, W)) and the final map is written in
   row bands of :data:`ROW_BAND` rows as a tiled, deflate-compressed GeoTIFF with the image's CRS, transform and
   size and nodata 255 (PNG output for PNG/JPEG scenes, which are small).
-* **Tiles.** :func:`idgbr.tiling.tile_grid` on the scene padded up to a multiple of ``f``, so every window starts
+* **Tiles.** :func:`idgbr.nn.tiling.tile_grid` on the scene padded up to a multiple of ``f``, so every window starts
   on the global latent grid; tile and overlap must be multiples of the model's size multiple and of ``f``.
-  Window probabilities are blended with :func:`idgbr.tiling.blend_weights` (weighted mean, no last-writer-wins).
+  Window probabilities are blended with :func:`idgbr.nn.tiling.blend_weights` (weighted mean, no last-writer-wins).
 * **Seams.** The starting noise of a tile is cut from one scene-level noise field on the global latent grid
   (:class:`NoiseField`: blocks of :data:`NOISE_BLOCK` latent pixels, each drawn from a generator seeded by
   ``(seed, sample, block_row, block_col)``), so overlapping tiles start from identical noise where they overlap.
@@ -63,7 +63,7 @@ from .errors import IdgbrError, file_error
 from .data.io import atomic_path, is_geotiff
 from .postprocess import check_sieve, keep_unsure, sieve_labels
 from .background import ReadAhead
-from .tiling import Window, blend_weights, pad_to_multiple, tile_grid
+from .nn.tiling import Window, blend_weights, pad_to_multiple, tile_grid
 
 __all__ = ["refine_scene", "NoiseField", "seam_score", "gate_band", "sidecar_paths"]
 

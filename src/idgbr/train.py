@@ -1,6 +1,6 @@
 """Training loop for the refiner (accelerate): data, objective, checkpoints, resume.
 
-    >>> from idgbr.config import RefinerConfig
+    >>> from idgbr.nn.config import RefinerConfig
     >>> from idgbr.train import train_refiner
     >>> run = train_refiner(RefinerConfig.preset_config("lite"), "data/dubai", "c1", "runs/lite")
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RefinerConfig
+from .nn.config import RefinerConfig
 from .data.dataset import IGNORE_INDEX, SegmentationDataset
 from .errors import IdgbrError, file_error
 from .data.io import atomic_path
@@ -123,7 +123,7 @@ class RefinerObjective(nn.Module):
                 x0_hat = predicted_x0(self.scheduler, cfg.prediction_type, z_t, t, pred)
                 losses["ce"] = label_loss(model.decode_logits(x0_hat), mask, target, cfg)
         if want_aux:
-            from .repa import repa_loss
+            from .nn.repa import repa_loss
 
             losses["repa"] = repa_loss(aux["repa"], teacher, model.projector)
         losses["loss"] = losses["main"] + cfg.ce_weight * losses["ce"] + cfg.repa_weight * losses["repa"]
@@ -154,7 +154,7 @@ def label_loss(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, c
     if cfg.boundary_weight <= 0:
         return F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
     per_pixel = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="none")
-    from .model import boundary_map
+    from .nn.model import boundary_map
 
     weight = 1 + cfg.boundary_weight * boundary_map(target, cfg.boundary_width).float()
     weight = weight * (mask != IGNORE_INDEX)
@@ -614,8 +614,8 @@ class _Log:
 
 def _label_embedding(config: RefinerConfig, out_dir: Path, accelerator: Any, log: _Log) -> nn.Module:
     """``RUN/label_embed`` if there, else one trained on the main process (and saved there) before the refiner."""
-    from .labelembed import train_label_embedding
-    from .model import load_label_embedding
+    from .nn.labelembed import train_label_embedding
+    from .nn.model import load_label_embedding
 
     saved = out_dir / "label_embed"
     if not (saved / "config.json").exists():
@@ -639,7 +639,7 @@ def _checkpoint_step(path: Path | None) -> int:
 
 def _repa_teacher(config: RefinerConfig, model: nn.Module, start: int, log: _Log) -> nn.Module | None:
     """The frozen REPA teacher (and the model's projector) while REPA is active, else None (reference §4): DINOv2,
-    or with ``repa_target`` a packaged encoder (:class:`idgbr.repa.EncoderTeacher`)."""
+    or with ``repa_target`` a packaged encoder (:class:`idgbr.nn.repa.EncoderTeacher`)."""
     if not config.repa_on:
         log("REPA off: no --dinov2 weights" if config.repa_target == "dinov2" and not config.dinov2
             else "REPA off: repa_steps or repa_weight is 0")
@@ -651,13 +651,13 @@ def _repa_teacher(config: RefinerConfig, model: nn.Module, start: int, log: _Log
         log(f"REPA off: DINOv2 needs RGB, the images have {config.image_channels} band(s)")
         return None
     if config.repa_target != "dinov2":
-        from .repa import EncoderTeacher
+        from .nn.repa import EncoderTeacher
 
         teacher = EncoderTeacher(config.repa_target)
         model.build_projector(teacher.dim)
         log(f"REPA on for steps < {config.repa_steps} (weight {config.repa_weight}) with {config.repa_target}")
         return teacher
-    from .repa import load_dinov2
+    from .nn.repa import load_dinov2
 
     dinov2 = load_dinov2(config.dinov2)
     model.build_projector(dinov2.config.hidden_size)
@@ -693,7 +693,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm import tqdm
 
-    from .model import IDGBRModel
+    from .nn.model import IDGBRModel
 
     out_dir = Path(out_dir)
     check_paths(config)
@@ -789,7 +789,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
             batch["image"] = batch["image"].contiguous(memory_format=memory_format)
             tokens = None
             if dinov2 is not None and step < config.repa_steps:
-                from .repa import teacher_tokens, to_imagenet
+                from .nn.repa import teacher_tokens, to_imagenet
 
                 with torch.no_grad():
                     x = unwrapped.normalize_image(batch["image"])

@@ -38,7 +38,7 @@ def run_wiener(args) -> int:
     import numpy as np
 
     from ..analysis import label_spectrum, plot_wiener, wiener_curves
-    from ..config import RefinerConfig
+    from ..nn.config import RefinerConfig
     from ..data.dataset import SegmentationDataset
     from ..data.io import atomic_path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..device import add_device_argument
+from ..nn.device import add_device_argument
 
 
 # Listed here rather than imported so that `idgbr --help` does not import torch; tests check it matches ARCHS.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..device import add_device_argument
+from ..nn.device import add_device_argument
 
 
 def register(sub) -> None:

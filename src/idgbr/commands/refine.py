@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..device import add_device_argument
+from ..nn.device import add_device_argument
 
 
 def register(sub) -> None:
@@ -132,7 +132,7 @@ def shipped_refiner(coarse: Path | None = None, data: str | Path | None = None, 
     import sys
 
     from ..errors import IdgbrError
-    from ..zoo import DEFAULT_REFINER, card
+    from ..nn.zoo import DEFAULT_REFINER, card
 
     info = card(DEFAULT_REFINER)
     classes = info["classes"]

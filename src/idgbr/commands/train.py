@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def build_config(args: argparse.Namespace):
     """The preset, then the named flags, then ``--set`` overrides."""
-    from ..config import RefinerConfig, parse_overrides
+    from ..nn.config import RefinerConfig, parse_overrides
 
     overrides = {"steps": args.steps, "batch_size": args.batch, "crop_size": args.crop, "lr": args.lr,
                  "checkpoint_every": args.checkpoint_every, "train_minutes": args.train_minutes,

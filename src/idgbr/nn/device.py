@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .errors import IdgbrError
+from ..errors import IdgbrError
 
 if TYPE_CHECKING:  # torch is imported where a device is resolved, so that `idgbr --help` stays light
     import torch

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import IdgbrError, file_error
+from ..errors import IdgbrError, file_error
 
 DINOV2_LAYOUT = ("a local Hugging Face Dinov2 folder (config.json + model.safetensors) or the official "
                  "dinov2_vit{s,b,l,g}14_pretrain.pth")
@@ -169,7 +169,7 @@ def repa_loss(student: torch.Tensor, teacher: torch.Tensor, projector: nn.Module
 
 
 class EncoderTeacher(nn.Module):
-    """A packaged ImageNet encoder (:mod:`idgbr.encoders`) as the REPA teacher, the CPU stand-in for DINOv2: its
+    """A packaged ImageNet encoder (:mod:`idgbr.nn.encoders`) as the REPA teacher, the CPU stand-in for DINOv2: its
     deepest feature map (stride 32; for EfficientNet-Lite0 320 channels) as (B, N, D) tokens. Frozen, eval mode,
     never saved (like the DINOv2 teacher). The deepest stage rather than the stride the student sits at: like
     DINOv2's last layer it is the most semantic one, and it is not the input of the guidance, so the alignment

@@ -1,9 +1,9 @@
 """The pretrained image branch of the guidance (issue 21): ImageNet features instead of the copied encoder's.
 
-With ``RefinerConfig.image_encoder`` set to a registered encoder (:data:`idgbr.encoders.ENCODERS`, e.g.
+With ``RefinerConfig.image_encoder`` set to a registered encoder (:data:`idgbr.nn.encoders.ENCODERS`, e.g.
 ``tf_efficientnet_lite0``), the image half of every guidance level comes from that encoder at the level's stride in
 image pixels (latent stride x codec factor: 4, 8, 16, 16, ... in lite) through a trained 1x1 projection to the
-level's width. The coarse-label half still comes from the copied encoder (:class:`idgbr.guidance.GuidanceEncoder`).
+level's width. The coarse-label half still comes from the copied encoder (:class:`idgbr.nn.guidance.GuidanceEncoder`).
 
 * The encoder is timm's features-only model, cut after the deepest stage a level needs (lite: stride 16, 0.7 M
   parameters). It is frozen, except its last ``image_encoder_trainable_stages`` blocks, which fine-tune at
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, get_encoder, load_pretrained_encoder, normalize
-from .errors import IdgbrError
+from ..errors import IdgbrError
 
 __all__ = ["IMAGE_ENCODERS", "encoder_input", "features_model", "PretrainedImageBranch"]
 

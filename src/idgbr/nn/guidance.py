@@ -7,7 +7,7 @@
   In ``lite``/``tiny`` it trains: a frozen *random* encoder guides poorly (issue 3), so there it is initialised as a
   copy of the (random) denoiser encoder and learns with the rest.
   With ``RefinerConfig.image_encoder`` set to a pretrained encoder, the image half of every level comes from
-  :class:`idgbr.image_branch.PretrainedImageBranch` instead, and this copy encodes the coarse-label latent only.
+  :class:`idgbr.nn.image_branch.PretrainedImageBranch` instead, and this copy encodes the coarse-label latent only.
 * :class:`CGModule` - one per feature level:
   ``f' = Conv1x1(concat(f_zt, f_img, f_coarse))`` (3C -> C, zero-initialised, ControlNet-style) and
   ``f_g = f' + proj(MHA(query=LN(W_q f' + pos), key=value=LN(W_k f_c + pos)))`` with ``f_c = concat(f_img, f_coarse)``
@@ -199,7 +199,7 @@ class GuidanceNetwork(nn.Module):
     """The guidance encoder plus one CG module per level (levels and channels from the UNet config).
 
     ``image_encoder`` "copy" (the default) encodes the image latent with the copied encoder; a registered pretrained
-    encoder name gives the image features to a :class:`~idgbr.image_branch.PretrainedImageBranch` instead, whose
+    encoder name gives the image features to a :class:`~idgbr.nn.image_branch.PretrainedImageBranch` instead, whose
     levels sit at ``latent_factor`` x the UNet's strides in image pixels.
     """
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import IdgbrError, check_unknown_keys, file_error
+from ..errors import IdgbrError, check_unknown_keys, file_error
 
 PRESETS = ("sd15", "lite", "tiny")
 
@@ -69,9 +69,9 @@ class RefinerConfig:
     pos_embed_size: Literal["crop", "tile"] = "crop"
 
     # Image half of the guidance features (issue 21): "copy" = the copied denoiser encoder reads the image latent
-    # (the paper's design with a trained copy in lite); a name from idgbr.encoders.ENCODERS (e.g.
+    # (the paper's design with a trained copy in lite); a name from idgbr.nn.encoders.ENCODERS (e.g.
     # "tf_efficientnet_lite0") = that ImageNet encoder, frozen, at each level's stride in image pixels, through a
-    # trained 1x1 projection (idgbr.image_branch). RGB only. Its last image_encoder_trainable_stages blocks
+    # trained 1x1 projection (idgbr.nn.image_branch). RGB only. Its last image_encoder_trainable_stages blocks
     # fine-tune at lr x image_encoder_lr_scale.
     image_encoder: str = "copy"
     image_encoder_trainable_stages: int = 0
@@ -107,7 +107,7 @@ class RefinerConfig:
 
     # --- REPA (DINOv2 alignment) ---------------------------------------------------------------------------------
     dinov2: str | None = None  # local Hugging Face folder or official .pth; REPA is off without it
-    # The REPA teacher: "dinov2" (the paper; needs `dinov2`), or a packaged ImageNet encoder from idgbr.encoders
+    # The REPA teacher: "dinov2" (the paper; needs `dinov2`), or a packaged ImageNet encoder from idgbr.nn.encoders
     # (e.g. "tf_efficientnet_lite0": its deepest features, the CPU stand-in for DINOv2; no weights path needed).
     repa_target: str = "dinov2"
     repa_weight: float = 0.5
@@ -262,7 +262,7 @@ class RefinerConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def save(self, path: str | Path) -> None:
-        from .data.io import atomic_path
+        from ..data.io import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

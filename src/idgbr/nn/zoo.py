@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import IdgbrError, file_error
+from ..errors import IdgbrError, file_error
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # src/idgbr/models: package data, see pyproject.toml
 
 # name -> (kind, what it is): the kind is the loader that reads it ("refiner": Refiner.from_pretrained,
 # "coarse": CoarseModel.load)

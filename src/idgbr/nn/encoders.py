@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import IdgbrError, file_error
+from ..errors import IdgbrError, file_error
 
 # torchvision's ImageNet statistics, for inputs in [0, 1] (the model's "imagenet" normalisation, DINOv2)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,5 +1,5 @@
 """``IDGBRModel``: label embedding, latent codec, denoiser UNet, guidance network and context, assembled from a
-:class:`~idgbr.config.RefinerConfig`; saved and loaded as ``config.json`` + ``architecture.json`` +
+:class:`~idgbr.nn.config.RefinerConfig`; saved and loaded as ``config.json`` + ``architecture.json`` +
 ``model.safetensors`` (never a pickle). The contract used by ``train.py`` and ``pipeline.py`` is in
 ``docs/design.md``.
 
@@ -26,7 +26,7 @@ from . import unet_parts
 from .codecs import SpaceToDepthCodec, VAECodec
 from .config import RefinerConfig
 from .encoders import IMAGENET_MEAN, IMAGENET_STD
-from .errors import IdgbrError, file_error
+from ..errors import IdgbrError, file_error
 from .guidance import GuidanceFeatures, GuidanceNetwork
 from .labelembed import LabelEmbedding, separated_table
 
@@ -348,7 +348,7 @@ class IDGBRModel(nn.Module):
         """Write ``config.json``, ``architecture.json`` and ``model.safetensors`` (everything but the REPA projector)."""
         from safetensors.torch import save_file
 
-        from .data.io import atomic_path
+        from ..data.io import atomic_path
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

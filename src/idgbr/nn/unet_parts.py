@@ -74,7 +74,7 @@ def time_embedding(unet: nn.Module, timestep: torch.Tensor | int | float, batch:
     """Timestep(s) -> (batch, time_embed_dim), as in ``UNet2DConditionModel.get_time_embed`` + ``time_embedding``.
 
     ``unet`` is anything with ``time_proj``, ``time_embedding`` and optional ``time_embed_act`` (a UNet or a
-    :class:`~idgbr.guidance.GuidanceEncoder`).
+    :class:`~idgbr.nn.guidance.GuidanceEncoder`).
     """
     if not torch.is_tensor(timestep):
         timestep = torch.tensor([timestep], dtype=torch.float32 if isinstance(timestep, float) else torch.long)
