@@ -114,11 +114,11 @@ def main() -> int:
     import torch
 
     from idgbr.benchmark import refiner_config
-    from idgbr.coarse import predict_coarse, train_coarse
+    from idgbr.training.coarse import predict_coarse, train_coarse
     from idgbr.evaluate import evaluate_folder
     from idgbr.pipeline import Refiner
     from idgbr.report import flat_metrics
-    from idgbr.train import train_refiner
+    from idgbr.training.loop import train_refiner
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def main() -> int:
         predict_coarse(coarse_model, view, "test", name=eval_name, progress=False)
         predict_coarse(coarse_model, view, "train", name=eval_name, progress=False)
     if args.folds and not args.train_maps:
-        from idgbr.coarse import predict_coarse_oof
+        from idgbr.training.coarse import predict_coarse_oof
 
         train_name = f"val_coarse_oof{args.folds}"
         if not (view / "coarse" / train_name).is_dir():

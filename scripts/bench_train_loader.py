@@ -3,7 +3,7 @@
     PYTHONPATH=src HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/bench_train_loader.py DATA --workers 0 2 \
         --preset lite --steps 100 --out /tmp/loader_bench
 
-Runs ``idgbr.train.train_refiner`` once per worker count, in the order given (repeat counts to interleave A/B),
+Runs ``idgbr.training.loop.train_refiner`` once per worker count, in the order given (repeat counts to interleave A/B),
 with one shared label embedding; s/step is the TensorBoard wall time between the step-10 and the last loss
 scalar, over the steps between them (start-up, worker start and the first steps excluded). Prints one JSON line
 per run (with the 1-minute load average at its start).
@@ -45,7 +45,7 @@ def main() -> None:
     from idgbr.nn.config import RefinerConfig, parse_overrides
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.nn.labelembed import train_label_embedding
-    from idgbr.train import train_refiner
+    from idgbr.training.loop import train_refiner
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)

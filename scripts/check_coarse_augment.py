@@ -30,7 +30,7 @@ if args.mode == "old":
                           A.RandomHorizontalFlip(0.5), A.ColorJitter()], seed=seed)
     A.paper_train_transform = old
 
-from idgbr.coarse import predict_coarse, train_coarse  # noqa: E402
+from idgbr.training.coarse import predict_coarse, train_coarse  # noqa: E402
 from idgbr.evaluate import evaluate_folder  # noqa: E402
 
 name = f"augchk_{args.mode}{args.seed}"

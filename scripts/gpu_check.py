@@ -55,9 +55,9 @@ def sync(device: torch.device) -> None:
 
 def train_rate(config, samples, device: torch.device, steps: int, warmup: int, dtype: torch.dtype | None,
                load_weights: bool = True) -> tuple[float, float, float]:
-    """(steps/s all-in, ms/step waiting for data, peak GiB) of the training step of ``idgbr.train`` (no accelerate)."""
+    """(steps/s all-in, ms/step waiting for data, peak GiB) of the training step of ``idgbr.training.loop`` (no accelerate)."""
     from idgbr.nn.model import IDGBRModel
-    from idgbr.train import CropSampler, Prefetcher, RefinerObjective, apply_throughput_switches, make_optimizer
+    from idgbr.training.loop import CropSampler, Prefetcher, RefinerObjective, apply_throughput_switches, make_optimizer
 
     model = IDGBRModel(config, load_weights=load_weights).to(device).train()
     apply_throughput_switches(config, model, device)

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from idgbr.coarse import train_coarse
+from idgbr.training.coarse import train_coarse
 from idgbr.data.dataset import SegmentationDataset
 
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from idgbr.cli import main
-from idgbr.coarse import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights, predict_coarse, train_coarse
+from idgbr.training.coarse import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights, predict_coarse, train_coarse
 from idgbr.commands.coarse import ARCH_NAMES
 from idgbr.errors import IdgbrError
 
@@ -243,7 +243,7 @@ def test_cli_user_errors_are_one_line(argv, message, data, tmp_path, capsys):
 # --- out-of-fold train maps ------------------------------------------------------------------------------------------
 
 def test_fold_stems_partition_is_seeded_and_order_free():
-    from idgbr.coarse import fold_stems
+    from idgbr.training.coarse import fold_stems
 
     stems = [f"s{i:02d}" for i in range(11)]
     groups = fold_stems(stems, 3, seed=5)
@@ -257,7 +257,7 @@ def test_fold_stems_partition_is_seeded_and_order_free():
 
 
 def test_fold_groups_stay_together():
-    from idgbr.coarse import fold_stems
+    from idgbr.training.coarse import fold_stems
 
     stems = ["tA_1", "tA_2", "tA_3", "tB_1", "tB_2", "tC_1", "tD_1", "tD_2"]
     groups = fold_stems(stems, 3, seed=1, group=r"t[A-Z]")
@@ -271,7 +271,7 @@ def test_fold_groups_stay_together():
 
 
 def test_oof_maps_come_from_models_that_never_saw_them(data, tmp_path):
-    from idgbr.coarse import predict_coarse_oof
+    from idgbr.training.coarse import predict_coarse_oof
     from idgbr.data.dataset import SegmentationDataset
 
     out = predict_coarse_oof(data, "unet", "oof3", 3, tmp_path / "work", iters=1, batch=2, crop=32, tile=32, overlap=8,

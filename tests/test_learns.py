@@ -89,7 +89,7 @@ def train_and_score(root: Path, run: Path, seed: int, **overrides) -> tuple[floa
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
     from idgbr.pipeline import Refiner
-    from idgbr.train import train_refiner
+    from idgbr.training.loop import train_refiner
 
     config = RefinerConfig.preset_config(
         "lite", steps=500, crop_size=SIZE, tile_size=SIZE, tile_overlap=0, batch_size=4, lr=1e-3, coarse_corruption=0.0,

@@ -87,7 +87,7 @@ def test_sd15_objective_step_reaches_denoiser_and_cg_modules() -> None:
     """One training step of the sd15 objective (epsilon + CE through the VAE decoder): gradient in the UNet (both
     halves) and in every CG module, none in the frozen guidance encoder, VAE or label embedding; the step moves the
     zero-initialised CG fusion off zero and leaves the frozen parts alone."""
-    from idgbr.train import RefinerObjective, make_optimizer
+    from idgbr.training.loop import RefinerObjective, make_optimizer
 
     model = toy_model(ce_weight=0.1, cond_dropout=0.0)
     objective = RefinerObjective(model, model.config)

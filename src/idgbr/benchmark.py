@@ -2,7 +2,7 @@
 
 For each coarse architecture A:
 1. train A on ``train``; 2. predict coarse maps on ``train`` and ``test`` (with ``coarse_folds`` K >= 2 the train
-maps are out-of-fold: :func:`idgbr.coarse.predict_coarse_oof`);
+maps are out-of-fold: :func:`idgbr.training.coarse.predict_coarse_oof`);
 3. train the refiner on ``train``: on A's coarse maps of its own training images mixed with synthetic ones, or (the
 lite default, ``coarse_corruption`` 1) on synthetic degradations of the ground truth only, once for every A;
 4. refine ``test``; 5. evaluate coarse and refined maps.
@@ -181,8 +181,8 @@ def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config,
                   pooled: Sequence[str] = (), **progress: Any) -> Path:
     """Train (or reuse) the refiner that ``name`` refines with; returns its folder. One trained on synthetic coarse
     maps only is named ``<kind>_synthetic``, one trained on the ``pooled`` coarse tracks ``<kind>_pooled``; both
-    are shared by every coarse model. ``progress``: tqdm options of :func:`idgbr.train.train_refiner`."""
-    from .train import train_refiner
+    are shared by every coarse model. ``progress``: tqdm options of :func:`idgbr.training.loop.train_refiner`."""
+    from .training.loop import train_refiner
 
     synthetic = config.use_coarse and config.coarse_corruption >= 1  # (coarse is None only for image-only models)
     if config.use_coarse and pooled and not synthetic:
@@ -310,7 +310,7 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
     if not (data_root / "classes.json").exists():
         raise IdgbrError(f"{data_root}: not a prepared dataset (no classes.json); run 'idgbr prepare' first")
     if settings.coarse_folds:  # a bad K fails now, not after the first refiner has trained
-        from .coarse import fold_stems
+        from .training.coarse import fold_stems
         from .data.dataset import SegmentationDataset
 
         fold_stems(SegmentationDataset(data_root, "train", load_mask=False).stems, settings.coarse_folds,
@@ -454,7 +454,7 @@ def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, setting
     ``_g<hash>`` with ``coarse_fold_group``, so that refiner stages trained on in-sample maps are never reused for them); the test maps always come from the
     model trained on the whole train split.
     """
-    from .coarse import predict_coarse, predict_coarse_oof, train_coarse
+    from .training.coarse import predict_coarse, predict_coarse_oof, train_coarse
 
     folds, group = settings.coarse_folds, settings.coarse_fold_group
     tag = f"bench_{arch}" if not folds else f"bench_{arch}_oof{folds}" + (f"_g{_short_hash(group)}" if group else "")

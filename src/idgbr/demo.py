@@ -94,7 +94,7 @@ def run_demo(out: str | Path, train: bool = False, source: str | Path | None = N
 
 def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -> tuple[dict, dict, str, str]:
     """The shipped coarse model and refiner on the test tiles (no training)."""
-    from .coarse import predict_coarse
+    from .training.coarse import predict_coarse
     from .evaluate import evaluate_folder
     from .pipeline import Refiner
     from .nn.zoo import DEFAULT_COARSE, DEFAULT_REFINER, card
@@ -118,7 +118,7 @@ def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings)
 
 def _train_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -> tuple[dict, dict, str, str]:
     """The full protocol from scratch: train a coarse model and the lite refiner, then refine the test tiles."""
-    from .coarse import fold_stems, predict_coarse, predict_coarse_oof, train_coarse
+    from .training.coarse import fold_stems, predict_coarse, predict_coarse_oof, train_coarse
     from .data.dataset import SegmentationDataset
     from .evaluate import evaluate_folder
 

@@ -1,4 +1,4 @@
-"""``idgbr train``: train a refiner (see :mod:`idgbr.train`); the number of classes and bands come from the data."""
+"""``idgbr train``: train a refiner (see :mod:`idgbr.training.loop`); the number of classes and bands come from the data."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def image_bands(data: str) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
-    from ..train import check_paths, train_refiner
+    from ..training.loop import check_paths, train_refiner
 
     check_paths(config)  # before importing torch-heavy modules: a bad path fails within seconds
     out = train_refiner(config, args.data, args.coarse, args.out, resume=args.resume, progress=not args.no_progress)

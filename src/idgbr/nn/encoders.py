@@ -7,7 +7,7 @@ state dict in the ``efficientnet_pytorch`` key layout (``_conv_stem.weight``, ``
 shape matches, so a wrong mapping fails loudly instead of loading garbage.
 
 The weights expect TF-style input: RGB in [0, 255], normalised as ``x / 127.5 - 1`` (:func:`normalize`; the same
-as mean = std = 127.5 per band, which is how :mod:`idgbr.coarse` stores it).
+as mean = std = 127.5 per band, which is how :mod:`idgbr.training.coarse` stores it).
 
     model = load_pretrained_encoder("tf_efficientnet_lite0")          # classifier, eval mode
     feats = load_pretrained_encoder("tf_efficientnet_lite0", features_only=True)

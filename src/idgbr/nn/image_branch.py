@@ -13,7 +13,7 @@ level's width. The coarse-label half still comes from the copied encoder (:class
   band counts are refused (an ImageNet stem patched to N bands, the smp way, would be a guess, not pretraining).
 * Its weights are part of the model's ``model.safetensors``, like every other parameter: fine-tuned stages change
   them anyway, and a saved run then rebuilds (and refines) without the weights package installed, as the coarse
-  models do (:mod:`idgbr.coarse`). Building a fresh model (``load_weights=True``) loads them from the package.
+  models do (:mod:`idgbr.training.coarse`). Building a fresh model (``load_weights=True``) loads them from the package.
 * Its features do not depend on t: ``IDGBRModel.condition`` computes them once per tile (once per batch in training).
 """
 

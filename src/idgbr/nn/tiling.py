@@ -1,6 +1,6 @@
 """Tile grids, blending weights and sliding-window prediction.
 
-Used by ``predict-coarse`` (:mod:`idgbr.coarse`), by the refiner's tiled sampling (:mod:`idgbr.pipeline`) and by
+Used by ``predict-coarse`` (:mod:`idgbr.training.coarse`), by the refiner's tiled sampling (:mod:`idgbr.pipeline`) and by
 whole-scene refinement (:mod:`idgbr.scene`). All sizes are in pixels.
 
 * :func:`tile_grid` lays out windows of ``tile`` pixels with ``overlap`` pixels shared between neighbours; the

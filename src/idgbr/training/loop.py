@@ -1,7 +1,7 @@
 """Training loop for the refiner (accelerate): data, objective, checkpoints, resume.
 
     >>> from idgbr.nn.config import RefinerConfig
-    >>> from idgbr.train import train_refiner
+    >>> from idgbr.training.loop import train_refiner
     >>> run = train_refiner(RefinerConfig.preset_config("lite"), "data/dubai", "c1", "runs/lite")
 
 The loop follows the authors' ``tools/train.py`` (reference doc §1, §5, §7) with their defects fixed:
@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn.config import RefinerConfig
-from .data.dataset import IGNORE_INDEX, SegmentationDataset
-from .errors import IdgbrError, file_error
-from .data.io import atomic_path
+from ..nn.config import RefinerConfig
+from ..data.dataset import IGNORE_INDEX, SegmentationDataset
+from ..errors import IdgbrError, file_error
+from ..data.io import atomic_path
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 TRAINING_STATE = "training_state.pt"
@@ -123,7 +123,7 @@ class RefinerObjective(nn.Module):
                 x0_hat = predicted_x0(self.scheduler, cfg.prediction_type, z_t, t, pred)
                 losses["ce"] = label_loss(model.decode_logits(x0_hat), mask, target, cfg)
         if want_aux:
-            from .nn.repa import repa_loss
+            from ..nn.repa import repa_loss
 
             losses["repa"] = repa_loss(aux["repa"], teacher, model.projector)
         losses["loss"] = losses["main"] + cfg.ce_weight * losses["ce"] + cfg.repa_weight * losses["repa"]
@@ -154,7 +154,7 @@ def label_loss(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, c
     if cfg.boundary_weight <= 0:
         return F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
     per_pixel = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX, reduction="none")
-    from .nn.model import boundary_map
+    from ..nn.model import boundary_map
 
     weight = 1 + cfg.boundary_weight * boundary_map(target, cfg.boundary_width).float()
     weight = weight * (mask != IGNORE_INDEX)
@@ -190,7 +190,7 @@ class CropSampler:
     """
 
     def __init__(self, samples: list[dict[str, Any]], config: RefinerConfig, pin_memory: bool = False):
-        from .data.augment import boundary_pixels, paper_train_transform
+        from ..data.augment import boundary_pixels, paper_train_transform
 
         self.config = config
         self.crop = config.crop_size
@@ -207,7 +207,7 @@ class CropSampler:
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long."""
-        from .data.synthetic import degrade_mask, degrade_regions
+        from ..data.synthetic import degrade_mask, degrade_regions
 
         images, masks, coarses = [], [], []
         for _ in range(self.config.batch_size):
@@ -614,8 +614,8 @@ class _Log:
 
 def _label_embedding(config: RefinerConfig, out_dir: Path, accelerator: Any, log: _Log) -> nn.Module:
     """``RUN/label_embed`` if there, else one trained on the main process (and saved there) before the refiner."""
-    from .nn.labelembed import train_label_embedding
-    from .nn.model import load_label_embedding
+    from ..nn.labelembed import train_label_embedding
+    from ..nn.model import load_label_embedding
 
     saved = out_dir / "label_embed"
     if not (saved / "config.json").exists():
@@ -651,13 +651,13 @@ def _repa_teacher(config: RefinerConfig, model: nn.Module, start: int, log: _Log
         log(f"REPA off: DINOv2 needs RGB, the images have {config.image_channels} band(s)")
         return None
     if config.repa_target != "dinov2":
-        from .nn.repa import EncoderTeacher
+        from ..nn.repa import EncoderTeacher
 
         teacher = EncoderTeacher(config.repa_target)
         model.build_projector(teacher.dim)
         log(f"REPA on for steps < {config.repa_steps} (weight {config.repa_weight}) with {config.repa_target}")
         return teacher
-    from .nn.repa import load_dinov2
+    from ..nn.repa import load_dinov2
 
     dinov2 = load_dinov2(config.dinov2)
     model.build_projector(dinov2.config.hidden_size)
@@ -693,7 +693,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm import tqdm
 
-    from .nn.model import IDGBRModel
+    from ..nn.model import IDGBRModel
 
     out_dir = Path(out_dir)
     check_paths(config)
@@ -789,7 +789,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
             batch["image"] = batch["image"].contiguous(memory_format=memory_format)
             tokens = None
             if dinov2 is not None and step < config.repa_steps:
-                from .nn.repa import teacher_tokens, to_imagenet
+                from ..nn.repa import teacher_tokens, to_imagenet
 
                 with torch.no_grad():
                     x = unwrapped.normalize_image(batch["image"])

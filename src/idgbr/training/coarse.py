@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data.dataset import IGNORE_INDEX, SegmentationDataset
-from .errors import IdgbrError, check_unknown_keys, file_error
-from .data.io import atomic_path, write_array, write_label
-from .nn.tiling import sliding_window
+from ..data.dataset import IGNORE_INDEX, SegmentationDataset
+from ..errors import IdgbrError, check_unknown_keys, file_error
+from ..data.io import atomic_path, write_array, write_label
+from ..nn.tiling import sliding_window
 
 __all__ = ["ARCHS", "ArchSpec", "CoarseConfig", "CoarseModel", "canonical_arch", "get_arch", "train_coarse", "predict_coarse",
            "fold_stems", "predict_coarse_oof",
@@ -185,7 +185,7 @@ class CoarseModel(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from .nn.zoo import resolve_model
+        from ..nn.zoo import resolve_model
 
         directory = resolve_model(directory, "coarse", "give the --out folder of 'idgbr train-coarse'")
         if not directory.is_dir():
@@ -285,7 +285,7 @@ def load_encoder_weights(model: CoarseModel, path: str | Path) -> None:
 def imagenet_encoder_name(encoder: str) -> str:
     """The :mod:`idgbr.nn.encoders` registry name behind smp encoder ``encoder``, for ``--encoder-weights imagenet``;
     an encoder without packaged weights lists the ones that have them. Checks that the weights package is installed."""
-    from .nn.encoders import ENCODERS, pretrained_for_smp, weights_path
+    from ..nn.encoders import ENCODERS, pretrained_for_smp, weights_path
 
     name = pretrained_for_smp(encoder)
     if name is None:
@@ -296,7 +296,7 @@ def imagenet_encoder_name(encoder: str) -> str:
 
 
 def _load_imagenet_encoder(model: CoarseModel, name: str) -> None:
-    from .nn.encoders import smp_encoder_state_dict
+    from ..nn.encoders import smp_encoder_state_dict
 
     model.net.encoder.load_state_dict(smp_encoder_state_dict(name, model.net.encoder), strict=True)
 
@@ -388,7 +388,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         raise IdgbrError(f"need --iters >= 1 and --batch >= 2 (batch-norm layers), got {iters} and {batch}")
     if crop < INPUT_MULTIPLE or crop % INPUT_MULTIPLE:
         raise IdgbrError(f"--crop {crop} must be a positive multiple of {INPUT_MULTIPLE}")
-    from .nn.device import resolve_device
+    from ..nn.device import resolve_device
 
     device = resolve_device(device)
     imagenet = encoder_weights is not None and str(encoder_weights) == IMAGENET
@@ -413,7 +413,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
         raise file_error(dataset.root / "images", f"training images have different band counts {sorted(bands)}",
                          "give every image the same bands")
     if pretrained is not None:
-        from .nn.encoders import get_encoder
+        from ..nn.encoders import get_encoder
 
         dtypes = sorted({str(s["image"].dtype) for s in samples})
         if bands != {3} or dtypes != ["uint8"]:
@@ -433,7 +433,7 @@ def train_coarse(data_root: str | Path, arch: str, out: str | Path, iters: int =
     model.to(device).train()
 
     if transform is None:
-        from .data.augment import paper_train_transform
+        from ..data.augment import paper_train_transform
 
         transform = paper_train_transform(crop)
     train_set = _CachedTrainSet(samples, transform, mean, std, seed)
@@ -491,7 +491,7 @@ def _package_version(name: str) -> str:
     """``<distribution> <version>`` of the package that ships encoder ``name``'s weights (recorded in training.json)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .nn.encoders import get_encoder
+    from ..nn.encoders import get_encoder
 
     package = get_encoder(name).package
     try:
@@ -502,7 +502,7 @@ def _package_version(name: str) -> str:
 
 def _validate(model: CoarseModel, samples: list[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
     """mIoU and WFm(3px) (fractions) of ``model`` on decoded samples (image + mask), full images."""
-    from .metrics import evaluate_maps
+    from ..metrics import evaluate_maps
 
     pairs = ((s["mask"], model.predict_probs(s["image"]).argmax(0).astype(np.uint8)) for s in samples)
     result = evaluate_maps(pairs, model.config.num_classes, tolerances=(3,), class_names=class_names)
@@ -529,7 +529,7 @@ def predict_coarse(model_dir: str | Path | Sequence[str | Path], data_root: str 
     if tile < INPUT_MULTIPLE or not 0 <= overlap < tile:
         raise IdgbrError(f"need --tile >= {INPUT_MULTIPLE} and 0 <= --overlap < --tile, got {tile} and {overlap}")
     dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
-    from .nn.device import resolve_device
+    from ..nn.device import resolve_device
 
     models = [CoarseModel.load(d, device=resolve_device(device)) for d in dirs]
     model = models[0]
