@@ -116,7 +116,7 @@ def main() -> int:
     from idgbr.benchmark import refiner_config
     from idgbr.training.coarse import predict_coarse, train_coarse
     from idgbr.evaluate import evaluate_folder
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
     from idgbr.report import flat_metrics
     from idgbr.training.loop import train_refiner
 

@@ -38,7 +38,7 @@ def main() -> None:
 
     from idgbr.nn.config import RefinerConfig
     from idgbr.nn.model import IDGBRModel
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@
         --out /tmp/scene_dubai
 
 Each test image and its coarse map are written as GeoTIFFs (EPSG:32640, 0.3 m pixels) and refined by
-``idgbr.scene.refine_scene`` (windowed reads, blended overlapping tiles, one scene-level noise field), once with
+``idgbr.inference.scene.refine_scene`` (windowed reads, blended overlapping tiles, one scene-level noise field), once with
 every tile refined and once with "do no harm" gating (``--gate`` px around coarse boundaries, tiles without a
 boundary skipped). Reported: WFm 1/3/5, mIoU and IoU_RTm of coarse, ungated and gated maps against the ground
 truth; the fraction of tiles skipped; and the seam score (boundary density on tile borders / interior; 1 = no seam)
@@ -49,8 +49,8 @@ def main() -> None:
 
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
-    from idgbr.pipeline import Refiner
-    from idgbr.scene import refine_scene, seam_score
+    from idgbr.inference.pipeline import Refiner
+    from idgbr.inference.scene import refine_scene, seam_score
 
     refiner = Refiner.from_pretrained(args.model)
     tile = args.tile or refiner.config.tile_size

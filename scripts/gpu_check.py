@@ -97,7 +97,7 @@ def train_rate(config, samples, device: torch.device, steps: int, warmup: int, d
 
 def infer_ms(model, device: torch.device, tile: int, batch: int, steps: int, guidance: float, dtype, repeats: int) -> float:
     """ms per tile of ``Refiner.sample`` (conditioning, ``steps`` DDIM steps, decoding) on random tiles."""
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     refiner = Refiner(model, device, dtype=dtype)
     cfg = model.config

@@ -37,7 +37,7 @@ def main() -> int:
 
     from idgbr.nn.config import RefinerConfig
     from idgbr.nn.model import IDGBRModel
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +82,7 @@ def main() -> int:
     timed(m, "condition", "guidance features")
     timed(m, "decode_logits", "decode")
     timed(refiner, "_denoise", "network")
-    import idgbr.pipeline as pipeline
+    import idgbr.inference.pipeline as pipeline
 
     original_sieve = pipeline.sieve_labels
 

@@ -1,4 +1,4 @@
-"""Score refined validation maps under several sieve sizes (idgbr.postprocess): ΔWFm3 / ΔmIoU / IoU_RTm against the
+"""Score refined validation maps under several sieve sizes (idgbr.inference.postprocess): ΔWFm3 / ΔmIoU / IoU_RTm against the
 coarse map, and connected components per ground-truth one relative to the coarse map's.
 
 Reads the output folders of ``scripts/ablate_refiner.py`` (OUT/data with the held-out tile as its test split and

@@ -1,6 +1,6 @@
 """Issue 28, inference levers on validation: refine the held-out images of a ``scripts/ablate_refiner.py`` run once
 per inference setting (window size, test-time flips) and score flip margins 0-0.5 and the 6-px sieve on the same
-probabilities (``idgbr.postprocess.keep_unsure``, ``sieve_labels``). Logs one line per track, margin and sieve.
+probabilities (``idgbr.inference.postprocess.keep_unsure``, ``sieve_labels``). Logs one line per track, margin and sieve.
 
     python scripts/sweep_inference.py runs/v28_base_s0 --tile 512 --tta flips > runs/gate/base_s0_t512flips.log
     python scripts/sweep_inference.py --table runs/gate     # the two-seed table of docs/results/strong_maps.md
@@ -31,8 +31,8 @@ def sweep(run: Path, tile: int, tta: str) -> None:
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.evaluate import evaluate_folder
     from idgbr.data.io import write_label
-    from idgbr.pipeline import Refiner
-    from idgbr.postprocess import keep_unsure, sieve_labels
+    from idgbr.inference.pipeline import Refiner
+    from idgbr.inference.postprocess import keep_unsure, sieve_labels
 
     torch.set_num_threads(1)
     view = run / "data"

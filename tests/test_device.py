@@ -12,7 +12,7 @@ from idgbr.nn.device import autocast_dtype, resolve_device
 from idgbr.errors import IdgbrError
 from idgbr.data.io import write_image, write_label
 from idgbr.nn.model import IDGBRModel
-from idgbr.pipeline import Refiner
+from idgbr.inference.pipeline import Refiner
 
 COMMANDS = ("refine", "demo", "benchmark", "bench-speed", "train-coarse", "predict-coarse")
 

@@ -193,7 +193,7 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
     # refine wrote, for every test image, what the Refiner gives for it with the CLI's seed (0)
     from idgbr.data.io import read_label
     from idgbr.metrics import evaluate_maps
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     refiner = Refiner.from_pretrained(model_dir)
     test = SegmentationDataset(synthetic, "test", coarse="shifted")
@@ -220,7 +220,7 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
 def test_callback_sees_every_step_and_channels_last_is_identical():
     from idgbr.nn.config import RefinerConfig
     from idgbr.nn.model import IDGBRModel
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     torch.manual_seed(0)
     config = RefinerConfig.preset_config("tiny", num_classes=3, image_channels=3)
@@ -327,7 +327,7 @@ def test_speed_grid_counts_network_evaluations(synthetic):
     from idgbr.nn.config import RefinerConfig
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.nn.model import IDGBRModel
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
     from idgbr.speed import pick_fast_mode, run_grid
 
     dataset = SegmentationDataset(synthetic, "test")

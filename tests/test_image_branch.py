@@ -178,7 +178,7 @@ def test_save_load_gives_identical_outputs_without_the_package(tmp_path, monkeyp
 
 
 def test_refinement_computes_the_encoder_features_once_per_tile():
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     torch.manual_seed(0)
     model = IDGBRModel(config())

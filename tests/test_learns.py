@@ -88,7 +88,7 @@ def train_and_score(root: Path, run: Path, seed: int, **overrides) -> tuple[floa
     """(coarse, refined) WFm(3 px) on the test split after training lite on the train split."""
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
     from idgbr.training.loop import train_refiner
 
     config = RefinerConfig.preset_config(

@@ -1,4 +1,4 @@
-"""The sieve (idgbr.postprocess): small regions merge into their largest neighbour; nodata stays; every path
+"""The sieve (idgbr.inference.postprocess): small regions merge into their largest neighbour; nodata stays; every path
 (tile, folder, evaluation, benchmark) applies the same function."""
 
 import numpy as np
@@ -9,8 +9,8 @@ from idgbr.nn.config import RefinerConfig
 from idgbr.errors import IdgbrError
 from idgbr.metrics import BoundaryPR
 from idgbr.nn.model import IDGBRModel
-from idgbr.pipeline import Refiner
-from idgbr.postprocess import sieve_labels
+from idgbr.inference.pipeline import Refiner
+from idgbr.inference.postprocess import sieve_labels
 
 
 def test_small_regions_merge_into_their_largest_neighbour():
@@ -94,7 +94,7 @@ def test_evaluate_cli_scores_sieved_maps(tmp_path, capsys):
 
 
 def test_keep_unsure_keeps_the_coarse_label_unless_the_refiner_is_surer_by_the_margin():
-    from idgbr.postprocess import keep_unsure
+    from idgbr.inference.postprocess import keep_unsure
 
     probs = np.array([[[0.5, 0.2, 0.9, 0.1]], [[0.4, 0.7, 0.05, 0.3]], [[0.1, 0.1, 0.05, 0.6]]], np.float32)  # (3, 1, 4)
     labels = probs.argmax(0).astype(np.uint8)  # [0, 1, 0, 2]
@@ -108,7 +108,7 @@ def test_keep_unsure_keeps_the_coarse_label_unless_the_refiner_is_surer_by_the_m
 def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
     """refine(flip_margin=P) = keep_unsure of the plain map and its probabilities; the config's value is the
     default; folder mode writes the same maps; a bad margin is one line."""
-    from idgbr.postprocess import keep_unsure
+    from idgbr.inference.postprocess import keep_unsure
 
     torch.manual_seed(0)
     cfg = RefinerConfig.preset_config("tiny", num_classes=3, sample_steps=1)

@@ -122,7 +122,7 @@ def test_sd15_objective_step_reaches_denoiser_and_cg_modules() -> None:
 
 
 def test_sd15_refine_one_step_and_two_step_cfg() -> None:
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     model = toy_model()
     _perturb_cg(model)
@@ -235,7 +235,7 @@ def test_cli_train_sd15_with_pretrained_folder(sd15_folder: Path, tmp_path: Path
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from idgbr.cli import main
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
     from idgbr.data.synthetic import write_synthetic_dataset
 
     data = tmp_path / "data"

@@ -44,7 +44,7 @@ def test_demo_reproduces_the_shipped_models_cards(demo):
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_folders_rebuild_and_carry_a_card(name):
     from idgbr.training.coarse import CoarseModel
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     folder = shipped_path(name)
     info = card(name)
@@ -62,7 +62,7 @@ def test_shipped_model_folders_rebuild_and_carry_a_card(name):
 
 def test_model_names_resolve_or_fail_in_one_line(tmp_path, monkeypatch):
     from idgbr.training.coarse import CoarseModel
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     with pytest.raises(IdgbrError, match="a shipped coarse model, not a refiner model; shipped refiner models: dubai-lite"):
         Refiner.from_pretrained("dubai-coarse")

@@ -205,7 +205,7 @@ def test_repa_with_tiny_dinov2(data: Path, embed: Path, tmp_path: Path) -> None:
     train_refiner(config, data, None, run, progress=False)
     log = (run / "train.log").read_text()
     assert "REPA on" in log and "teacher freed" in log and "synthetic degradation" in log
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     Refiner.from_pretrained(run)  # the projector is not saved and not needed
     assert not any(k.startswith("projector.") for k in load_file(run / "model.safetensors"))
@@ -313,7 +313,7 @@ def test_accelerate_launch_two_cpu_processes(data: Path, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "train_config.json").read_text())["num_processes"] == 2
     assert {p.name for p in latest_checkpoint(run).glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     Refiner.from_pretrained(run)
 

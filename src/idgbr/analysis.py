@@ -162,7 +162,7 @@ def frequency_report(model_dir: str | Path, data_root: str | Path, split: str, c
 
     from .data.dataset import SegmentationDataset
     from .data.io import atomic_path
-    from .pipeline import Refiner
+    from .inference.pipeline import Refiner
 
     refiner = Refiner.from_pretrained(model_dir)
     model = refiner.model

@@ -52,7 +52,7 @@ class BenchmarkSettings:
     samples: int | None = None  # samples averaged per tile (None: the model's config)
     noise_scale: float | None = None  # starting-noise scale (None: the model's config)
     tta: str | None = None  # test-time augmentation "none" / "flips" / "d4" (None: the model's config)
-    # Minimum mapping unit (idgbr.postprocess; None: the refiner config's, lite 6). Applied when scoring: the
+    # Minimum mapping unit (idgbr.inference.postprocess; None: the refiner config's, lite 6). Applied when scoring: the
     # refined folders hold the raw maps, and the report also scores them unsieved ("unsieved").
     sieve: int | None = None
     flip_margin: float | None = None  # refined labels only where surer than the coarse label by this (None: config's)
@@ -156,7 +156,7 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
     maps, so it is trained once, as ``<kind>_synthetic``, and shared by every coarse model; so is one trained on the
     ``pooled`` coarse maps (names under ``DATA/coarse/``), as ``<kind>_pooled``."""
     from .evaluate import evaluate_folder
-    from .pipeline import Refiner
+    from .inference.pipeline import Refiner
 
     model_dir = refiner_stage(stages, data_root, run, name, config, coarse, pooled=pooled)
     pred_dir = run / "refined" / name

@@ -96,7 +96,7 @@ def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings)
     """The shipped coarse model and refiner on the test tiles (no training)."""
     from .training.coarse import predict_coarse
     from .evaluate import evaluate_folder
-    from .pipeline import Refiner
+    from .inference.pipeline import Refiner
     from .nn.zoo import DEFAULT_COARSE, DEFAULT_REFINER, card
 
     if settings.scale != card(DEFAULT_REFINER)["data"]["scale"]:

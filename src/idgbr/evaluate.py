@@ -62,9 +62,9 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
     ``gate_width`` (needs ``coarse_dir``) scores the "do no harm" gated prediction: the refined label within
     ``gate_width`` px of a coarse boundary, the coarse label elsewhere (what ``idgbr refine --gate`` writes).
     ``sieve`` > 1 scores the prediction (after gating) with regions smaller than ``sieve`` px merged into their
-    largest neighbour (what ``idgbr refine --sieve`` writes; :mod:`idgbr.postprocess`).
+    largest neighbour (what ``idgbr refine --sieve`` writes; :mod:`idgbr.inference.postprocess`).
     """
-    from .postprocess import check_sieve, sieve_labels
+    from .inference.postprocess import check_sieve, sieve_labels
 
     sieve = check_sieve(sieve)
     data_root = Path(data_root)
@@ -97,7 +97,7 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
                 coarse_map = _read_map(_find_map(coarse, stem, "coarse map", str(coarse)), num_classes, mask_path,
                                        mask.shape)
                 if gate_width is not None:
-                    from .scene import gate_band
+                    from .inference.scene import gate_band
 
                     refined = np.where(gate_band(coarse_map, gate_width), refined, coarse_map)
                 yield mask, sieve_labels(refined, sieve), coarse_map

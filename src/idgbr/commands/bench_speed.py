@@ -32,7 +32,7 @@ def run(args) -> int:
     import torch
 
     from ..data.io import atomic_path
-    from ..pipeline import Refiner
+    from ..inference.pipeline import Refiner
     from ..speed import collect_tiles, markdown_table, pick_fast_mode, run_grid
 
     if args.threads:

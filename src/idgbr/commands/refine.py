@@ -1,6 +1,6 @@
 """``idgbr refine``: one image (``--image/--coarse/--out``), a whole scene, or a dataset split (``--data/--split``).
 
-Scene mode (:func:`idgbr.scene.refine_scene`: windowed, blended, resumable) is used for GeoTIFF images, images
+Scene mode (:func:`idgbr.inference.scene.refine_scene`: windowed, blended, resumable) is used for GeoTIFF images, images
 larger than one tile, and whenever a scene option (``--tile --overlap --samples --gate --confidence --bands
 --no-resume``) is given; a ``.npy`` coarse map keeps the in-memory single-image path.
 """
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..pipeline import Refiner
+    from ..inference.pipeline import Refiner
 
     model = args.model if args.model is not None else _default_model(args)
     refiner = Refiner.from_pretrained(model, device=args.device)
@@ -197,7 +197,7 @@ def _scene_mode(args: argparse.Namespace, tile_size: int) -> bool:
 
 
 def _run_scene(args: argparse.Namespace, refiner) -> int:
-    from ..scene import refine_scene
+    from ..inference.scene import refine_scene
 
     bands = parse_bands(args.bands)
     summary = refine_scene(refiner, args.image, args.coarse, args.out, tile=args.tile, overlap=args.overlap,

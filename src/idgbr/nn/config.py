@@ -175,7 +175,7 @@ class RefinerConfig:
     # transposes (the 4 rotations and their mirrors, 8 passes).
     tta: Literal["none", "flips", "d4"] = "none"
     # Minimum mapping unit of the written map: regions smaller than this many pixels are merged into their largest
-    # neighbour (idgbr.postprocess; 0 = off). Post-processing only: training never sees it.
+    # neighbour (idgbr.inference.postprocess; 0 = off). Post-processing only: training never sees it.
     sieve: int = 0
     # A pixel takes the refined label only where the refiner's probability of it beats that of the coarse label by
     # more than this margin; elsewhere the coarse label stays (0 = plain argmax). The refiner's own confidence then

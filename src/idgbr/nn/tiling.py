@@ -1,7 +1,7 @@
 """Tile grids, blending weights and sliding-window prediction.
 
-Used by ``predict-coarse`` (:mod:`idgbr.training.coarse`), by the refiner's tiled sampling (:mod:`idgbr.pipeline`) and by
-whole-scene refinement (:mod:`idgbr.scene`). All sizes are in pixels.
+Used by ``predict-coarse`` (:mod:`idgbr.training.coarse`), by the refiner's tiled sampling (:mod:`idgbr.inference.pipeline`) and by
+whole-scene refinement (:mod:`idgbr.inference.scene`). All sizes are in pixels.
 
 * :func:`tile_grid` lays out windows of ``tile`` pixels with ``overlap`` pixels shared between neighbours; the
   last row/column of windows is aligned to the image edge, so every pixel is covered and no window sticks out.

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data.dataset import IGNORE_INDEX
-from .errors import IdgbrError
+from ..data.dataset import IGNORE_INDEX
+from ..errors import IdgbrError
 
 
 def check_sieve(min_area: int) -> int:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.dataset import IGNORE_INDEX, SegmentationDataset
+from ..data.dataset import IGNORE_INDEX, SegmentationDataset
 from .postprocess import check_sieve, keep_unsure, sieve_labels
-from .errors import IdgbrError, file_error
-from .data.io import write_label
+from ..errors import IdgbrError, file_error
+from ..data.io import write_label
 
 
 def _repeat_batch(tree: Any, times: int = 2) -> Any:
@@ -62,7 +62,7 @@ class Refiner:
         network under autocast on a GPU; ``"auto"`` is bfloat16 on CUDA and fp32 on the CPU, None always fp32.
         ``channels_last`` and ``compile`` (torch.compile of the UNet) are throughput options that leave the
         results unchanged."""
-        from .nn.device import autocast_dtype, resolve_device
+        from ..nn.device import autocast_dtype, resolve_device
 
         self.model = model.eval()
         if device is not None:
@@ -80,15 +80,15 @@ class Refiner:
         model by name (``"dubai-lite"``, see :mod:`idgbr.nn.zoo`), or a Hugging Face repo id where the network allows,
         onto ``device`` (default ``"auto"``: the GPU when there is one)."""
         if device is not None:  # a bad --device fails before the weights are read
-            from .nn.device import resolve_device
+            from ..nn.device import resolve_device
 
             device = resolve_device(device)
-        from .nn.model import IDGBRModel
-        from .nn.zoo import resolve_model
+        from ..nn.model import IDGBRModel
+        from ..nn.zoo import resolve_model
 
         path = resolve_model(path, "refiner", "point --model at a run folder written by 'idgbr train'")
         if not (path / "config.json").exists():
-            from .training.loop import latest_checkpoint
+            from ..training.loop import latest_checkpoint
 
             latest = latest_checkpoint(path)
             fix = (f"training did not finish; use --model {latest}" if latest is not None
@@ -222,7 +222,7 @@ class Refiner:
             tta: test-time augmentation, "none", "flips" (4 passes) or "d4" (8 passes); the probabilities are
                 averaged over the transforms (default ``config.tta``).
             sieve: merge regions smaller than this many pixels into their largest neighbour (0: off; default
-                ``config.sieve``; :mod:`idgbr.postprocess`). The probabilities are not changed.
+                ``config.sieve``; :mod:`idgbr.inference.postprocess`). The probabilities are not changed.
             flip_margin: a pixel takes the refined label only where its probability beats the coarse label's by
                 more than this (else the coarse label stays; 0: plain argmax; default ``config.flip_margin``).
         Returns:
@@ -290,7 +290,7 @@ class Refiner:
         and, last, the share of samples agreeing with the mean's label.
 
         The reference path: :meth:`_refine_stream` (lists, folders) must give the same maps for each image."""
-        from .nn.tiling import sliding_window
+        from ..nn.tiling import sliding_window
 
         cfg = self.config
         image, coarse = self._check_inputs(image, coarse)
@@ -324,7 +324,7 @@ class Refiner:
         each tile's starting noise (S, C_lat, h/f, w/f), drawn from ``generator`` exactly as :meth:`_refine_one`
         draws it (chunks of ``batch_size`` tiles, sample-major within a chunk), so batching across images leaves
         every tile's noise as it was. Runs in the reading thread of :meth:`refine_folder`."""
-        from .nn.tiling import Blender, pad_to_multiple, tile_grid
+        from ..nn.tiling import Blender, pad_to_multiple, tile_grid
 
         cfg = self.config
         nodata = None if _is_soft(coarse) else np.asarray(coarse) == IGNORE_INDEX

@@ -1,6 +1,6 @@
 """Refine an archive of GeoTIFF scenes on dask.distributed: one task per scene, resumable, nothing done twice.
 
-    >>> from idgbr.archive import find_pairs, refine_archive
+    >>> from idgbr.inference.archive import find_pairs, refine_archive
     >>> manifest = refine_archive(find_pairs("scenes/", "coarse/"), "refined/", model="runs/lite", workers=2)
 
 * **Engine.** ``client.map`` over the scenes on a ``dask.distributed`` cluster: the scheduler balances scenes over
@@ -8,7 +8,7 @@
   worker process per GPU on a GPU host, else one; spawn start method; ``GDAL_CACHEMAX`` = :data:`GDAL_CACHEMAX_MB`
   per worker; torch threads = cores / workers); ``scheduler=ADDRESS`` uses an existing cluster (dask-jobqueue on
   SLURM, dask-kubernetes: ``docs/archive.md``). Tasks receive paths, never datasets, and each scene is one
-  :func:`idgbr.scene.refine_scene` call; tile reads overlap the network in a thread (a worker is daemonic).
+  :func:`idgbr.inference.scene.refine_scene` call; tile reads overlap the network in a thread (a worker is daemonic).
 * **Outputs.** ``OUT/<stem>.tif`` per scene, written by ``refine_scene`` under a temporary name and renamed, so
   a final path never holds a partial file; ``OUT/manifest.json`` (rewritten atomically after each scene) records
   per scene ``status`` (``done``, ``failed``, ``skipped`` when done by an earlier job), ``seconds``, ``tiles``,
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import IdgbrError, file_error
-from .data.io import atomic_path
+from ..errors import IdgbrError, file_error
+from ..data.io import atomic_path
 from .locks import Lock
 
 __all__ = ["Pair", "find_pairs", "read_pairs", "refine_archive", "local_cluster", "refine_task"]
@@ -110,7 +110,7 @@ def read_pairs(csv_path: str | Path) -> list[Pair]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scene locks (idgbr.locks)
+# Scene locks (idgbr.inference.locks)
 # ----------------------------------------------------------------------------------------------------------------
 def scene_lock_path(out: Path) -> Path:
     return out.with_name(out.name + ".lock")
@@ -153,7 +153,7 @@ def _peak_rss_mb() -> float:
 
 
 def count_tiles(height: int, width: int, tile: int, overlap: int, factor: int) -> int:
-    from .nn.tiling import tile_grid
+    from ..nn.tiling import tile_grid
 
     return len(tile_grid(-(-height // factor) * factor, -(-width // factor) * factor, tile, overlap))
 
@@ -194,7 +194,7 @@ def refine_task(job: dict[str, Any]) -> dict[str, Any]:
                     result["status"] = "exists"
                 else:
                     if job["shipped"]:
-                        from .commands.refine import shipped_refiner
+                        from ..commands.refine import shipped_refiner
 
                         shipped_refiner(coarse=Path(job["coarse"]), announce=False)
                     loading = time.time()
@@ -251,7 +251,7 @@ def local_cluster(workers: int | None = None, threads: int | None = None):
     dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
     env = {"GDAL_CACHEMAX": str(GDAL_CACHEMAX_MB), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env,
-                        preload=["idgbr.scene"])
+                        preload=["idgbr.inference.scene"])
 
 
 @contextlib.contextmanager
@@ -291,8 +291,8 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 def _model_settings(model: str | None) -> tuple[str, bool, Any]:
     """(what workers load, shipped?, config): a run folder becomes an absolute path; a bad one fails here, once."""
-    from .nn.config import RefinerConfig
-    from .nn.zoo import DEFAULT_REFINER, resolve_model
+    from ..nn.config import RefinerConfig
+    from ..nn.zoo import DEFAULT_REFINER, resolve_model
 
     shipped = model is None
     path = resolve_model(DEFAULT_REFINER if shipped else model, "refiner",
@@ -309,7 +309,7 @@ def refine_archive(pairs: list[Pair], out: str | Path, model: str | None = None,
     ``job`` (the statuses of this job's scenes) and ``wall_seconds`` added.
 
     ``model`` None: the shipped refiner, for the scenes whose classes fit it (the others fail). ``options``:
-    :data:`OPTIONS` of :func:`idgbr.scene.refine_scene` (None: the model's default). ``client``: an existing
+    :data:`OPTIONS` of :func:`idgbr.inference.scene.refine_scene` (None: the model's default). ``client``: an existing
     ``distributed.Client`` (else ``scheduler`` ADDRESS, else a :func:`local_cluster` of ``workers``)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:

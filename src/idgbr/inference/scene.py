@@ -1,7 +1,7 @@
 """Whole-scene refinement of georeferenced rasters: windowed, blended, seam-free, gated, resumable.
 
     >>> from idgbr import Refiner
-    >>> from idgbr.scene import refine_scene
+    >>> from idgbr.inference.scene import refine_scene
     >>> refiner = Refiner.from_pretrained("runs/lite")
     >>> summary = refine_scene(refiner, "scene.tif", "coarse.tif", "refined.tif", steps=2, strength=0.4, guidance=1)
 
@@ -58,12 +58,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data.dataset import IGNORE_INDEX
-from .errors import IdgbrError, file_error
-from .data.io import atomic_path, is_geotiff
+from ..data.dataset import IGNORE_INDEX
+from ..errors import IdgbrError, file_error
+from ..data.io import atomic_path, is_geotiff
 from .postprocess import check_sieve, keep_unsure, sieve_labels
 from .background import ReadAhead
-from .nn.tiling import Window, blend_weights, pad_to_multiple, tile_grid
+from ..nn.tiling import Window, blend_weights, pad_to_multiple, tile_grid
 
 __all__ = ["refine_scene", "NoiseField", "seam_score", "gate_band", "sidecar_paths"]
 
@@ -398,7 +398,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
-        refiner: an :class:`idgbr.pipeline.Refiner`; its ``sample`` is called per batch of tiles.
+        refiner: an :class:`idgbr.inference.pipeline.Refiner`; its ``sample`` is called per batch of tiles.
         image_path: the scene (GeoTIFF, PNG or JPEG), C bands (alpha excluded) unless ``bands`` picks them.
         coarse_path: 1-band class-index raster (255 = nodata) or K-band float class probabilities, same grid.
         out_path: the refined map (GeoTIFF for .tif, else PNG); with ``samples > 1`` also ``<out>_uncertainty``.
@@ -408,9 +408,9 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         noise_scale: scale of the noise field (default: the model's; 0 = deterministic start, one sample only).
         tta: test-time augmentation per tile, "none", "flips" or "d4" (default: the model's ``tta``).
         sieve: merge regions smaller than this many pixels into their largest neighbour, seam-free (0: off;
-            default: the model's ``sieve``; :mod:`idgbr.postprocess`).
+            default: the model's ``sieve``; :mod:`idgbr.inference.postprocess`).
         flip_margin: the refined label only where its probability beats the coarse label's by more than this
-            (default: the model's ``flip_margin``; :func:`idgbr.postprocess.keep_unsure`).
+            (default: the model's ``flip_margin``; :func:`idgbr.inference.postprocess.keep_unsure`).
         gate_width: refine only within this many px of coarse boundaries (None: refine everything);
         confidence: with soft coarse input, also refine pixels whose max probability is below this.
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
