@@ -113,11 +113,11 @@ def main() -> int:
 
     import torch
 
-    from idgbr.benchmark import refiner_config
+    from idgbr.evaluation.benchmark import refiner_config
     from idgbr.training.coarse import predict_coarse, train_coarse
-    from idgbr.evaluate import evaluate_folder
+    from idgbr.evaluation.evaluate import evaluate_folder
     from idgbr.inference.pipeline import Refiner
-    from idgbr.report import flat_metrics
+    from idgbr.evaluation.report import flat_metrics
     from idgbr.training.loop import train_refiner
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.errors import IdgbrError
-    from idgbr.evaluate import _find_map, _read_map
+    from idgbr.evaluation.evaluate import _find_map, _read_map
 
     try:
         dataset = SegmentationDataset(args.data, args.split)

@@ -31,7 +31,7 @@ if args.mode == "old":
     A.paper_train_transform = old
 
 from idgbr.training.coarse import predict_coarse, train_coarse  # noqa: E402
-from idgbr.evaluate import evaluate_folder  # noqa: E402
+from idgbr.evaluation.evaluate import evaluate_folder  # noqa: E402
 
 name = f"augchk_{args.mode}{args.seed}"
 model = os.path.join(args.work, name)

@@ -31,8 +31,8 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from idgbr.evaluate import evaluate_folder
-    from idgbr.report import save_figure
+    from idgbr.evaluation.evaluate import evaluate_folder
+    from idgbr.evaluation.report import save_figure
 
     lines = ["# Coarse tracks", ""]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from idgbr.evaluate import evaluate_folder
+from idgbr.evaluation.evaluate import evaluate_folder
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from idgbr.evaluate import evaluate_folder
+    from idgbr.evaluation.evaluate import evaluate_folder
 
     cells: dict[tuple[str, str], list[dict]] = {}
     for run in args.runs:

@@ -29,7 +29,7 @@ def sweep(run: Path, tile: int, tta: str) -> None:
     import torch
 
     from idgbr.data.dataset import SegmentationDataset
-    from idgbr.evaluate import evaluate_folder
+    from idgbr.evaluation.evaluate import evaluate_folder
     from idgbr.data.io import write_label
     from idgbr.inference.pipeline import Refiner
     from idgbr.inference.postprocess import keep_unsure, sieve_labels

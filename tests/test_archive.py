@@ -28,7 +28,7 @@ from rasterio.transform import from_origin  # noqa: E402
 from idgbr import archive  # noqa: E402
 from idgbr.inference.archive import JOB_LOCK, MANIFEST, find_pairs, read_pairs, refine_archive, refine_task  # noqa: E402
 from idgbr.inference.locks import Lock  # noqa: E402
-from idgbr.cli import main  # noqa: E402
+from idgbr.commands.main import main  # noqa: E402
 from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
 from idgbr.nn.model import IDGBRModel  # noqa: E402

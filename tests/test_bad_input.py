@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 rasterio = pytest.importorskip("rasterio")
 torch.set_num_threads(1)  # the test machines are shared
 
-from idgbr.cli import main  # noqa: E402
+from idgbr.commands.main import main  # noqa: E402
 from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
 from idgbr.nn.model import IDGBRModel  # noqa: E402

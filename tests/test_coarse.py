@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.training.coarse import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights, predict_coarse, train_coarse
 from idgbr.commands.coarse import ARCH_NAMES
 from idgbr.errors import IdgbrError

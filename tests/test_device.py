@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.nn.config import RefinerConfig
 from idgbr.nn.device import autocast_dtype, resolve_device
 from idgbr.errors import IdgbrError

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.errors import IdgbrError
 
 
@@ -131,7 +131,7 @@ def test_benchmark_trains_side_by_side_as_it_would_one_after_the_other(synthetic
     a rerun reuses every stage. A failing process stops the benchmark with one error naming the way out."""
     from safetensors.torch import load_file
 
-    from idgbr.benchmark import BenchmarkSettings, run_benchmark
+    from idgbr.evaluation.benchmark import BenchmarkSettings, run_benchmark
     from idgbr.data.dataset import SegmentationDataset
 
     def settings(side_by_side, **overrides):
@@ -243,7 +243,7 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
     assert (tmp_path / "wiener.png").exists() and "half_power_frequency" in (tmp_path / "wiener.json").read_text()
     from diffusers import DDIMScheduler
 
-    from idgbr.analysis import wiener_curves
+    from idgbr.evaluation.analysis import wiener_curves
 
     freq = np.linspace(0.01, 1, 200)
     alphas = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.numpy()
@@ -251,7 +251,7 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
     half = [freq[np.argmax(curves[t] < 0.5)] if (curves[t] < 0.5).any() else 1.0 for t in (999, 500, 100, 10)]
     # the optimal denoiser passes higher frequencies as t decreases (the paper's §III-B argument)
     assert all(a <= b for a, b in zip(half, half[1:])) and half[0] < half[1] < half[2]
-    from idgbr.report import comparison_panel, error_map
+    from idgbr.evaluation.report import comparison_panel, error_map
 
     gt = np.zeros((20, 20), np.uint8)
     gt[5:15, 5:15] = 1
@@ -265,7 +265,7 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
 
 
 def test_frequency_analysis(synthetic, tmp_path):
-    from idgbr.analysis import band_energy, frequency_report
+    from idgbr.evaluation.analysis import band_energy, frequency_report
     from idgbr.nn.config import RefinerConfig
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.nn.model import IDGBRModel
@@ -300,7 +300,7 @@ def test_band_split_and_change_fractions_on_known_fields():
     """band_split separates a field into its components below / above the cutoff exactly (ideal radial filter at
     cutoff x Nyquist); band_energy is their Parseval energy; change_fractions attributes each band's change to the
     stage that made it."""
-    from idgbr.analysis import band_energy, band_split, change_fractions
+    from idgbr.evaluation.analysis import band_energy, band_split, change_fractions
 
     n = 64
     y, x = np.mgrid[0:n, 0:n]
@@ -328,7 +328,7 @@ def test_speed_grid_counts_network_evaluations(synthetic):
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.nn.model import IDGBRModel
     from idgbr.inference.pipeline import Refiner
-    from idgbr.speed import pick_fast_mode, run_grid
+    from idgbr.evaluation.speed import pick_fast_mode, run_grid
 
     dataset = SegmentationDataset(synthetic, "test")
     sample = dataset[0]
@@ -350,7 +350,7 @@ def test_speed_grid_gain_kept_is_the_share_of_the_reference_gain():
     from types import SimpleNamespace
 
     from idgbr.metrics import evaluate_maps
-    from idgbr.speed import pick_fast_mode, run_grid
+    from idgbr.evaluation.speed import pick_fast_mode, run_grid
 
     gt = np.zeros((48, 48), np.uint8)
     gt[10:30, 12:40] = 1
@@ -408,15 +408,15 @@ def test_prepare_dubai_scale(datasets_dir, tmp_path):
 
 
 def test_demo_passes_its_options(monkeypatch, tmp_path, capsys):
-    import idgbr.demo
+    import idgbr.evaluation.demo
 
     seen = {}
-    monkeypatch.setattr(idgbr.demo, "run_demo",
+    monkeypatch.setattr(idgbr.evaluation.demo, "run_demo",
                         lambda out, train, source, settings: seen.update(train=train, settings=settings))
     assert main(["demo", "--train", "--coarse-folds", "3", "--out", str(tmp_path)]) == 0
-    assert seen["train"] and seen["settings"] == idgbr.demo.DemoSettings(coarse_folds=3)
+    assert seen["train"] and seen["settings"] == idgbr.evaluation.demo.DemoSettings(coarse_folds=3)
     assert main(["demo", "--out", str(tmp_path)]) == 0
-    assert not seen["train"] and seen["settings"] == idgbr.demo.DemoSettings()
+    assert not seen["train"] and seen["settings"] == idgbr.evaluation.demo.DemoSettings()
     assert main(["demo", "--train", "--train-minutes", "7.5", "--out", str(tmp_path)]) == 0
     assert seen["settings"].train_minutes == 7.5
     # training options without --train would be silently ignored: refused instead
@@ -479,7 +479,7 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
 
 
 def test_benchmark_verdict_names_targets_and_the_control():
-    from idgbr.benchmark import verdict_lines
+    from idgbr.evaluation.benchmark import verdict_lines
 
     def scores(wfm3, miou):
         return {"wfm": {"3": wfm3}, "miou": miou}
@@ -554,7 +554,7 @@ def test_pooled_coarse_sources_give_each_image_once_per_source(synthetic, tmp_pa
 def test_benchmark_learns_real_errors_out_of_fold_by_default(synthetic, tmp_path, capsys):
     """A refiner that learns from real errors (coarse_corruption < 1) gets them out of fold by default: every coarse
     model's K-fold train maps are made first and pooled into one shared refiner (and one control)."""
-    from idgbr.benchmark import AUTO_FOLDS
+    from idgbr.evaluation.benchmark import AUTO_FOLDS
 
     run = tmp_path / "bench_auto"
     args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--coarse-arch", "deeplabv3plus", "--preset", "tiny",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.benchmark import control_config
+from idgbr.evaluation.benchmark import control_config
 from idgbr.nn.config import RefinerConfig
 from idgbr.nn.encoders import ENCODERS
 from idgbr.errors import IdgbrError

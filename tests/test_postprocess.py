@@ -66,7 +66,7 @@ def test_evaluate_cli_scores_sieved_maps(tmp_path, capsys):
     """`idgbr evaluate --sieve PX` scores the maps as `refine --sieve PX` would write them."""
     import json
 
-    from idgbr.cli import main
+    from idgbr.commands.main import main
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.data.io import write_label
     from idgbr.data.synthetic import write_synthetic_dataset

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.data.dataset import IGNORE_INDEX, SegmentationDataset
 from idgbr.errors import IdgbrError
 from idgbr.data.prepare import CONVERTERS, DUBAI_COLOURS, grid_positions, prepare

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from rasterio.transform import from_origin  # noqa: E402
 
-from idgbr.cli import main  # noqa: E402
+from idgbr.commands.main import main  # noqa: E402
 from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
 from idgbr.nn.model import IDGBRModel  # noqa: E402

@@ -234,7 +234,7 @@ def test_cli_train_sd15_with_pretrained_folder(sd15_folder: Path, tmp_path: Path
     modules change, the VAE and the guidance encoder stay the pretrained ones; the run refines a tile."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from idgbr.cli import main
+    from idgbr.commands.main import main
     from idgbr.inference.pipeline import Refiner
     from idgbr.data.synthetic import write_synthetic_dataset
 

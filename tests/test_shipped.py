@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.errors import IdgbrError
 from idgbr.nn.zoo import SHIPPED, card, shipped_path
 
@@ -146,7 +146,7 @@ def test_refine_with_no_model_refuses_other_classes(tmp_path, capsys):
 
 
 def test_demo_finds_the_repository_copy_of_the_data(datasets_dir, monkeypatch):
-    from idgbr.demo import find_dubai
+    from idgbr.evaluation.demo import find_dubai
 
     monkeypatch.delenv("IDGBR_DUBAI", raising=False)
     assert find_dubai() == datasets_dir / "dubai_aerial"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.nn.config import RefinerConfig
 
 torch = pytest.importorskip("torch")

@@ -33,7 +33,7 @@ def run(args) -> int:
 
     from ..data.io import atomic_path
     from ..inference.pipeline import Refiner
-    from ..speed import collect_tiles, markdown_table, pick_fast_mode, run_grid
+    from ..evaluation.speed import collect_tiles, markdown_table, pick_fast_mode, run_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -77,7 +77,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..benchmark import BenchmarkSettings, run_benchmark
+    from ..evaluation.benchmark import BenchmarkSettings, run_benchmark
     from ..nn.config import parse_overrides
 
     settings = BenchmarkSettings(

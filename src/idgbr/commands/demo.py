@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoSettings, run_demo
+    from ..evaluation.demo import DemoSettings, run_demo
     from ..errors import IdgbrError
 
     if not args.train and (args.coarse_folds or args.train_minutes is not None):

@@ -678,7 +678,7 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
         out_dir: the run folder.
         resume: continue from the latest complete checkpoint in ``out_dir/checkpoints``.
         progress: show a tqdm bar; ``progress_desc`` labels it and ``progress_position`` pins it to a terminal line
-            (for runs that train side by side, e.g. :func:`idgbr.benchmark.train_side_by_side`).
+            (for runs that train side by side, e.g. :func:`idgbr.evaluation.benchmark.train_side_by_side`).
         log_every: interval in steps of TensorBoard logging, of the progress bar's loss and of the finiteness
             check (each reads values back to the host; a non-finite loss is also caught at every checkpoint).
 

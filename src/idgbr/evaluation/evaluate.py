@@ -17,9 +17,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .data.dataset import IGNORE_INDEX, SegmentationDataset, coarse_folder, read_index_map
-from .errors import IdgbrError, file_error
-from .metrics import evaluate_maps
+from ..data.dataset import IGNORE_INDEX, SegmentationDataset, coarse_folder, read_index_map
+from ..errors import IdgbrError, file_error
+from ..metrics import evaluate_maps
 
 PRED_EXTS = (".png", ".tif", ".tiff")  # lossless only: a JPEG prediction would invent classes at edges
 
@@ -64,7 +64,7 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
     ``sieve`` > 1 scores the prediction (after gating) with regions smaller than ``sieve`` px merged into their
     largest neighbour (what ``idgbr refine --sieve`` writes; :mod:`idgbr.inference.postprocess`).
     """
-    from .inference.postprocess import check_sieve, sieve_labels
+    from ..inference.postprocess import check_sieve, sieve_labels
 
     sieve = check_sieve(sieve)
     data_root = Path(data_root)
@@ -97,7 +97,7 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
                 coarse_map = _read_map(_find_map(coarse, stem, "coarse map", str(coarse)), num_classes, mask_path,
                                        mask.shape)
                 if gate_width is not None:
-                    from .inference.scene import gate_band
+                    from ..inference.scene import gate_band
 
                     refined = np.where(gate_band(coarse_map, gate_width), refined, coarse_map)
                 yield mask, sieve_labels(refined, sieve), coarse_map

@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 
-from .errors import IdgbrError
+from ..errors import IdgbrError
 
 # Order here is the order in `idgbr --help`.
 COMMAND_MODULES = (
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "device", None) is not None:  # a device this host lacks fails before anything is written
-            from .nn.device import resolve_device
+            from ..nn.device import resolve_device
 
             resolve_device(args.device)
         result = args.func(args)

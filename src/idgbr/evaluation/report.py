@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data.dataset import IGNORE_INDEX
+from ..data.dataset import IGNORE_INDEX
 
 FN_COLOUR = (40, 90, 255)
 FP_COLOUR = (235, 40, 40)
@@ -23,7 +23,7 @@ def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    from .data.io import atomic_path
+    from ..data.io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

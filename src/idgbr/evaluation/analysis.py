@@ -160,9 +160,9 @@ def frequency_report(model_dir: str | Path, data_root: str | Path, split: str, c
 
     import torch
 
-    from .data.dataset import SegmentationDataset
-    from .data.io import atomic_path
-    from .inference.pipeline import Refiner
+    from ..data.dataset import SegmentationDataset
+    from ..data.io import atomic_path
+    from ..inference.pipeline import Refiner
 
     refiner = Refiner.from_pretrained(model_dir)
     model = refiner.model

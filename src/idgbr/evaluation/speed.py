@@ -32,7 +32,7 @@ class Cell:
 
 def collect_tiles(data_root: str | Path, split: str, coarse: str, tile: int, count: int, seed: int = 0):
     """Up to ``count`` (image, gt, coarse) crops of ``tile``² taken at random from the split's images."""
-    from .data.dataset import SegmentationDataset
+    from ..data.dataset import SegmentationDataset
 
     dataset = SegmentationDataset(data_root, split, coarse=coarse)
     rng = np.random.default_rng(seed)
@@ -57,7 +57,7 @@ def run_grid(refiner, tiles, steps_grid: Sequence[int] = (25, 10, 4, 2, 1),
     """Run every cell on the same tiles; returns (coarse metrics, cells). The reference cell is always included."""
     import torch
 
-    from .metrics import evaluate_maps
+    from ..metrics import evaluate_maps
 
     num_classes = refiner.config.num_classes
     coarse_metrics = evaluate_maps([(gt, c) for _, gt, c in tiles], num_classes, tolerances=(3,))

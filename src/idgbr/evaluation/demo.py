@@ -19,7 +19,7 @@ from typing import Callable
 
 
 from .benchmark import BenchmarkSettings, Stages, refiner_config, train_and_refine
-from .errors import IdgbrError
+from ..errors import IdgbrError
 
 DUBAI_ENV = "IDGBR_DUBAI"
 
@@ -73,7 +73,7 @@ def run_demo(out: str | Path, train: bool = False, source: str | Path | None = N
 
     Returns ``{"coarse", "refined", "seconds", "summary"}`` (the two evaluation results, wall seconds, the printed
     summary); ``DIR/report.md`` holds the report with pictures."""
-    from .data.prepare import prepare
+    from ..data.prepare import prepare
 
     settings = settings or DemoSettings()
     out = Path(out)
@@ -94,10 +94,10 @@ def run_demo(out: str | Path, train: bool = False, source: str | Path | None = N
 
 def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -> tuple[dict, dict, str, str]:
     """The shipped coarse model and refiner on the test tiles (no training)."""
-    from .training.coarse import predict_coarse
+    from ..training.coarse import predict_coarse
     from .evaluate import evaluate_folder
-    from .inference.pipeline import Refiner
-    from .nn.zoo import DEFAULT_COARSE, DEFAULT_REFINER, card
+    from ..inference.pipeline import Refiner
+    from ..nn.zoo import DEFAULT_COARSE, DEFAULT_REFINER, card
 
     if settings.scale != card(DEFAULT_REFINER)["data"]["scale"]:
         raise IdgbrError(f"the shipped models were made at scale {card(DEFAULT_REFINER)['data']['scale']}; "
@@ -118,8 +118,8 @@ def _shipped_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings)
 
 def _train_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -> tuple[dict, dict, str, str]:
     """The full protocol from scratch: train a coarse model and the lite refiner, then refine the test tiles."""
-    from .training.coarse import fold_stems, predict_coarse, predict_coarse_oof, train_coarse
-    from .data.dataset import SegmentationDataset
+    from ..training.coarse import fold_stems, predict_coarse, predict_coarse_oof, train_coarse
+    from ..data.dataset import SegmentationDataset
     from .evaluate import evaluate_folder
 
     if settings.coarse_folds:  # a bad K fails before any training
@@ -159,8 +159,8 @@ def _train_demo(stages: Stages, data: Path, out: Path, settings: DemoSettings) -
 
 def write_demo_report(out: Path, data: Path, coarse: dict, refined: dict, description: str,
                       stage_seconds: dict[str, float], seconds: float, name: str = "demo") -> dict:
-    from .data.dataset import SegmentationDataset
-    from .data.io import atomic_path, read_label
+    from ..data.dataset import SegmentationDataset
+    from ..data.io import atomic_path, read_label
     from .report import bar_chart, comparison_panel, flat_metrics, metrics_table
 
     rows = {"coarse": coarse, "IDGBR lite refined": refined}

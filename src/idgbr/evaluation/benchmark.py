@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import IdgbrError
+from ..errors import IdgbrError
 
 
 AUTO_FOLDS = 3  # out-of-fold folds when the refiner learns from real errors and nothing else brings them
@@ -117,7 +117,7 @@ class Stages:
         fn()
         seconds = time.perf_counter() - start
         folder.mkdir(parents=True, exist_ok=True)
-        from .data.io import atomic_path
+        from ..data.io import atomic_path
 
         with atomic_path(marker) as tmp:
             record = {"params": params, "seconds": seconds}
@@ -130,8 +130,8 @@ class Stages:
 
 def refiner_config(data_root: Path, preset: str, steps: int | None, seed: int, overrides: dict[str, Any]):
     """A RefinerConfig whose classes and bands come from the dataset."""
-    from .nn.config import RefinerConfig
-    from .data.dataset import SegmentationDataset
+    from ..nn.config import RefinerConfig
+    from ..data.dataset import SegmentationDataset
 
     dataset = SegmentationDataset(data_root, "train", load_mask=False)
     bands = dataset[0]["image"].shape[-1]
@@ -156,7 +156,7 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
     maps, so it is trained once, as ``<kind>_synthetic``, and shared by every coarse model; so is one trained on the
     ``pooled`` coarse maps (names under ``DATA/coarse/``), as ``<kind>_pooled``."""
     from .evaluate import evaluate_folder
-    from .inference.pipeline import Refiner
+    from ..inference.pipeline import Refiner
 
     model_dir = refiner_stage(stages, data_root, run, name, config, coarse, pooled=pooled)
     pred_dir = run / "refined" / name
@@ -182,7 +182,7 @@ def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config,
     """Train (or reuse) the refiner that ``name`` refines with; returns its folder. One trained on synthetic coarse
     maps only is named ``<kind>_synthetic``, one trained on the ``pooled`` coarse tracks ``<kind>_pooled``; both
     are shared by every coarse model. ``progress``: tqdm options of :func:`idgbr.training.loop.train_refiner`."""
-    from .training.loop import train_refiner
+    from ..training.loop import train_refiner
 
     synthetic = config.use_coarse and config.coarse_corruption >= 1  # (coarse is None only for image-only models)
     if config.use_coarse and pooled and not synthetic:
@@ -251,7 +251,7 @@ def train_side_by_side(stages: Stages, data_root: Path, run: Path, settings: Ben
                                             "position": position, "lane": lane, "pooled": list(pooled),
                                             "settings": dataclasses.asdict(settings)}))
                 # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__, any thread count
-                procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from idgbr.benchmark import "
+                procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from idgbr.evaluation.benchmark import "
                                                "train_lane; sys.exit(train_lane(sys.argv[1]))", str(spec)], env=env))
             while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
                 time.sleep(0.5)
@@ -272,7 +272,7 @@ def train_lane(spec_file: str) -> int:
     """One process of :func:`train_side_by_side`: run the stages listed in ``spec_file``; returns an exit code."""
     import torch
 
-    from .nn.config import RefinerConfig
+    from ..nn.config import RefinerConfig
 
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec["threads"])
@@ -310,15 +310,15 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
     if not (data_root / "classes.json").exists():
         raise IdgbrError(f"{data_root}: not a prepared dataset (no classes.json); run 'idgbr prepare' first")
     if settings.coarse_folds:  # a bad K fails now, not after the first refiner has trained
-        from .training.coarse import fold_stems
-        from .data.dataset import SegmentationDataset
+        from ..training.coarse import fold_stems
+        from ..data.dataset import SegmentationDataset
 
         fold_stems(SegmentationDataset(data_root, "train", load_mask=False).stems, settings.coarse_folds,
                    flag="--coarse-folds", group=settings.coarse_fold_group)
     # a bad track fails now, before anything is trained or written
     checked = {str(Path(f)): check_coarse_track(data_root, Path(f))
                for f in (*settings.coarse_maps, *settings.refiner_coarse_maps)}
-    from .nn.device import resolve_device
+    from ..nn.device import resolve_device
 
     resolve_device(settings.device)  # a bad --device fails now
     run.mkdir(parents=True, exist_ok=True)
@@ -406,7 +406,7 @@ def check_coarse_track(data_root: Path, folder: Path) -> tuple[str, list[str], s
     of their maps; a one-line :class:`IdgbrError` if the folder is not one."""
     import hashlib
 
-    from .data.dataset import SegmentationDataset
+    from ..data.dataset import SegmentationDataset
 
     provenance_file = folder / "provenance.json"
     if not provenance_file.is_file():
@@ -454,7 +454,7 @@ def coarse_stages(stages: Stages, data_root: Path, run: Path, arch: str, setting
     ``_g<hash>`` with ``coarse_fold_group``, so that refiner stages trained on in-sample maps are never reused for them); the test maps always come from the
     model trained on the whole train split.
     """
-    from .training.coarse import predict_coarse, predict_coarse_oof, train_coarse
+    from ..training.coarse import predict_coarse, predict_coarse_oof, train_coarse
 
     folds, group = settings.coarse_folds, settings.coarse_fold_group
     tag = f"bench_{arch}" if not folds else f"bench_{arch}_oof{folds}" + (f"_g{_short_hash(group)}" if group else "")
@@ -488,7 +488,7 @@ def maps_digest(data_root: Path, name: str, split: str) -> str:
     """SHA-1 of the maps ``DATA/coarse/<name>/<stem>.png`` of ``split`` (a missing map counts as such)."""
     import hashlib
 
-    from .data.dataset import SegmentationDataset
+    from ..data.dataset import SegmentationDataset
 
     digest = hashlib.sha1()
     for stem in SegmentationDataset(data_root, split, load_mask=False).stems:
@@ -547,7 +547,7 @@ def verdict_lines(report: dict) -> list[str]:
 
 
 def write_reports(run: Path, report: dict) -> None:
-    from .data.io import atomic_path
+    from ..data.io import atomic_path
     from .report import bar_chart, flat_metrics, metrics_table
 
     with atomic_path(run / "report.json") as tmp:
