@@ -75,7 +75,7 @@ def child(args: argparse.Namespace) -> None:
     from idgbr.nn.config import RefinerConfig
     from idgbr.nn.model import IDGBRModel
     from idgbr.inference.pipeline import Refiner
-    from idgbr import scene as scene_module
+    from idgbr.inference import scene as scene_module
 
     torch.manual_seed(0)
     if args.model:  # a trained run folder

@@ -57,7 +57,9 @@ def train_rate(config, samples, device: torch.device, steps: int, warmup: int, d
                load_weights: bool = True) -> tuple[float, float, float]:
     """(steps/s all-in, ms/step waiting for data, peak GiB) of the training step of ``idgbr.training.loop`` (no accelerate)."""
     from idgbr.nn.model import IDGBRModel
-    from idgbr.training.loop import CropSampler, Prefetcher, RefinerObjective, apply_throughput_switches, make_optimizer
+    from idgbr.training.batches import CropSampler, Prefetcher
+    from idgbr.training.objective import RefinerObjective
+    from idgbr.training.loop import apply_throughput_switches, make_optimizer
 
     model = IDGBRModel(config, load_weights=load_weights).to(device).train()
     apply_throughput_switches(config, model, device)
@@ -116,7 +118,7 @@ def infer_ms(model, device: torch.device, tile: int, batch: int, steps: int, gui
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from idgbr import train as T
+    from idgbr.training.batches import load_training_samples, resolve_config
     from idgbr.nn.config import RefinerConfig
     from idgbr.nn.model import IDGBRModel
     from idgbr.data.synthetic import write_synthetic_dataset
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_dataset(Path(tmp) / "d", n=3 if smoke else 10, size=96 if smoke else 512, seed=0)
-        samples, dataset = T.load_training_samples(Path(tmp) / "d", None)
-    base = T.resolve_config(RefinerConfig.preset_config(preset), dataset, samples)
+        samples, dataset = load_training_samples(Path(tmp) / "d", None)
+    base = resolve_config(RefinerConfig.preset_config(preset), dataset, samples)
     steps, warmup = (1, 1) if smoke else (20, 3)
     bf16 = torch.bfloat16 if device.type == "cuda" else None
 

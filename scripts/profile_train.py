@@ -71,12 +71,12 @@ class PhaseTimer:
 def build(args: argparse.Namespace, data_root: str):
     from idgbr.nn.config import RefinerConfig, parse_overrides
     from idgbr.nn.model import IDGBRModel
-    from idgbr import train as T
+    from idgbr.training.batches import load_training_samples, resolve_config
 
     overrides = {"batch_size": args.batch, "crop_size": args.crop, **parse_overrides(args.set)}
     config = RefinerConfig.preset_config(args.preset, **overrides)
-    samples, dataset = T.load_training_samples(data_root, None)
-    config = T.resolve_config(config, dataset, samples)
+    samples, dataset = load_training_samples(data_root, None)
+    config = resolve_config(config, dataset, samples)
     model = IDGBRModel(config, load_weights=False).to(args.device)
     model.train()
     return config, model, samples
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from idgbr import train as T
+    from idgbr.training.batches import CropSampler, Prefetcher
+    from idgbr.training.loop import apply_throughput_switches, lr_lambda, make_optimizer
+    from idgbr.training.objective import RefinerObjective
 
     with tempfile.TemporaryDirectory() as tmp:
         data_root = args.data
@@ -98,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
             write_synthetic_dataset(data_root, n=10, size=256, seed=0)
         config, model, samples = build(args, data_root)
     device = torch.device(args.device)
-    objective = T.RefinerObjective(model, config)
+    objective = RefinerObjective(model, config)
     params = model.trainable_parameters()
-    T.apply_throughput_switches(config, model, device)
+    apply_throughput_switches(config, model, device)
     model.label_embed.check_labels = False  # as the training loop: labels are checked once at load
-    optimizer = T.make_optimizer(config, params, device)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, T.lr_lambda(config))
+    optimizer = make_optimizer(config, params, device)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     cuda = device.type == "cuda"
-    sampler = T.CropSampler(samples, config, pin_memory=cuda)
+    sampler = CropSampler(samples, config, pin_memory=cuda)
     rng = np.random.default_rng(config.seed)
-    prefetcher = T.Prefetcher(sampler, rng, config.prefetch) if config.prefetch else None
+    prefetcher = Prefetcher(sampler, rng, config.prefetch) if config.prefetch else None
     next_batch = prefetcher if prefetcher is not None else (lambda: sampler(rng))
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(config.seed)

@@ -25,7 +25,7 @@ distributed = pytest.importorskip("distributed")
 
 from rasterio.transform import from_origin  # noqa: E402
 
-from idgbr import archive  # noqa: E402
+from idgbr.inference import archive  # noqa: E402
 from idgbr.inference.archive import JOB_LOCK, MANIFEST, find_pairs, read_pairs, refine_archive, refine_task  # noqa: E402
 from idgbr.inference.locks import Lock  # noqa: E402
 from idgbr.commands.main import main  # noqa: E402

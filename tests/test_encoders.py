@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr import encoders
+from idgbr.nn import encoders
 from idgbr.nn.encoders import (ENCODERS, load_pretrained_encoder, map_to_timm, normalize, package_weights,
                             pretrained_for_smp, smp_encoder_state_dict, timm_state_dict)
 from idgbr.errors import IdgbrError

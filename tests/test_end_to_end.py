@@ -528,7 +528,7 @@ def test_benchmark_pools_real_errors_into_one_shared_refiner(synthetic, tmp_path
 def test_pooled_coarse_sources_give_each_image_once_per_source(synthetic, tmp_path):
     import shutil
 
-    from idgbr.training.loop import coarse_sources, load_training_samples
+    from idgbr.training.batches import coarse_sources, load_training_samples
 
     (synthetic / "coarse").mkdir(exist_ok=True)
     names = []

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from idgbr import unet_parts
+from idgbr.nn import unet_parts
 from idgbr.nn.config import RefinerConfig
 from idgbr.nn.guidance import CGModule
 from idgbr.nn.model import IDGBRModel

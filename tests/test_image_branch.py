@@ -14,7 +14,8 @@ from idgbr.errors import IdgbrError
 from idgbr.nn.image_branch import encoder_input
 from idgbr.nn.model import IDGBRModel
 from idgbr.nn.repa import EncoderTeacher
-from idgbr.training.loop import RefinerObjective, make_optimizer
+from idgbr.training.objective import RefinerObjective
+from idgbr.training.loop import make_optimizer
 
 NAME = "tf_efficientnet_lite0"
 K = 3
@@ -106,7 +107,7 @@ def test_bad_switches_are_one_line_errors(tmp_path):
         IDGBRModel(config("lite", latent_factor=16, tile_size=64, crop_size=64))  # strides 16, 32, 64
     with pytest.raises(IdgbrError, match=r"trainable_stages must lie in \[0, 3\]"):
         IDGBRModel(config(image_encoder_trainable_stages=4))  # tiny keeps blocks 0-2
-    from idgbr.training.loop import resolve_config
+    from idgbr.training.batches import resolve_config
 
     class Data:  # the dataset's images decide the bands
         root = tmp_path

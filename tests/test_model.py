@@ -139,7 +139,7 @@ def test_parameter_counts(preset):
 def test_attention_free_unet_and_guidance_attention_on_coarse_levels_only(tmp_path):
     """The fast geometry switches: no transformer blocks anywhere (UNet and its guidance-encoder copy), CG
     cross-attention only at levels with stride >= 2; it runs, trains its fusion everywhere and round-trips."""
-    from idgbr import unet_parts
+    from idgbr.nn import unet_parts
 
     torch.manual_seed(0)
     config = RefinerConfig.preset_config(

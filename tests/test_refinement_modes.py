@@ -15,7 +15,7 @@ from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
 from idgbr.nn.model import IDGBRModel, boundary_band, boundary_map  # noqa: E402
 from idgbr.inference.pipeline import Refiner  # noqa: E402
-from idgbr.training.loop import RefinerObjective, label_loss  # noqa: E402
+from idgbr.training.objective import RefinerObjective, label_loss  # noqa: E402
 
 K = 3
 

@@ -65,7 +65,7 @@ def _perturb_cg(model: IDGBRModel) -> None:
 
 
 def test_sd15_toy_is_the_paper_architecture() -> None:
-    from idgbr import unet_parts
+    from idgbr.nn import unet_parts
     from idgbr.nn.codecs import VAECodec
 
     model = toy_model()
@@ -87,7 +87,8 @@ def test_sd15_objective_step_reaches_denoiser_and_cg_modules() -> None:
     """One training step of the sd15 objective (epsilon + CE through the VAE decoder): gradient in the UNet (both
     halves) and in every CG module, none in the frozen guidance encoder, VAE or label embedding; the step moves the
     zero-initialised CG fusion off zero and leaves the frozen parts alone."""
-    from idgbr.training.loop import RefinerObjective, make_optimizer
+    from idgbr.training.objective import RefinerObjective
+    from idgbr.training.loop import make_optimizer
 
     model = toy_model(ce_weight=0.1, cond_dropout=0.0)
     objective = RefinerObjective(model, model.config)

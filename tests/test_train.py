@@ -22,7 +22,8 @@ from idgbr.nn.config import RefinerConfig
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # the test machines are shared; oversubscribed threads only slow things down
 
-from idgbr.training.loop import latest_checkpoint, list_checkpoints, train_refiner  # noqa: E402
+from idgbr.nn.run_folder import latest_checkpoint, list_checkpoints  # noqa: E402
+from idgbr.training.loop import train_refiner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_ema_final_model_is_the_average_and_resumes(data: Path, embed: Path, tmp
 def test_objectives(overrides: dict) -> None:
     """Every objective gives a finite loss whose gradient reaches the denoiser and the guidance modules."""
     from idgbr.nn.model import IDGBRModel
-    from idgbr.training.loop import RefinerObjective
+    from idgbr.training.objective import RefinerObjective
 
     config = tiny(num_classes=3, cond_dropout=0.0, **overrides)
     torch.manual_seed(0)
@@ -222,7 +223,7 @@ def test_repa_loss_in_the_objective() -> None:
     decoder half; without teacher tokens the term is 0."""
     from idgbr.nn.model import IDGBRModel
     from idgbr.nn.repa import repa_loss
-    from idgbr.training.loop import RefinerObjective
+    from idgbr.training.objective import RefinerObjective
 
     config = tiny(num_classes=3, cond_dropout=0.0, repa_weight=0.5)
     torch.manual_seed(0)
@@ -320,7 +321,7 @@ def test_accelerate_launch_two_cpu_processes(data: Path, tmp_path: Path) -> None
 
 def test_boundary_crops_contain_a_boundary() -> None:
     """boundary_crops=1: every crop holds a class boundary; 0: most crops of a mostly-empty scene hold none."""
-    from idgbr.training.loop import CropSampler
+    from idgbr.training.batches import CropSampler
 
     mask = np.zeros((300, 300), np.uint8)
     mask[140:160, 140:160] = 1
@@ -336,7 +337,7 @@ def test_boundary_crops_contain_a_boundary() -> None:
 
 def _synthetic_wrong_share(samples: list[dict], **config: object) -> float:
     """Share of wrong coarse pixels in one batch of fully synthetic coarse maps (5 classes, 64² crops, seed 0)."""
-    from idgbr.training.loop import CropSampler
+    from idgbr.training.batches import CropSampler
 
     batch = CropSampler(samples, tiny(num_classes=5, crop_size=64, coarse_corruption=1.0, **config))(
         np.random.default_rng(0))
@@ -365,7 +366,7 @@ def test_corruption_min_strength_mixes_in_milder_synthetic_coarse_maps() -> None
     the batch is the one drawn before the field existed (no extra random draw)."""
     from idgbr.errors import IdgbrError
     from idgbr.data.synthetic import degrade_mask
-    from idgbr.training.loop import CropSampler
+    from idgbr.training.batches import CropSampler
 
     samples = _scene_samples()
     wrong = {low: _synthetic_wrong_share(samples, batch_size=32, corruption_min_strength=low) for low in (0.0, 1.0)}
@@ -385,7 +386,7 @@ def test_augmentation_fields_reach_the_crop_sampler() -> None:
     """augment_scale_range=[1, 1] crops without resampling (every crop is a window of a source mask);
     augment_dihedral adds the rotation; a reversed range is refused in one line."""
     from idgbr.errors import IdgbrError
-    from idgbr.training.loop import CropSampler
+    from idgbr.training.batches import CropSampler
 
     samples = _scene_samples()
     config = tiny(num_classes=5, crop_size=32, batch_size=8, augment_scale_range=[1.0, 1.0], augment_dihedral=True)
@@ -466,7 +467,7 @@ def test_cli_lite_preset_picks_the_image_branch_by_bands(tmp_path: Path) -> None
 
 def test_labels_checked_once_at_load() -> None:
     from idgbr.errors import IdgbrError
-    from idgbr.training.loop import check_sample_labels
+    from idgbr.training.batches import check_sample_labels
 
     good = {"mask": np.array([[0, 2, 255]], np.uint8), "coarse": np.array([[1, 2, 0]], np.uint8)}
     check_sample_labels([good], 3)
@@ -537,7 +538,7 @@ def test_throughput_switches_train(data: Path, embed: Path, tmp_path: Path) -> N
 
 
 def _worker_batches(samples, workers: int, seed: int = 0, start: int = 0, stop: int = 6) -> list[dict]:
-    from idgbr.training.loop import CropSampler, WorkerBatches
+    from idgbr.training.batches import CropSampler, WorkerBatches
 
     loader = WorkerBatches(CropSampler(samples, tiny(seed=seed, num_classes=3)), seed, 0, start, stop, workers)
     try:
@@ -550,7 +551,7 @@ def test_loader_workers_are_deterministic(data: Path) -> None:
     """Batches drawn in DataLoader workers: a seed and a worker count give the same sequence (each step's batch
     comes from its own generator, so even another worker count gives it); another seed gives other batches; a
     resume at step s draws the uninterrupted sequence's batches from s on."""
-    from idgbr.training.loop import load_training_samples
+    from idgbr.training.batches import load_training_samples
 
     samples, _ = load_training_samples(data, "c1")
     first, again, one = _worker_batches(samples, 2), _worker_batches(samples, 2), _worker_batches(samples, 1)

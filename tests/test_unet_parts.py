@@ -3,7 +3,7 @@
 import torch
 from diffusers import UNet2DConditionModel
 
-from idgbr import unet_parts
+from idgbr.nn import unet_parts
 from idgbr.nn.config import RefinerConfig
 from idgbr.nn.model import unet_config
 

@@ -66,7 +66,8 @@ def image_bands(data: str) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
-    from ..training.loop import check_paths, train_refiner
+    from ..training.batches import check_paths
+    from ..training.loop import train_refiner
 
     check_paths(config)  # before importing torch-heavy modules: a bad path fails within seconds
     out = train_refiner(config, args.data, args.coarse, args.out, resume=args.resume, progress=not args.no_progress)

@@ -88,7 +88,7 @@ class Refiner:
 
         path = resolve_model(path, "refiner", "point --model at a run folder written by 'idgbr train'")
         if not (path / "config.json").exists():
-            from ..training.loop import latest_checkpoint
+            from ..nn.run_folder import latest_checkpoint
 
             latest = latest_checkpoint(path)
             fix = (f"training did not finish; use --model {latest}" if latest is not None

@@ -159,7 +159,7 @@ class RefinerConfig:
     prefetch: int = 2  # batches drawn ahead in a background thread (0: in series with the step); same batches
     # Draw training batches in N torch DataLoader worker processes (0: in this process, as `prefetch` says). With
     # N > 0 the batch of step k comes from a generator seeded by (seed, rank, k): the same batches for any N, other
-    # than N = 0's single stream, and a resume replays exactly (idgbr.training.loop.WorkerBatches).
+    # than N = 0's single stream, and a resume replays exactly (idgbr.training.batches.WorkerBatches).
     loader_workers: int = 0
 
     # --- inference defaults --------------------------------------------------------------------------------------
