@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from idgbr.commands.main import main
-from idgbr.training.coarse import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights, predict_coarse, train_coarse
+from idgbr.nn.coarse_model import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights
+from idgbr.training.coarse import predict_coarse, train_coarse
 from idgbr.commands.coarse import ARCH_NAMES
 from idgbr.errors import IdgbrError
 

@@ -43,7 +43,7 @@ def test_demo_reproduces_the_shipped_models_cards(demo):
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_folders_rebuild_and_carry_a_card(name):
-    from idgbr.training.coarse import CoarseModel
+    from idgbr.nn.coarse_model import CoarseModel
     from idgbr.inference.pipeline import Refiner
 
     folder = shipped_path(name)
@@ -61,7 +61,7 @@ def test_shipped_model_folders_rebuild_and_carry_a_card(name):
 
 
 def test_model_names_resolve_or_fail_in_one_line(tmp_path, monkeypatch):
-    from idgbr.training.coarse import CoarseModel
+    from idgbr.nn.coarse_model import CoarseModel
     from idgbr.inference.pipeline import Refiner
 
     with pytest.raises(IdgbrError, match="a shipped coarse model, not a refiner model; shipped refiner models: dubai-lite"):

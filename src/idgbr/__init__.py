@@ -25,7 +25,7 @@ _EXPORTS = {
     "evaluate_maps": "idgbr.metrics",
     "ConfusionMatrix": "idgbr.metrics",
     "weighted_fmeasure": "idgbr.metrics",
-    "CoarseModel": "idgbr.training.coarse",
+    "CoarseModel": "idgbr.nn.coarse_model",
     "train_coarse": "idgbr.training.coarse",
     "predict_coarse": "idgbr.training.coarse",
     "train_refiner": "idgbr.training.loop",
