@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     bands = parse_bands(args.bands)
     if args.model is None:
-        from .refine import shipped_refiner
+        from ..nn.zoo import shipped_refiner
 
         shipped_refiner()  # says which model runs; each scene's classes are checked on its worker
     manifest = refine_archive(pairs, args.out, args.model, workers=args.workers, threads=args.threads,

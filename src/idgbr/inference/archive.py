@@ -194,7 +194,7 @@ def refine_task(job: dict[str, Any]) -> dict[str, Any]:
                     result["status"] = "exists"
                 else:
                     if job["shipped"]:
-                        from ..commands.refine import shipped_refiner
+                        from ..nn.zoo import shipped_refiner
 
                         shipped_refiner(coarse=Path(job["coarse"]), announce=False)
                     loading = time.time()

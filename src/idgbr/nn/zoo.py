@@ -87,3 +87,52 @@ def _from_hub(repo_id: str, fix: str) -> Path:
             f"could not be fetched from the Hugging Face Hub ({type(exc).__name__})"
         raise IdgbrError(f"{repo_id}: no such local folder, not a shipped model ({', '.join(SHIPPED)}), and {why}; "
                          f"{fix}") from None
+
+
+# --- which shipped refiner fits the user's data ----------------------------------------------------------------
+
+def shipped_refiner(coarse: Path | None = None, data: str | Path | None = None, split: str = "test",
+                    announce: bool = True) -> str:
+    """The name of the shipped refiner when the classes of a dataset (``data``/``split``) or of one ``coarse`` map
+    fit it; else a one-line :class:`IdgbrError` that says how to train one. ``announce`` prints which model runs
+    (also used per scene by ``idgbr refine-archive``, quietly)."""
+    import sys
+
+    info = card(DEFAULT_REFINER)
+    classes = info["classes"]
+    train = (f"the shipped refiner '{DEFAULT_REFINER}' knows {len(classes)} classes ({', '.join(classes)}); train one "
+             "for your classes with 'idgbr train --preset lite --data DATA --out RUN' and pass --model RUN")
+    if data is not None:
+        from ..data.dataset import SegmentationDataset
+
+        dataset = SegmentationDataset(data, split, load_mask=False)
+        if dataset.classes.num_classes != len(classes):
+            raise IdgbrError(f"{dataset.root / 'classes.json'}: {dataset.classes.num_classes} classes, but {train}")
+    elif coarse is not None:
+        largest = _largest_class(Path(coarse))
+        if largest >= len(classes):
+            raise IdgbrError(f"{coarse}: holds class {largest}, but {train}")
+    if announce:
+        print(f"refining with the shipped refiner '{DEFAULT_REFINER}' ({info['summary']}); pass --model RUN for your own",
+              file=sys.stderr)
+    return DEFAULT_REFINER
+
+
+def _largest_class(path: Path) -> int:
+    """The largest class index in a coarse map (255 = nodata does not count), or K - 1 for (K, H, W) .npy
+    probabilities; an unreadable file is left to the normal checks (returns -1)."""
+    import numpy as np
+
+    from ..data.dataset import IGNORE_INDEX
+    from ..data.io import read_label
+
+    try:
+        if path.suffix.lower() == ".npy":
+            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0]) - 1
+        label, _ = read_label(path)
+    except Exception:  # the refine path reports it with its own one-line error
+        return -1
+    if label.ndim != 2:  # colour-coded: the normal checks explain it
+        return -1
+    valid = label[label != IGNORE_INDEX]
+    return int(valid.max()) if valid.size else -1
