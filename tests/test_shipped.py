@@ -81,7 +81,7 @@ def test_model_names_resolve_or_fail_in_one_line(tmp_path, monkeypatch):
 
 def _dubai_tile(datasets_dir, size=160):
     """A crop of a real Dubai test image, its ground truth, and a coarse map with shifted boundaries."""
-    from idgbr.data.prepare import DUBAI_COLOURS
+    from idgbr.data.converters import DUBAI_COLOURS
     from PIL import Image
 
     image = np.asarray(Image.open(datasets_dir / "dubai_aerial" / "images" / "tile7_part01.jpg").convert("RGB"))
