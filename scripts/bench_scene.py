@@ -7,7 +7,7 @@ and its coarse map are written block by block (a mosaic of 500 px ``idgbr.data.s
 them homogeneous land or water as in real scenes; the coarse map is ``degrade_mask`` of the truth), then a
 lite-preset model with random weights (timing only; ``--model RUN`` takes a trained one) refines it with the fast
 setting (``--steps 2 --strength 0.4``, guidance 1) in a fresh subprocess, which reports its wall time and peak RSS (``ru_maxrss``). Each run also
-reports the seam score of its output (:func:`idgbr.inference.scene.seam_score`). ``--fake-model`` measures the scene
+reports the seam score of its output (:func:`idgbr.inference.seams.seam_score`). ``--fake-model`` measures the scene
 loop alone (windowed I/O, memmap accumulators, output) with ``logits = 10 * coarse prior`` instead of the network. ``--gate PX`` adds a gated run per size
 (skipped-tile fraction); ``--tile-noise`` adds an ablation run whose tiles draw independent noise (no scene-level
 field), to compare seam scores. Results are printed as a table and written to ``<out>/bench_scene.json``.

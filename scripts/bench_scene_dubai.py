@@ -50,7 +50,8 @@ def main() -> None:
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
     from idgbr.inference.pipeline import Refiner
-    from idgbr.inference.scene import refine_scene, seam_score
+    from idgbr.inference.scene import refine_scene
+    from idgbr.inference.seams import seam_score
 
     refiner = Refiner.from_pretrained(args.model)
     tile = args.tile or refiner.config.tile_size

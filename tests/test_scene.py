@@ -21,7 +21,9 @@ from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
 from idgbr.nn.model import IDGBRModel  # noqa: E402
 from idgbr.inference.pipeline import Refiner  # noqa: E402
-from idgbr.inference.scene import NoiseField, gate_band, refine_scene, seam_score, sidecar_paths  # noqa: E402
+from idgbr.inference.seams import NoiseField, gate_band, seam_score  # noqa: E402
+from idgbr.inference.scene import refine_scene
+from idgbr.inference.scene_io import sidecar_paths
 
 K = 3
 CRS = "EPSG:32633"

@@ -97,7 +97,7 @@ def evaluate_folder(data_root: str | Path, pred_dir: str | Path, split: str = "t
                 coarse_map = _read_map(_find_map(coarse, stem, "coarse map", str(coarse)), num_classes, mask_path,
                                        mask.shape)
                 if gate_width is not None:
-                    from ..inference.scene import gate_band
+                    from ..inference.seams import gate_band
 
                     refined = np.where(gate_band(coarse_map, gate_width), refined, coarse_map)
                 yield mask, sieve_labels(refined, sieve), coarse_map

@@ -168,7 +168,8 @@ def refine_task(job: dict[str, Any]) -> dict[str, Any]:
     import rasterio
     import torch
 
-    from .scene import refine_scene, sidecar_paths
+    from .scene import refine_scene
+    from .scene_io import sidecar_paths
 
     result: dict[str, Any] = {"stem": job["stem"], "status": "failed", "seconds": 0.0, "tiles": None, "computed": 0,
                               "resumed_tiles": 0, "error": None, "host": socket.gethostname(), "pid": os.getpid(),
