@@ -13,7 +13,8 @@ from idgbr.commands.main import main  # noqa: E402
 from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
 from idgbr.nn.model import IDGBRModel  # noqa: E402
-from idgbr.inference.pipeline import Refiner, _repeat_batch  # noqa: E402
+from idgbr.inference.pipeline import Refiner  # noqa: E402
+from idgbr.inference.tta import _repeat_batch  # noqa: E402
 from idgbr.nn.tiling import tile_grid  # noqa: E402
 
 K = 3

@@ -30,25 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.dataset import IGNORE_INDEX, SegmentationDataset
+from ..data.dataset import IGNORE_INDEX
 from .postprocess import check_sieve, keep_unsure, sieve_labels
 from ..errors import IdgbrError, file_error
-from ..data.io import write_label
-
-
-def _repeat_batch(tree: Any, times: int = 2) -> Any:
-    """Concatenate every tensor of a (nested) conditioning structure ``times`` times along the batch axis (CFG,
-    several samples per tile)."""
-    if isinstance(tree, torch.Tensor):
-        return torch.cat([tree] * times)
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # e.g. guidance.GuidanceFeatures
-        return dataclasses.replace(tree, **{f.name: _repeat_batch(getattr(tree, f.name), times)
-                                            for f in dataclasses.fields(tree)})
-    if isinstance(tree, dict):
-        return {key: _repeat_batch(value, times) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_repeat_batch(value, times) for value in tree)
-    return tree
+from .tta import TTA_TRANSFORMS, _agreement, _repeat_batch, check_noise_for_samples, check_tta
 
 
 class Refiner:
@@ -461,65 +446,11 @@ class Refiner:
                       **kw: Any) -> list[Path]:
         """Refine every image of a dataset split into ``out_dir/<stem>.png``; each image is seeded with ``seed``.
 
-        Windows are batched across images (``batch_size`` tiles per network call, whatever the image they come from);
-        each image's noise is drawn from its own ``torch.Generator().manual_seed(seed)`` exactly as ``refine`` draws
-        it for that image alone, so the maps are those of one ``refine`` call per image (up to the last bits of
-        batched arithmetic). Reading and tiling run ``read_ahead`` images ahead in a thread, labelling, sieving and
-        writing in another (0: reading in series with the compute). ``kw``: ``refine``'s sampling settings.
+        See :func:`idgbr.inference.folder.refine_folder`, which this runs."""
+        from .folder import refine_folder
 
-        ``coarse_name`` may be None only for an image-only model (``use_coarse=False``, the paper's Experiment A).
-        """
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tqdm import tqdm
-
-        from .background import ReadAhead
-
-        if coarse_name is None and self.config.use_coarse:
-            raise IdgbrError("this model refines coarse maps: give --coarse NAME (a folder under DATA/coarse/)")
-        callback = kw.pop("callback", None)
-        settings = self._settings(kw.pop("steps", None), kw.pop("guidance", None), kw.pop("strength", None),
-                                  kw.pop("batch_size", 4), kw.pop("samples", None), kw.pop("noise_scale", None),
-                                  kw.pop("tta", None), kw.pop("sieve", None), kw.pop("flip_margin", None))
-        if kw:
-            raise IdgbrError(f"refine_folder: unknown options {sorted(kw)}")
-        sieve, margin = settings.pop("sieve"), settings.pop("flip_margin")
-        dataset = SegmentationDataset(data_root, split, coarse=coarse_name, load_mask=False)
-        out_dir = Path(out_dir)
-        targets = [out_dir / f"{stem}.png" for stem in dataset.stems]
-        todo = [index for index, target in enumerate(targets) if not (skip_existing and target.exists())]
-        self._latent_shape((self.config.size_multiple,) * 2)  # probe the model here, not in the reading thread
-
-        def read() -> Iterator[_Job]:
-            for index in todo:
-                sample = dataset[index]
-                coarse = sample["coarse"] if coarse_name else np.zeros(sample["image"].shape[:2], np.uint8)
-                try:
-                    yield self._prepare(sample["image"], coarse, torch.Generator().manual_seed(seed),
-                                        settings["batch_size"], settings["samples"], key=index)
-                except IdgbrError as exc:  # name the offending image
-                    raise IdgbrError(f"{dataset.image_path(dataset.stems[index])}: {exc}") from None
-
-        def write(job: _Job) -> None:
-            labels = self._finish(job.blender.result(), job.nodata, sieve, False, False, job.coarse, margin)
-            write_label(targets[job.key], labels)
-
-        bar = tqdm(total=len(targets), initial=len(targets) - len(todo), desc="refine", unit="img",
-                   disable=not progress)
-        with ReadAhead(read(), depth=read_ahead, name="idgbr-refine-read") as jobs, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="idgbr-refine-write") as writer:
-            writes: deque = deque()
-            for job in self._refine_stream(jobs, callback=callback, **settings):
-                writes.append(writer.submit(write, job))
-                while len(writes) > 2 or (writes and writes[0].done()):
-                    writes.popleft().result()
-                    bar.update(1)
-            while writes:
-                writes.popleft().result()
-                bar.update(1)
-        bar.close()
-        return targets
+        return refine_folder(self, data_root, split, coarse_name, out_dir, seed=seed, skip_existing=skip_existing,
+                             progress=progress, read_ahead=read_ahead, **kw)
 
 
 @dataclasses.dataclass(eq=False)
@@ -536,54 +467,6 @@ class _Job:
     coarse: np.ndarray | None = None  # the (H, W) coarse labels (argmax of soft ones), for the flip margin
     done: int = 0
     queue_key: Any = None
-
-
-def _dihedral(k: int, transpose: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """(forward, inverse) on the last two axes: optional transpose, then ``k`` quarter turns."""
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.rot90(x.transpose(-1, -2) if transpose else x, k, dims=(-2, -1))
-
-    def inverse(x: torch.Tensor) -> torch.Tensor:
-        x = torch.rot90(x, -k, dims=(-2, -1))
-        return x.transpose(-1, -2) if transpose else x
-
-    return forward, inverse
-
-
-def _flip(dims: tuple[int, ...]) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    def flip(x: torch.Tensor) -> torch.Tensor:
-        return torch.flip(x, dims) if dims else x
-
-    return flip, flip
-
-
-TTA_TRANSFORMS = {
-    "none": [_flip(())],
-    "flips": [_flip(()), _flip((-1,)), _flip((-2,)), _flip((-2, -1))],
-    "d4": [_dihedral(k, t) for t in (False, True) for k in range(4)],
-}
-
-
-def check_tta(tta: str) -> str:
-    """``tta`` if it names a transform group of ``TTA_TRANSFORMS``, else a one-line error."""
-    if tta not in TTA_TRANSFORMS:
-        raise IdgbrError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_TRANSFORMS)}")
-    return tta
-
-
-def check_noise_for_samples(samples: int, noise_scale: float) -> None:
-    """Several samples differ only through their starting noise: refuse ``samples > 1`` with ``noise_scale`` 0."""
-    if samples > 1 and noise_scale == 0:
-        raise IdgbrError(f"--samples {samples} draws identical maps with a zero-noise start (this model's default); "
-                         "add --noise-scale 1")
-
-
-def _agreement(probs: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """(B, h, w) share of the S samples ``probs`` (S, B, K, h, w) whose label is that of their ``mean``; 1 for S = 1
-    (not computed: a class argmax over a 512² tile costs tens of ms on a CPU)."""
-    if len(probs) == 1:
-        return torch.ones_like(mean[:, 0])
-    return (probs.max(2).indices == mean.max(1).indices).float().mean(0)
 
 
 def _hard(coarse: Any) -> np.ndarray:

@@ -125,7 +125,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     guidance = cfg.guidance_scale if guidance is None else float(guidance)
     strength = cfg.strength if strength is None else float(strength)
     noise_scale = cfg.noise_scale if noise_scale is None else float(noise_scale)
-    from .pipeline import check_noise_for_samples, check_tta
+    from .tta import check_noise_for_samples, check_tta
 
     tta = check_tta(cfg.tta if tta is None else tta)
     sieve = check_sieve(cfg.sieve if sieve is None else sieve)
