@@ -479,7 +479,7 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
 
 
 def test_benchmark_verdict_names_targets_and_the_control():
-    from idgbr.evaluation.benchmark import verdict_lines
+    from idgbr.evaluation.benchmark_report import verdict_lines
 
     def scores(wfm3, miou):
         return {"wfm": {"3": wfm3}, "miou": miou}
