@@ -28,6 +28,9 @@ COMMAND_MODULES = (
     "benchmark",     # benchmark
     "bench_speed",   # bench-speed
     "analyze",       # analyze frequency|wiener
+    "ablate",        # ablate (formerly scripts/ablate_refiner.py)
+    "build_models",  # build-models (formerly scripts/build_models.py)
+    "gpu_check",     # gpu-check (formerly scripts/gpu_check.py)
 )
 
 

@@ -2,7 +2,7 @@
 
 The package carries small trained models under ``idgbr/models/<name>/``, each a folder that rebuilds its model on its
 own (``config.json`` + safetensors) with a model card (``README.md``: what it is, how it was made, its test figures;
-``card.json``: the same figures, machine-readable). ``scripts/build_models.py`` rebuilds them.
+``card.json``: the same figures, machine-readable). ``idgbr build-models`` rebuilds them.
 
 :func:`resolve_model` turns what a user typed after ``--model`` (or passed to ``from_pretrained``) into a folder:
 
@@ -42,7 +42,7 @@ def shipped_path(name: str) -> Path:
     path = MODELS_DIR / name
     if not (path / "config.json").exists():
         raise file_error(path, "shipped model missing from this installation",
-                         "reinstall idgbr from a full clone, or rebuild it with 'python scripts/build_models.py'")
+                         "reinstall idgbr from a full clone, or rebuild it with 'idgbr build-models'")
     return path
 
 

@@ -17,7 +17,7 @@ Throughput (issue 12; figures in ``docs/results/train_throughput.md``): a step r
 except every ``log_every`` steps and at checkpoints (labels are validated once at load); AdamW is foreach on CPU
 and fused on CUDA (``config.optimizer_impl``); crops resample only their window; ``config.prefetch`` draws batches
 in a background thread, or ``config.loader_workers`` in DataLoader worker processes (:class:`WorkerBatches`; figures
-in ``docs/results/train_loader.md``); ``config.train_minutes`` bounds the wall time. ``scripts/profile_train.py`` times a step
+in ``docs/results/train_loader.md``); ``config.train_minutes`` bounds the wall time. ``scripts/experiments/profile_train.py`` times a step
 per phase.
 
 Run layout::

@@ -5,7 +5,7 @@ and whose "test" split is that subset; trains one coarse model on the view's tra
 settings), predicts its coarse maps (in-sample on train, or out of fold with --folds), then for every variant trains a
 refiner with the same seed and budget, refines the validation images and scores them against the coarse maps.
 
-    python scripts/ablate_refiner.py --data data/dubai_half --out runs/ablate \\
+    idgbr ablate --data data/dubai_half --out runs/ablate \\
         --variant "base:" --variant "sampler_t:train_timesteps=sampler" \\
         --variant "sampler_t_mean4:train_timesteps=sampler;samples=4"
 
@@ -21,15 +21,11 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def parse_items(text: str) -> dict:
     """``key=value,key=[a,b]`` -> overrides; commas inside brackets belong to the (JSON) value."""
-    from idgbr.nn.config import parse_overrides
+    from ..nn.config import parse_overrides
 
     items, depth, start = [], 0, 0
     for i, char in enumerate(text + ","):
@@ -46,7 +42,7 @@ def make_view(data: Path, out: Path, every: int, holdout: str | None) -> Path:
     matching the regular expression ``holdout``, else every ``every``-th stem)."""
     import re
 
-    from idgbr.data.dataset import SegmentationDataset, write_splits
+    from ..data.dataset import SegmentationDataset, write_splits
 
     view = out / "data"
     if (view / "classes.json").exists():
@@ -71,7 +67,7 @@ def find_trained(models: Path, config, suffix: str) -> Path | None:
     """A finished model under ``models`` trained with ``config`` (inference fields aside). Configs saved before a
     field existed read it at its default, which is what they were trained with, so adding a field to RefinerConfig
     does not orphan the models trained before."""
-    from idgbr.nn.config import RefinerConfig
+    from ..nn.config import RefinerConfig
 
     def key(cfg) -> str:
         values = {k: v for k, v in cfg.to_dict().items() if k not in INFERENCE_FIELDS}
@@ -84,41 +80,16 @@ def find_trained(models: Path, config, suffix: str) -> Path | None:
     return None
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variant", action="append", required=True, help="NAME:TRAIN_OVERRIDES[;INFER_OVERRIDES]")
-    parser.add_argument("--every", type=int, default=6, help="hold out every n-th train stem for validation (default 6)")
-    parser.add_argument("--holdout", default=None, metavar="REGEX",
-                        help="hold out the train stems matching REGEX instead (e.g. 'tile6': a whole source tile, as the "
-                             "test split holds out tiles 7-8)")
-    parser.add_argument("--fold-group", default=None, metavar="REGEX", help="keep stems with the same match in one fold")
-    parser.add_argument("--arch", default="deeplabv3plus")
-    parser.add_argument("--coarse-iters", type=int, default=200)
-    parser.add_argument("--folds", type=int, default=0, help="out-of-fold coarse maps for training (0: in-sample)")
-    parser.add_argument("--preset", default="lite")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--coarse-maps", type=Path, default=None, metavar="DIR",
-                        help="use a complete coarse track (maps for every train stem, e.g. fixtures/coarse/dubai_half/"
-                             "*_converged) for training and validation instead of training a coarse model; its train "
-                             "maps are out-of-fold, so the held-out stems' maps never saw their labels")
-    parser.add_argument("--train-maps", type=Path, action="append", default=[], metavar="DIR",
-                        help="train on these complete coarse tracks' train maps, pooled (real errors; repeatable), "
-                             "instead of the --coarse-maps track's; with coarse_corruption < 1 in the variant")
-    parser.add_argument("--eval-maps", type=Path, action="append", default=[], metavar="DIR",
-                        help="also score every variant on these complete tracks' held-out maps (repeatable); rows are "
-                             "named VARIANT@TRACK")
-    args = parser.parse_args()
-
+def run(args: argparse.Namespace) -> int:
+    """``idgbr ablate``: the rows of ``OUT/ablation.md`` and ``OUT/ablation.json``."""
     import torch
 
-    from idgbr.evaluation.benchmark import refiner_config
-    from idgbr.training.coarse import predict_coarse, train_coarse
-    from idgbr.evaluation.evaluate import evaluate_folder
-    from idgbr.inference.pipeline import Refiner
-    from idgbr.evaluation.report import flat_metrics
-    from idgbr.training.loop import train_refiner
+    from ..evaluation.benchmark import refiner_config
+    from ..training.coarse import predict_coarse, train_coarse
+    from ..evaluation.evaluate import evaluate_folder
+    from ..inference.pipeline import Refiner
+    from ..evaluation.report import flat_metrics
+    from ..training.loop import train_refiner
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +120,7 @@ def main() -> int:
         predict_coarse(coarse_model, view, "test", name=eval_name, progress=False)
         predict_coarse(coarse_model, view, "train", name=eval_name, progress=False)
     if args.folds and not args.train_maps:
-        from idgbr.training.coarse import predict_coarse_oof
+        from ..training.coarse import predict_coarse_oof
 
         train_name = f"val_coarse_oof{args.folds}"
         if not (view / "coarse" / train_name).is_dir():
@@ -209,6 +180,3 @@ def main() -> int:
     print("\n".join(lines))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Throughput on a GPU machine, in one table: ``python scripts/gpu_check.py --out RESULTS.md`` (see gpu_check.sh).
+"""Throughput on a GPU machine, in one table: ``idgbr gpu-check --out RESULTS.md`` (see scripts/gpu_check.sh).
 
 Rows (each stage is skipped once ``--budget-min`` minutes have passed, so a cut-off run still reports):
 
@@ -16,22 +16,12 @@ script, not a measurement.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, 1-2 steps of everything")
-    parser.add_argument("--out", default=None, help="also write the table here (rewritten after every row)")
-    parser.add_argument("--budget-min", type=float, default=7.0, help="start no new stage after this many minutes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
 
 
 class Table:
@@ -56,10 +46,10 @@ def sync(device: torch.device) -> None:
 def train_rate(config, samples, device: torch.device, steps: int, warmup: int, dtype: torch.dtype | None,
                load_weights: bool = True) -> tuple[float, float, float]:
     """(steps/s all-in, ms/step waiting for data, peak GiB) of the training step of ``idgbr.training.loop`` (no accelerate)."""
-    from idgbr.nn.model import IDGBRModel
-    from idgbr.training.batches import CropSampler, Prefetcher
-    from idgbr.training.objective import RefinerObjective
-    from idgbr.training.loop import apply_throughput_switches, make_optimizer
+    from ..nn.model import IDGBRModel
+    from ..training.batches import CropSampler, Prefetcher
+    from ..training.objective import RefinerObjective
+    from ..training.loop import apply_throughput_switches, make_optimizer
 
     model = IDGBRModel(config, load_weights=load_weights).to(device).train()
     apply_throughput_switches(config, model, device)
@@ -99,7 +89,7 @@ def train_rate(config, samples, device: torch.device, steps: int, warmup: int, d
 
 def infer_ms(model, device: torch.device, tile: int, batch: int, steps: int, guidance: float, dtype, repeats: int) -> float:
     """ms per tile of ``Refiner.sample`` (conditioning, ``steps`` DDIM steps, decoding) on random tiles."""
-    from idgbr.inference.pipeline import Refiner
+    from ..inference.pipeline import Refiner
 
     refiner = Refiner(model, device, dtype=dtype)
     cfg = model.config
@@ -116,12 +106,14 @@ def infer_ms(model, device: torch.device, tile: int, batch: int, steps: int, gui
     return 1000 * (time.perf_counter() - begin) / (repeats * batch)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from idgbr.training.batches import load_training_samples, resolve_config
-    from idgbr.nn.config import RefinerConfig
-    from idgbr.nn.model import IDGBRModel
-    from idgbr.data.synthetic import write_synthetic_dataset
+def run(args: argparse.Namespace) -> int:
+    """``idgbr gpu-check``: the table, printed and (with ``--out``) written."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from ..training.batches import load_training_samples, resolve_config
+    from ..nn.config import RefinerConfig
+    from ..nn.model import IDGBRModel
+    from ..data.synthetic import write_synthetic_dataset
 
     device, smoke, start = torch.device(args.device), args.smoke, time.perf_counter()
     preset = "tiny" if smoke else "lite"
@@ -187,6 +179,3 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ms:.0f} ms/tile")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Rebuild the shipped models (``src/idgbr/models/``) from the repository's Dubai data, with their model cards.
 
-    python scripts/build_models.py --work runs/build_models
+    idgbr build-models --work runs/build_models
 
 Each step is a real ``idgbr`` command, run in a fresh interpreter and timed:
 
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the source checkout (src/idgbr/evaluation/build_models.py)
 MODELS = ROOT / "src" / "idgbr" / "models"
 SCALE = 0.5
 SEED = 0
@@ -38,11 +38,13 @@ COARSE = ["--arch", "deeplabv3plus", "--encoder", "tu-tf_efficientnet_lite0", "-
 REFINER = ["--set", "image_encoder=copy", "--set", "image_encoder_trainable_stages=0", "--set", "sieve=0"]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="runs/build_models", help="work folder (default: runs/build_models)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per step (default: torch's)")
-    args = parser.parse_args()
+def run(args: argparse.Namespace) -> int:
+    """``idgbr build-models``: rebuild both shipped models and their cards into ``src/idgbr/models``."""
+    if not (ROOT / "datasets" / "dubai_aerial").is_dir() or not MODELS.is_dir():
+        from ..errors import IdgbrError
+
+        raise IdgbrError(f"build-models rebuilds the shipped models in a source checkout; {ROOT} has no "
+                         "datasets/dubai_aerial or src/idgbr/models (run it from an editable install of a clone)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "build.json"
@@ -88,7 +90,7 @@ def main() -> int:
     common = {"classes": classes,
               "data": {"name": "Dubai aerial imagery (CC0)", "source": "datasets/dubai_aerial", "scale": SCALE,
                        "train": "tiles 1-6 (54 images)", "test": "tiles 7-8 (18 images)"},
-              "seed": SEED, "rebuild": f"python scripts/build_models.py --work {args.work}",
+              "seed": SEED, "rebuild": f"idgbr build-models --work {args.work}",
               "machine": f"{os.cpu_count()} CPU cores, no GPU"}
     figures = {key: _figures(scores[key]) for key in scores}
     cards = {
@@ -179,6 +181,3 @@ def _card_text(name: str, card: dict) -> str:
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
