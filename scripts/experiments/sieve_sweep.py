@@ -1,10 +1,10 @@
 """Score refined validation maps under several sieve sizes (idgbr.inference.postprocess): ΔWFm3 / ΔmIoU / IoU_RTm against the
 coarse map, and connected components per ground-truth one relative to the coarse map's.
 
-Reads the output folders of ``scripts/ablate_refiner.py`` (OUT/data with the held-out tile as its test split and
+Reads the output folders of ``idgbr ablate`` (OUT/data with the held-out tile as its test split and
 the coarse maps under data/coarse/val_coarse; OUT/pred/<variant> with the refined maps)::
 
-    python scripts/sieve_sweep.py --sizes 0,2,4,5,6,8 --out runs/sieve_sweep.json runs/pr_cheap_ft0 runs/pr_m_ft0 ...
+    python scripts/experiments/sieve_sweep.py --sizes 0,2,4,5,6,8 --out runs/sieve_sweep.json runs/pr_cheap_ft0 runs/pr_m_ft0 ...
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where the time of one refined tile goes (issue 29 §4): conditioning (image encoder, label encoder, guidance
 features), network evaluations, decoding, blending, sieve, for a model and a tile size.
 
-    python scripts/profile_refine.py --model dubai-lite --size 512 --steps 1 4 --threads 2 --repeat 5
+    python scripts/experiments/profile_refine.py --model dubai-lite --size 512 --steps 1 4 --threads 2 --repeat 5
 
 Each stage is timed with torch.profiler's ``record_function`` labels around the Refiner's own calls (no copy of the
 sampling loop): the totals are wall time per tile, the median of ``--repeat`` runs after one warm-up.

@@ -1,6 +1,6 @@
 """Training steps/s with the batches drawn in the prefetch thread (loader_workers 0) or in N DataLoader workers.
 
-    PYTHONPATH=src HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/bench_train_loader.py DATA --workers 0 2 \
+    PYTHONPATH=src HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/experiments/bench_train_loader.py DATA --workers 0 2 \
         --preset lite --steps 100 --out /tmp/loader_bench
 
 Runs ``idgbr.training.loop.train_refiner`` once per worker count, in the order given (repeat counts to interleave A/B),

@@ -1,6 +1,6 @@
 """Train one coarse model on the train split minus held-out stems and score it on them (validation, never test).
 
-    python scripts/holdout_coarse.py --data data/dubai_half --holdout tile6 --arch deeplabv3plus \
+    python scripts/experiments/holdout_coarse.py --data data/dubai_half --holdout tile6 --arch deeplabv3plus \
         --encoder tu-tf_efficientnet_lite0 --encoder-weights imagenet --out runs/holdout/dlv3p_lite0
 
 Writes the run folder (``idgbr train-coarse`` layout; ``training.json`` holds the validation score, the held-out

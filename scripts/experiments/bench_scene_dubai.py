@@ -1,6 +1,6 @@
 """Whole-scene refinement of the Dubai test images with a trained model: seam score, gating on/off, skipped tiles.
 
-    .venv/bin/python scripts/bench_scene_dubai.py --model RUN --data data/dubai_half --coarse NAME --gate 8 \
+    .venv/bin/python scripts/experiments/bench_scene_dubai.py --model RUN --data data/dubai_half --coarse NAME --gate 8 \
         --out /tmp/scene_dubai
 
 Each test image and its coarse map are written as GeoTIFFs (EPSG:32640, 0.3 m pixels) and refined by

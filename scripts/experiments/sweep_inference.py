@@ -1,9 +1,9 @@
-"""Issue 28, inference levers on validation: refine the held-out images of a ``scripts/ablate_refiner.py`` run once
+"""Issue 28, inference levers on validation: refine the held-out images of an ``idgbr ablate`` run once
 per inference setting (window size, test-time flips) and score flip margins 0-0.5 and the 6-px sieve on the same
 probabilities (``idgbr.inference.postprocess.keep_unsure``, ``sieve_labels``). Logs one line per track, margin and sieve.
 
-    python scripts/sweep_inference.py runs/v28_base_s0 --tile 512 --tta flips > runs/gate/base_s0_t512flips.log
-    python scripts/sweep_inference.py --table runs/gate     # the two-seed table of docs/results/strong_maps.md
+    python scripts/experiments/sweep_inference.py runs/v28_base_s0 --tile 512 --tta flips > runs/gate/base_s0_t512flips.log
+    python scripts/experiments/sweep_inference.py --table runs/gate     # the two-seed table of docs/results/strong_maps.md
 
 The run folder holds ``data/`` (the view: train = tiles 1-5, test = tile 6), ``data/coarse/val_coarse`` (the
 DeepLabV3+ pretrained track) and ``data/coarse/trk_<track>`` (the ``--eval-maps`` tracks) and one model under

@@ -1,6 +1,6 @@
 """Time the fast call against the reference schedule on the same 512² tile, in one process.
 
-    .venv/bin/python scripts/bench_fast.py [--model RUN] [--data DATA --coarse NAME] [--repeats 3]
+    .venv/bin/python scripts/experiments/bench_fast.py [--model RUN] [--data DATA --coarse NAME] [--repeats 3]
 
 Calls ``Refiner.refine(image, coarse, ...)`` on one tile with the reference schedule (25 DDIM steps, CFG 3 = 50
 network evaluations), the issue's fast call (``steps=2, strength=0.4, guidance=1``) and the model's default

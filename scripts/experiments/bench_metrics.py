@@ -1,7 +1,7 @@
 """Time ``idgbr.metrics.evaluate_maps`` on synthetic 512x512 maps (the issue's target: 100 maps, WFm at 1/3/5 px,
 in <= 10 s on 2 cores).
 
-    python scripts/bench_metrics.py [--n 100] [--size 512] [--classes 6] [--coarse]
+    python scripts/experiments/bench_metrics.py [--n 100] [--size 512] [--classes 6] [--coarse]
 
 The ground truths are smooth random multi-class scenes; the predictions are the ground truths with shifted,
 eroded and noisy boundaries and a few blobs of wrong class, so the boundary bands differ the way a real

@@ -1,4 +1,4 @@
-"""Split one refiner training step into phases and time each: ``python scripts/profile_train.py --preset lite``.
+"""Split one refiner training step into phases and time each: ``python scripts/experiments/profile_train.py --preset lite``.
 
 Phases: data (sampler + copy to the device; with ``--set prefetch=N`` the wait for the background thread), encode
 (label and image latents), condition (guidance encoder), forward (noise, UNet with CG modules, loss; for

@@ -1,7 +1,7 @@
-"""One table from several ``scripts/ablate_refiner.py`` runs: ΔWFm3 / ΔmIoU / IoU_RTm per variant, seed and track,
+"""One table from several ``idgbr ablate`` runs: ΔWFm3 / ΔmIoU / IoU_RTm per variant, seed and track,
 seed means, and the same maps scored with a sieve (post-processing: no retraining).
 
-    python scripts/summarize_validation.py runs/v28_base_s0 runs/v28_base_s1 runs/v28_real_s0 runs/v28_real_s1 \\
+    python scripts/experiments/summarize_validation.py runs/v28_base_s0 runs/v28_base_s1 runs/v28_real_s0 runs/v28_real_s1 \\
         --sieve 6 --out docs/results/real_errors_validation.md
 
 Each run folder holds ``ablation.json`` (rows ``NAME_sK`` and ``NAME_sK@TRACK``) and ``pred/<row>/``; the variant is

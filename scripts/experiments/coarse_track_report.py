@@ -1,6 +1,6 @@
 """Describe complete coarse tracks: validation curves of the fold models, and scores on train (out-of-fold) and test.
 
-    python scripts/coarse_track_report.py --data data/dubai_half --out docs/results/coarse_tracks \\
+    python scripts/experiments/coarse_track_report.py --data data/dubai_half --out docs/results/coarse_tracks \\
         fixtures/coarse/dubai_half/deeplabv3plus_converged fixtures/coarse/dubai_half/unet_converged
 
 Each TRACK is a folder written by ``idgbr predict-coarse --folds K --val-every N --with-test`` (maps + provenance.json).

@@ -1,6 +1,6 @@
 """A second look at boundary scores: boundary precision / recall / F at a tolerance, and how fragmented the maps are.
 
-    python scripts/boundary_check.py --data data/dubai_half --split test \\
+    python scripts/experiments/boundary_check.py --data data/dubai_half --split test \\
         coarse=data/dubai_half/coarse/bench_deeplabv3plus refined=runs/timed_fast2/refined/diffusion_deeplabv3plus
 
 The paper's WFm scores dilated boundary *bands* and does not say where a gain comes from: a map can gain by adding

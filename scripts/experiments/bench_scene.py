@@ -1,6 +1,6 @@
 """Benchmark whole-scene refinement (:func:`idgbr.inference.scene.refine_scene`): time, peak RSS, seam score, gating.
 
-    .venv/bin/python scripts/bench_scene.py --sizes 1500 3000 6000 --out /tmp/bench_scene
+    .venv/bin/python scripts/experiments/bench_scene.py --sizes 1500 3000 6000 --out /tmp/bench_scene
 
 For each size a synthetic 3-band uint8 GeoTIFF (EPSG:32633, 0.5 m pixels, a 64 px nodata border on the left)
 and its coarse map are written block by block (a mosaic of 500 px ``idgbr.data.synthetic.make_scene`` blocks, half of

@@ -1,10 +1,10 @@
 """Benchmark ``idgbr refine-archive``: one worker with all the threads against several workers with fewer.
 
-    .venv/bin/python scripts/bench_archive.py --scenes 8 --size 2000 --out /tmp/bench_archive       # the measured run
-    .venv/bin/python scripts/bench_archive.py --scenes 2 --size 256 --out /tmp/bench_archive_smoke  # a smoke test
+    .venv/bin/python scripts/experiments/bench_archive.py --scenes 8 --size 2000 --out /tmp/bench_archive       # the measured run
+    .venv/bin/python scripts/experiments/bench_archive.py --scenes 2 --size 256 --out /tmp/bench_archive_smoke  # a smoke test
 
 Writes ``--scenes`` synthetic 3-band GeoTIFF scenes of ``--size``² px and their coarse maps (the mosaics of
-``scripts/bench_scene.py``, one seed per scene, 5 classes: the shipped refiner fits), then runs the command once per
+``scripts/experiments/bench_scene.py``, one seed per scene, 5 classes: the shipped refiner fits), then runs the command once per
 configuration ``WxT`` (``--configs 1x2 2x1``: W local workers with T torch threads each), every run in a fresh
 process and a fresh output folder, with the shipped refiner unless ``--model RUN``. From each run's
 ``manifest.json`` (every scene's worker pid, task start/finish, refine seconds, model-load seconds and peak RSS) and

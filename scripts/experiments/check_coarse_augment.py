@@ -1,6 +1,6 @@
 """Coarse model with the old (resize, then crop) vs the current (crop-window) training augmentation.
 
-    OMP_NUM_THREADS=1 python scripts/check_coarse_augment.py {old,new} SEED --data data/dubai_half --work /tmp/augchk
+    OMP_NUM_THREADS=1 python scripts/experiments/check_coarse_augment.py {old,new} SEED --data data/dubai_half --work /tmp/augchk
 
 Trains DeepLabV3+ (tu-mobilenetv3_small_100, 200 iterations, batch 4, crop 256) on a copy-free view of DATA's train
 split, predicts the test split into DATA/coarse/augchk_<mode><seed> and prints test mIoU and WFm(3px).
