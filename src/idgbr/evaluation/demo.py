@@ -42,7 +42,7 @@ class DemoSettings:
     device: str = "auto"  # where the models run (idgbr.nn.device)
 
 
-REPO_DUBAI = Path(__file__).resolve().parents[2] / "datasets" / "dubai_aerial"  # carried in the repository
+REPO_DUBAI = Path(__file__).resolve().parents[3] / "datasets" / "dubai_aerial"  # carried in the repository (src/idgbr/evaluation/demo.py)
 
 
 def find_dubai(source: str | Path | None = None) -> Path:
