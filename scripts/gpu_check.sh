@@ -16,5 +16,5 @@ else
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# the script stops starting stages after --budget-min; timeout is the hard stop
-timeout 470 python3 scripts/gpu_check.py --out "$OUT/gpu_check.md" --budget-min 6.5 "$@" 2>&1 | tee "$OUT/gpu_check.log"
+# idgbr gpu-check stops starting stages after --budget-min; timeout is the hard stop
+timeout 470 python3 -m idgbr gpu-check --out "$OUT/gpu_check.md" --budget-min 6.5 "$@" 2>&1 | tee "$OUT/gpu_check.log"

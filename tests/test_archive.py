@@ -25,15 +25,15 @@ distributed = pytest.importorskip("distributed")
 
 from rasterio.transform import from_origin  # noqa: E402
 
-from idgbr import archive  # noqa: E402
-from idgbr.archive import JOB_LOCK, MANIFEST, find_pairs, read_pairs, refine_archive, refine_task  # noqa: E402
-from idgbr.locks import Lock  # noqa: E402
-from idgbr.cli import main  # noqa: E402
-from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.inference import archive  # noqa: E402
+from idgbr.inference.archive import JOB_LOCK, MANIFEST, find_pairs, read_pairs, refine_archive, refine_task  # noqa: E402
+from idgbr.inference.locks import Lock  # noqa: E402
+from idgbr.commands.main import main  # noqa: E402
+from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel  # noqa: E402
-from idgbr.pipeline import Refiner  # noqa: E402
-from idgbr.scene import refine_scene  # noqa: E402
+from idgbr.nn.model import IDGBRModel  # noqa: E402
+from idgbr.inference.pipeline import Refiner  # noqa: E402
+from idgbr.inference.scene import refine_scene  # noqa: E402
 
 K, SIZE = 3, 96
 CRS, TRANSFORM = "EPSG:32633", from_origin(500000.0, 4600000.0, 10.0, 10.0)
@@ -125,16 +125,16 @@ def _worker_facts():
 
 def _slow_batches(delay):
     """Runs on the workers: each tile batch takes ``delay`` seconds longer (a window to kill a worker in)."""
-    import idgbr.scene
+    import idgbr.inference.scene
 
-    run = getattr(idgbr.scene, "_fast_run_batch", idgbr.scene._run_batch)
-    idgbr.scene._fast_run_batch = run
+    run = getattr(idgbr.inference.scene, "_fast_run_batch", idgbr.inference.scene._run_batch)
+    idgbr.inference.scene._fast_run_batch = run
 
     def slow(*args, **kwargs):
         time.sleep(delay)
         return run(*args, **kwargs)
 
-    idgbr.scene._run_batch = slow if delay else run
+    idgbr.inference.scene._run_batch = slow if delay else run
 
 
 @pytest.fixture()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from idgbr.augment import (ColorJitter, Compose, RandomCrop, RandomHorizontalFlip, RandomResize, RandomRotate90,
+from idgbr.data.augment import (ColorJitter, Compose, RandomCrop, RandomHorizontalFlip, RandomResize, RandomRotate90,
                            paper_train_transform)
 
 
@@ -136,7 +136,7 @@ def test_compose_order():
 @pytest.mark.parametrize("seed", range(6))
 def test_resized_crop_matches_resize_then_crop(seed):
     """The one-warp crop draws the same ratio and window as RandomResize + RandomCrop and resamples alike."""
-    from idgbr.augment import RandomResizedCrop
+    from idgbr.data.augment import RandomResizedCrop
 
     sample = _sample(h=90, w=110, seed=seed)
     sample["image"] = np.repeat(np.repeat(sample["image"][::8, ::8], 8, 0), 8, 1)[:90, :110]  # smooth-ish image
@@ -165,7 +165,7 @@ class _Replay:
 
 
 def test_resized_crop_n_band_and_padding():
-    from idgbr.augment import RandomResizedCrop
+    from idgbr.data.augment import RandomResizedCrop
 
     sample = _sample(h=20, w=30, bands=7, dtype=np.uint16)
     out = RandomResizedCrop(48, (1.0, 1.0))(sample, np.random.default_rng(0))
@@ -175,7 +175,7 @@ def test_resized_crop_n_band_and_padding():
 
 
 def test_boundary_pixels_and_boundary_share():
-    from idgbr.augment import RandomResizedCrop, boundary_pixels
+    from idgbr.data.augment import RandomResizedCrop, boundary_pixels
 
     mask = np.zeros((6, 6), np.uint8)
     mask[:, 3:] = 1

@@ -23,10 +23,10 @@ torch = pytest.importorskip("torch")
 rasterio = pytest.importorskip("rasterio")
 torch.set_num_threads(1)  # the test machines are shared
 
-from idgbr.cli import main  # noqa: E402
-from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.commands.main import main  # noqa: E402
+from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel  # noqa: E402
+from idgbr.nn.model import IDGBRModel  # noqa: E402
 from tests.test_train import make_dataset  # noqa: E402
 
 K = 3
@@ -450,7 +450,7 @@ def test_prepare_with_a_truncated_and_an_rgba_image(tmp_path, capsys):
     out = tmp_path / "prepared"
     assert main(["prepare", "folder", str(raw), str(out)]) == 0, capsys.readouterr().err
     capsys.readouterr()
-    from idgbr.io import read_image
+    from idgbr.data.io import read_image
 
     assert read_image(out / "images" / "a0.png")[0].shape == (32, 32, 3)  # RGBA is read as RGB
     truncate(raw / "images" / "a1.png", 0.4)

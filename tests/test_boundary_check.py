@@ -1,4 +1,4 @@
-"""scripts/boundary_check.py: one table of boundary precision / recall / F and fragmentation for several folders
+"""scripts/experiments/boundary_check.py: one table of boundary precision / recall / F and fragmentation for several folders
 (metrics.BoundaryPR is tested in test_metrics.py)."""
 
 import json
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_command_line_table_json_and_bad_names(tmp_path: Path) -> None:
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     data = tmp_path / "data"
     write_synthetic_dataset(data, n=4, size=32, seed=0)
@@ -22,7 +22,7 @@ def test_command_line_table_json_and_bad_names(tmp_path: Path) -> None:
     pred.mkdir()
     for stem in stems:
         Image.fromarray(np.array(Image.open(data / "masks" / f"{stem}.png"))).save(pred / f"{stem}.png")
-    script = [sys.executable, str(REPO / "scripts" / "boundary_check.py"), "--data", str(data), "--split", "train"]
+    script = [sys.executable, str(REPO / "scripts" / "experiments" / "boundary_check.py"), "--data", str(data), "--split", "train"]
     env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(script + [f"truth={pred}", "--json", str(tmp_path / "b.json")], capture_output=True,
                          text=True, env=env, timeout=300)

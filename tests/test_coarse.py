@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from idgbr.cli import main
-from idgbr.coarse import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights, predict_coarse, train_coarse
+from idgbr.commands.main import main
+from idgbr.nn.coarse_model import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights
+from idgbr.training.coarse import predict_coarse, train_coarse
 from idgbr.commands.coarse import ARCH_NAMES
 from idgbr.errors import IdgbrError
 
@@ -163,7 +164,7 @@ LITE0 = "tu-tf_efficientnet_lite0"
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_imagenet_encoder_weights_and_normalisation(arch, data, tmp_path):
-    from idgbr.encoders import package_weights
+    from idgbr.nn.encoders import package_weights
 
     out = tmp_path / arch
     train_coarse(data, arch, out, iters=1, batch=2, crop=32, lr=0.0, encoder=LITE0, encoder_weights="imagenet",
@@ -178,7 +179,7 @@ def test_imagenet_encoder_weights_and_normalisation(arch, data, tmp_path):
 
 
 def test_cli_imagenet_encoder_predicts_without_the_weights_package(data, tmp_path, monkeypatch):
-    from idgbr.encoders import ENCODERS
+    from idgbr.nn.encoders import ENCODERS
 
     out = tmp_path / "lite0"
     assert main(["train-coarse", "--data", str(data), "--arch", "deeplabv3plus", "--out", str(out), "--iters", "2",
@@ -191,7 +192,7 @@ def test_cli_imagenet_encoder_predicts_without_the_weights_package(data, tmp_pat
 
 
 def test_imagenet_weights_refuse_other_encoders_bands_and_a_missing_package(data, tmp_path, monkeypatch):
-    from idgbr.encoders import ENCODERS
+    from idgbr.nn.encoders import ENCODERS
 
     with pytest.raises(IdgbrError, match="no packaged ImageNet weights for --encoder 'resnet18'.*tu-tf_efficientnet_lite0"):
         train_coarse(data, "unet", tmp_path / "a", iters=1, batch=2, crop=32, encoder_weights="imagenet", progress=False)
@@ -243,7 +244,7 @@ def test_cli_user_errors_are_one_line(argv, message, data, tmp_path, capsys):
 # --- out-of-fold train maps ------------------------------------------------------------------------------------------
 
 def test_fold_stems_partition_is_seeded_and_order_free():
-    from idgbr.coarse import fold_stems
+    from idgbr.training.coarse import fold_stems
 
     stems = [f"s{i:02d}" for i in range(11)]
     groups = fold_stems(stems, 3, seed=5)
@@ -257,7 +258,7 @@ def test_fold_stems_partition_is_seeded_and_order_free():
 
 
 def test_fold_groups_stay_together():
-    from idgbr.coarse import fold_stems
+    from idgbr.training.coarse import fold_stems
 
     stems = ["tA_1", "tA_2", "tA_3", "tB_1", "tB_2", "tC_1", "tD_1", "tD_2"]
     groups = fold_stems(stems, 3, seed=1, group=r"t[A-Z]")
@@ -271,8 +272,8 @@ def test_fold_groups_stay_together():
 
 
 def test_oof_maps_come_from_models_that_never_saw_them(data, tmp_path):
-    from idgbr.coarse import predict_coarse_oof
-    from idgbr.data import SegmentationDataset
+    from idgbr.training.coarse import predict_coarse_oof
+    from idgbr.data.dataset import SegmentationDataset
 
     out = predict_coarse_oof(data, "unet", "oof3", 3, tmp_path / "work", iters=1, batch=2, crop=32, tile=32, overlap=8,
                              progress=False)
@@ -364,7 +365,7 @@ def test_predict_with_several_models_averages_their_probabilities(data, tmp_path
         train_coarse(data, "unet", dirs[-1], iters=2, batch=2, crop=32, seed=seed, progress=False)
     out = predict_coarse(dirs, data, "test", name="ens", tile=32, overlap=8, progress=False)
     models = [CoarseModel.load(d) for d in dirs]
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     test = SegmentationDataset(data, "test", load_mask=False)
     for i, stem in enumerate(test.stems):

@@ -3,7 +3,7 @@
 import torch
 from diffusers import AutoencoderKL
 
-from idgbr.codecs import SpaceToDepthCodec, VAECodec
+from idgbr.nn.codecs import SpaceToDepthCodec, VAECodec
 
 torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idgbr.data import ClassMap, SegmentationDataset, split_stems, write_splits
+from idgbr.data.dataset import ClassMap, SegmentationDataset, split_stems, write_splits
 from idgbr.errors import IdgbrError
-from idgbr.io import read_label
+from idgbr.data.io import read_label
 
 
 def _make(root, n=3, size=(16, 20), colour=False, splits=True):

@@ -1,4 +1,4 @@
-"""--device auto|cpu|cuda[:N] everywhere a model runs (idgbr.device), checked on a CPU-only host with CUDA faked."""
+"""--device auto|cpu|cuda[:N] everywhere a model runs (idgbr.nn.device), checked on a CPU-only host with CUDA faked."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.cli import main
-from idgbr.config import RefinerConfig
-from idgbr.device import autocast_dtype, resolve_device
+from idgbr.commands.main import main
+from idgbr.nn.config import RefinerConfig
+from idgbr.nn.device import autocast_dtype, resolve_device
 from idgbr.errors import IdgbrError
-from idgbr.io import write_image, write_label
-from idgbr.model import IDGBRModel
-from idgbr.pipeline import Refiner
+from idgbr.data.io import write_image, write_label
+from idgbr.nn.model import IDGBRModel
+from idgbr.inference.pipeline import Refiner
 
 COMMANDS = ("refine", "demo", "benchmark", "bench-speed", "train-coarse", "predict-coarse")
 

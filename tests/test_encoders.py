@@ -1,4 +1,4 @@
-"""The packaged ImageNet encoders (:mod:`idgbr.encoders`): mapping, shape checks, normalisation, errors.
+"""The packaged ImageNet encoders (:mod:`idgbr.nn.encoders`): mapping, shape checks, normalisation, errors.
 
 The classification test is the end-to-end check of the key mapping and the normalisation: a wrong rename, a swapped
 layer or the wrong input scaling makes the cat and the espresso come out as other classes.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr import encoders
-from idgbr.encoders import (ENCODERS, load_pretrained_encoder, map_to_timm, normalize, package_weights,
+from idgbr.nn import encoders
+from idgbr.nn.encoders import (ENCODERS, load_pretrained_encoder, map_to_timm, normalize, package_weights,
                             pretrained_for_smp, smp_encoder_state_dict, timm_state_dict)
 from idgbr.errors import IdgbrError
 

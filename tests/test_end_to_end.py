@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.errors import IdgbrError
 
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("syn") / "data"
     write_synthetic_dataset(root, n=10, size=64, seed=3)
@@ -58,7 +58,7 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
     assert "[stage]" not in out and "[reuse]" in out
     # the coarse maps live in DATA/coarse/, shared by every run: if another run overwrote them, they are predicted
     # again from this run's coarse model instead of being scored as they are
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     maps = synthetic / "coarse" / "bench_unet"
     victim = sorted(maps.glob("*.png"))[0]
@@ -76,7 +76,7 @@ def test_benchmark_cli_whole_chain(synthetic, tmp_path, capsys):
 
 def test_benchmark_out_of_fold_coarse_maps(synthetic, tmp_path, capsys):
     """--coarse-folds K: the refiner trains on out-of-fold train maps; the report gives their scores next to test."""
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     run = tmp_path / "bench_oof"
     args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--preset", "tiny", "--coarse-iters", "2",
@@ -131,8 +131,8 @@ def test_benchmark_trains_side_by_side_as_it_would_one_after_the_other(synthetic
     a rerun reuses every stage. A failing process stops the benchmark with one error naming the way out."""
     from safetensors.torch import load_file
 
-    from idgbr.benchmark import BenchmarkSettings, run_benchmark
-    from idgbr.data import SegmentationDataset
+    from idgbr.evaluation.benchmark import BenchmarkSettings, run_benchmark
+    from idgbr.data.dataset import SegmentationDataset
 
     def settings(side_by_side, **overrides):
         return BenchmarkSettings(coarse_archs=("unet", "deeplabv3plus"), preset="tiny", coarse_iters=1, coarse_crop=32,
@@ -166,14 +166,14 @@ def test_benchmark_trains_side_by_side_as_it_would_one_after_the_other(synthetic
 
 
 def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
-    from idgbr.config import RefinerConfig
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.nn.model import IDGBRModel
 
     # coarse maps: ground truth shifted by a few pixels
     coarse = synthetic / "coarse" / "shifted"
     coarse.mkdir(parents=True, exist_ok=True)
-    from idgbr.data import SegmentationDataset
-    from idgbr.io import write_label
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.data.io import write_label
 
     dataset = SegmentationDataset(synthetic, None)
     for stem in dataset.stems:
@@ -191,9 +191,9 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert {"miou", "mf1", "oa", "kappa", "wfm", "per_class"} <= set(result)
     # refine wrote, for every test image, what the Refiner gives for it with the CLI's seed (0)
-    from idgbr.io import read_label
+    from idgbr.data.io import read_label
     from idgbr.metrics import evaluate_maps
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     refiner = Refiner.from_pretrained(model_dir)
     test = SegmentationDataset(synthetic, "test", coarse="shifted")
@@ -218,9 +218,9 @@ def test_refine_folder_and_evaluate_cli(synthetic, tmp_path, capsys):
 
 
 def test_callback_sees_every_step_and_channels_last_is_identical():
-    from idgbr.config import RefinerConfig
-    from idgbr.model import IDGBRModel
-    from idgbr.pipeline import Refiner
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.nn.model import IDGBRModel
+    from idgbr.inference.pipeline import Refiner
 
     torch.manual_seed(0)
     config = RefinerConfig.preset_config("tiny", num_classes=3, image_channels=3)
@@ -243,7 +243,7 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
     assert (tmp_path / "wiener.png").exists() and "half_power_frequency" in (tmp_path / "wiener.json").read_text()
     from diffusers import DDIMScheduler
 
-    from idgbr.analysis import wiener_curves
+    from idgbr.evaluation.analysis import wiener_curves
 
     freq = np.linspace(0.01, 1, 200)
     alphas = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.numpy()
@@ -251,7 +251,7 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
     half = [freq[np.argmax(curves[t] < 0.5)] if (curves[t] < 0.5).any() else 1.0 for t in (999, 500, 100, 10)]
     # the optimal denoiser passes higher frequencies as t decreases (the paper's §III-B argument)
     assert all(a <= b for a, b in zip(half, half[1:])) and half[0] < half[1] < half[2]
-    from idgbr.report import comparison_panel, error_map
+    from idgbr.evaluation.report import comparison_panel, error_map
 
     gt = np.zeros((20, 20), np.uint8)
     gt[5:15, 5:15] = 1
@@ -265,15 +265,15 @@ def test_wiener_analysis_and_panel(synthetic, tmp_path, capsys):
 
 
 def test_frequency_analysis(synthetic, tmp_path):
-    from idgbr.analysis import band_energy, frequency_report
-    from idgbr.config import RefinerConfig
-    from idgbr.data import SegmentationDataset
-    from idgbr.model import IDGBRModel
+    from idgbr.evaluation.analysis import band_energy, frequency_report
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.nn.model import IDGBRModel
 
     dataset = SegmentationDataset(synthetic, None)
     coarse = synthetic / "coarse" / "gt"
     coarse.mkdir(parents=True, exist_ok=True)
-    from idgbr.io import write_label
+    from idgbr.data.io import write_label
 
     for stem in dataset.stems:
         write_label(coarse / f"{stem}.png", dataset.read_mask(stem))
@@ -300,7 +300,7 @@ def test_band_split_and_change_fractions_on_known_fields():
     """band_split separates a field into its components below / above the cutoff exactly (ideal radial filter at
     cutoff x Nyquist); band_energy is their Parseval energy; change_fractions attributes each band's change to the
     stage that made it."""
-    from idgbr.analysis import band_energy, band_split, change_fractions
+    from idgbr.evaluation.analysis import band_energy, band_split, change_fractions
 
     n = 64
     y, x = np.mgrid[0:n, 0:n]
@@ -324,11 +324,11 @@ def test_band_split_and_change_fractions_on_known_fields():
 
 
 def test_speed_grid_counts_network_evaluations(synthetic):
-    from idgbr.config import RefinerConfig
-    from idgbr.data import SegmentationDataset
-    from idgbr.model import IDGBRModel
-    from idgbr.pipeline import Refiner
-    from idgbr.speed import pick_fast_mode, run_grid
+    from idgbr.nn.config import RefinerConfig
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.nn.model import IDGBRModel
+    from idgbr.inference.pipeline import Refiner
+    from idgbr.evaluation.speed import pick_fast_mode, run_grid
 
     dataset = SegmentationDataset(synthetic, "test")
     sample = dataset[0]
@@ -350,7 +350,7 @@ def test_speed_grid_gain_kept_is_the_share_of_the_reference_gain():
     from types import SimpleNamespace
 
     from idgbr.metrics import evaluate_maps
-    from idgbr.speed import pick_fast_mode, run_grid
+    from idgbr.evaluation.speed import pick_fast_mode, run_grid
 
     gt = np.zeros((48, 48), np.uint8)
     gt[10:30, 12:40] = 1
@@ -395,8 +395,8 @@ def test_demo_without_data_is_one_line(tmp_path, capsys):
 
 
 def test_prepare_dubai_scale(datasets_dir, tmp_path):
-    from idgbr.data import SegmentationDataset
-    from idgbr.prepare import prepare
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.data.prepare import prepare
 
     raw = datasets_dir / "dubai_aerial"
     summary = prepare("dubai", raw, tmp_path / "half", scale=0.25)
@@ -408,15 +408,15 @@ def test_prepare_dubai_scale(datasets_dir, tmp_path):
 
 
 def test_demo_passes_its_options(monkeypatch, tmp_path, capsys):
-    import idgbr.demo
+    import idgbr.evaluation.demo
 
     seen = {}
-    monkeypatch.setattr(idgbr.demo, "run_demo",
+    monkeypatch.setattr(idgbr.evaluation.demo, "run_demo",
                         lambda out, train, source, settings: seen.update(train=train, settings=settings))
     assert main(["demo", "--train", "--coarse-folds", "3", "--out", str(tmp_path)]) == 0
-    assert seen["train"] and seen["settings"] == idgbr.demo.DemoSettings(coarse_folds=3)
+    assert seen["train"] and seen["settings"] == idgbr.evaluation.demo.DemoSettings(coarse_folds=3)
     assert main(["demo", "--out", str(tmp_path)]) == 0
-    assert not seen["train"] and seen["settings"] == idgbr.demo.DemoSettings()
+    assert not seen["train"] and seen["settings"] == idgbr.evaluation.demo.DemoSettings()
     assert main(["demo", "--train", "--train-minutes", "7.5", "--out", str(tmp_path)]) == 0
     assert seen["settings"].train_minutes == 7.5
     # training options without --train would be silently ignored: refused instead
@@ -429,7 +429,7 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     """--coarse-maps DIR: a complete track made beforehand replaces the coarse stages; a bad folder is one line."""
     import shutil
 
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     assert main(["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(synthetic), "--name", "conv",
                  "--work", str(tmp_path / "w"), "--iters", "2", "--crop", "32", "--train-batch", "2", "--tile", "64", "--overlap", "8",
@@ -479,7 +479,7 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
 
 
 def test_benchmark_verdict_names_targets_and_the_control():
-    from idgbr.benchmark import verdict_lines
+    from idgbr.evaluation.benchmark_report import verdict_lines
 
     def scores(wfm3, miou):
         return {"wfm": {"3": wfm3}, "miou": miou}
@@ -528,7 +528,7 @@ def test_benchmark_pools_real_errors_into_one_shared_refiner(synthetic, tmp_path
 def test_pooled_coarse_sources_give_each_image_once_per_source(synthetic, tmp_path):
     import shutil
 
-    from idgbr.train import coarse_sources, load_training_samples
+    from idgbr.training.batches import coarse_sources, load_training_samples
 
     (synthetic / "coarse").mkdir(exist_ok=True)
     names = []
@@ -537,7 +537,7 @@ def test_pooled_coarse_sources_give_each_image_once_per_source(synthetic, tmp_pa
         if not folder.exists():
             shutil.copytree(synthetic / "masks", folder)
             for path in folder.glob("*.png"):
-                from idgbr.io import read_label, write_label
+                from idgbr.data.io import read_label, write_label
 
                 label, _ = read_label(path)
                 write_label(path, np.full_like(label, value))
@@ -554,7 +554,7 @@ def test_pooled_coarse_sources_give_each_image_once_per_source(synthetic, tmp_pa
 def test_benchmark_learns_real_errors_out_of_fold_by_default(synthetic, tmp_path, capsys):
     """A refiner that learns from real errors (coarse_corruption < 1) gets them out of fold by default: every coarse
     model's K-fold train maps are made first and pooled into one shared refiner (and one control)."""
-    from idgbr.benchmark import AUTO_FOLDS
+    from idgbr.evaluation.benchmark import AUTO_FOLDS
 
     run = tmp_path / "bench_auto"
     args = ["benchmark", str(synthetic), "--coarse-arch", "unet", "--coarse-arch", "deeplabv3plus", "--preset", "tiny",

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.errors import IdgbrError
-from idgbr.evaluate import compare_markdown, evaluate_folder, format_csv, format_json, format_markdown
+from idgbr.evaluation.evaluate import compare_markdown, evaluate_folder, format_csv, format_json, format_markdown
 
 STEMS = ("a", "b", "c")
 
@@ -76,7 +76,7 @@ def test_evaluate_json_end_to_end(dataset: Path, tmp_path: Path, capsys) -> None
 def test_coarse_name_comes_before_a_same_named_folder(dataset: Path, tmp_path: Path, monkeypatch) -> None:
     """--coarse NAME means DATA/coarse/NAME in evaluate as in refine (SegmentationDataset), even when a folder of that
     name sits in the working directory; --pred stays path first."""
-    from idgbr.evaluate import evaluate_folder
+    from idgbr.evaluation.evaluate import evaluate_folder
 
     named = write_predictions(dataset / "coarse" / "rough", shift=3)
     write_predictions(tmp_path / "rough")  # a perfect map under the same name, in the working directory

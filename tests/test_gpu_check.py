@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py --smoke: every stage runs (tiny sizes, CPU) and lands in the table."""
+"""idgbr gpu-check --smoke: every stage runs (tiny sizes, CPU) and lands in the table."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_smoke(tmp_path: Path) -> None:
     out = tmp_path / "table.md"
     env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--smoke", "--device", "cpu",
+    result = subprocess.run([sys.executable, "-m", "idgbr", "gpu-check", "--smoke", "--device", "cpu",
                              "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]

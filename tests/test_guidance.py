@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from idgbr import unet_parts
-from idgbr.config import RefinerConfig
-from idgbr.guidance import CGModule
-from idgbr.model import IDGBRModel
+from idgbr.nn import unet_parts
+from idgbr.nn.config import RefinerConfig
+from idgbr.nn.guidance import CGModule
+from idgbr.nn.model import IDGBRModel
 
 torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
 

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.benchmark import control_config
-from idgbr.config import RefinerConfig
-from idgbr.encoders import ENCODERS
+from idgbr.evaluation.benchmark import control_config
+from idgbr.nn.config import RefinerConfig
+from idgbr.nn.encoders import ENCODERS
 from idgbr.errors import IdgbrError
-from idgbr.image_branch import encoder_input
-from idgbr.model import IDGBRModel
-from idgbr.repa import EncoderTeacher
-from idgbr.train import RefinerObjective, make_optimizer
+from idgbr.nn.image_branch import encoder_input
+from idgbr.nn.model import IDGBRModel
+from idgbr.nn.repa import EncoderTeacher
+from idgbr.training.objective import RefinerObjective
+from idgbr.training.loop import make_optimizer
 
 NAME = "tf_efficientnet_lite0"
 K = 3
@@ -106,7 +107,7 @@ def test_bad_switches_are_one_line_errors(tmp_path):
         IDGBRModel(config("lite", latent_factor=16, tile_size=64, crop_size=64))  # strides 16, 32, 64
     with pytest.raises(IdgbrError, match=r"trainable_stages must lie in \[0, 3\]"):
         IDGBRModel(config(image_encoder_trainable_stages=4))  # tiny keeps blocks 0-2
-    from idgbr.train import resolve_config
+    from idgbr.training.batches import resolve_config
 
     class Data:  # the dataset's images decide the bands
         root = tmp_path
@@ -178,7 +179,7 @@ def test_save_load_gives_identical_outputs_without_the_package(tmp_path, monkeyp
 
 
 def test_refinement_computes_the_encoder_features_once_per_tile():
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     torch.manual_seed(0)
     model = IDGBRModel(config())
@@ -257,7 +258,7 @@ def test_default_outputs_unchanged():
 def test_compile_covers_the_image_branch():
     """compile=True compiles the pretrained image encoder too (it runs in condition(), outside model.forward). Only
     the wrappers are checked here: compiling itself takes minutes and is a GPU switch."""
-    from idgbr.train import apply_throughput_switches
+    from idgbr.training.loop import apply_throughput_switches
 
     model = IDGBRModel(config(compile=True))
     apply_throughput_switches(model.config, model, "cpu")

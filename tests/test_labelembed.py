@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from idgbr.labelembed import LabelEmbedding, embedding_accuracy, train_label_embedding
+from idgbr.nn.labelembed import LabelEmbedding, embedding_accuracy, train_label_embedding
 
 torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
 
@@ -63,7 +63,7 @@ def test_training_moves_table_and_separates():
 
 
 def test_train_embed_command(tmp_path):
-    from idgbr.cli import main
+    from idgbr.commands.main import main
 
     assert main(["train-embed", "--classes", "3", "--out", str(tmp_path / "emb"), "--steps", "5", "--hidden", "8"]) == 0
     loaded = LabelEmbedding.from_pretrained(tmp_path / "emb")

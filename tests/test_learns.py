@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idgbr.config import RefinerConfig
-from idgbr.io import write_label
+from idgbr.nn.config import RefinerConfig
+from idgbr.data.io import write_label
 
 torch.set_num_threads(1)  # shared CI box: one thread per test process
 
@@ -86,10 +86,10 @@ def make_task(root: Path, train: int = 6, test: int = 4, seed: int = 0) -> Path:
 
 def train_and_score(root: Path, run: Path, seed: int, **overrides) -> tuple[float, float]:
     """(coarse, refined) WFm(3 px) on the test split after training lite on the train split."""
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
-    from idgbr.pipeline import Refiner
-    from idgbr.train import train_refiner
+    from idgbr.inference.pipeline import Refiner
+    from idgbr.training.loop import train_refiner
 
     config = RefinerConfig.preset_config(
         "lite", steps=500, crop_size=SIZE, tile_size=SIZE, tile_overlap=0, batch_size=4, lr=1e-3, coarse_corruption=0.0,

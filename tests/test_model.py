@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from idgbr.config import RefinerConfig
+from idgbr.nn.config import RefinerConfig
 from idgbr.errors import IdgbrError
-from idgbr.model import IDGBRModel
+from idgbr.nn.model import IDGBRModel
 
 torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
 
@@ -139,7 +139,7 @@ def test_parameter_counts(preset):
 def test_attention_free_unet_and_guidance_attention_on_coarse_levels_only(tmp_path):
     """The fast geometry switches: no transformer blocks anywhere (UNet and its guidance-encoder copy), CG
     cross-attention only at levels with stride >= 2; it runs, trains its fusion everywhere and round-trips."""
-    from idgbr import unet_parts
+    from idgbr.nn import unet_parts
 
     torch.manual_seed(0)
     config = RefinerConfig.preset_config(
@@ -177,7 +177,7 @@ def test_boundary_map_is_the_square_window_test():
     label, at the image edges too."""
     import torch.nn.functional as F
 
-    from idgbr.model import boundary_map
+    from idgbr.nn.model import boundary_map
 
     torch.manual_seed(0)
     labels = torch.randint(0, 4, (2, 37, 53))

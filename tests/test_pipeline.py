@@ -9,12 +9,13 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # the test machines are shared
 
-from idgbr.cli import main  # noqa: E402
-from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.commands.main import main  # noqa: E402
+from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel  # noqa: E402
-from idgbr.pipeline import Refiner, _repeat_batch  # noqa: E402
-from idgbr.tiling import tile_grid  # noqa: E402
+from idgbr.nn.model import IDGBRModel  # noqa: E402
+from idgbr.inference.pipeline import Refiner  # noqa: E402
+from idgbr.inference.tta import _repeat_batch  # noqa: E402
+from idgbr.nn.tiling import tile_grid  # noqa: E402
 
 K = 3
 
@@ -97,7 +98,7 @@ def test_cfg_combines_uncond_and_cond() -> None:
 
 
 def test_repeat_batch_handles_guidance_features() -> None:
-    from idgbr.guidance import GuidanceFeatures
+    from idgbr.nn.guidance import GuidanceFeatures
 
     cond = GuidanceFeatures([torch.zeros(2, 3, 4, 4), torch.ones(2, 5, 2, 2)])
     doubled = _repeat_batch(cond)
@@ -106,7 +107,7 @@ def test_repeat_batch_handles_guidance_features() -> None:
 
 def test_sdedit_starts_from_the_coarse_latent() -> None:
     """With an x0-predictor that returns its input, a low strength keeps the coarse map; strength 1 does not."""
-    from idgbr.labelembed import train_label_embedding
+    from idgbr.nn.labelembed import train_label_embedding
 
     config = RefinerConfig.preset_config("tiny", num_classes=K, prediction_type="sample")
     model = IDGBRModel(config)
@@ -188,7 +189,7 @@ def test_cli_single_file_and_folder(refiner: Refiner, tmp_path, capsys) -> None:
 
 def test_coarse_residual_starts_as_the_coarse_map() -> None:
     """An untrained residual refiner returns the coarse map (zero output layer), from noise and in one pass."""
-    from idgbr.labelembed import train_label_embedding
+    from idgbr.nn.labelembed import train_label_embedding
 
     embed = train_label_embedding(K, 150, 0.15, hidden=16, progress=False)
     image, coarse = inputs()
@@ -294,7 +295,7 @@ def test_folder_batches_across_images_like_one_image_at_a_time(lively: Refiner, 
     Not noisy: the tiny network from the default zero-noise start (exact). Noisy: two samples per tile, sieved, with
     a stand-in sampler whose logits are the starting noise (an untrained tiny network hardly reacts to its noise),
     so that any change in a tile's noise changes the labels."""
-    from idgbr.data import SegmentationDataset
+    from idgbr.data.dataset import SegmentationDataset
 
     data = _mixed_dataset(tmp_path / "data")
     options = dict(noise_scale=1.0, samples=2, steps=1, sieve=4) if noisy else dict(noise_scale=0.0, steps=2)

@@ -1,16 +1,16 @@
-"""The sieve (idgbr.postprocess): small regions merge into their largest neighbour; nodata stays; every path
+"""The sieve (idgbr.inference.postprocess): small regions merge into their largest neighbour; nodata stays; every path
 (tile, folder, evaluation, benchmark) applies the same function."""
 
 import numpy as np
 import pytest
 import torch
 
-from idgbr.config import RefinerConfig
+from idgbr.nn.config import RefinerConfig
 from idgbr.errors import IdgbrError
 from idgbr.metrics import BoundaryPR
-from idgbr.model import IDGBRModel
-from idgbr.pipeline import Refiner
-from idgbr.postprocess import sieve_labels
+from idgbr.nn.model import IDGBRModel
+from idgbr.inference.pipeline import Refiner
+from idgbr.inference.postprocess import sieve_labels
 
 
 def test_small_regions_merge_into_their_largest_neighbour():
@@ -66,10 +66,10 @@ def test_evaluate_cli_scores_sieved_maps(tmp_path, capsys):
     """`idgbr evaluate --sieve PX` scores the maps as `refine --sieve PX` would write them."""
     import json
 
-    from idgbr.cli import main
-    from idgbr.data import SegmentationDataset
-    from idgbr.io import write_label
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.commands.main import main
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.data.io import write_label
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     data = tmp_path / "data"
     write_synthetic_dataset(data, n=4, size=48, seed=1)
@@ -94,7 +94,7 @@ def test_evaluate_cli_scores_sieved_maps(tmp_path, capsys):
 
 
 def test_keep_unsure_keeps_the_coarse_label_unless_the_refiner_is_surer_by_the_margin():
-    from idgbr.postprocess import keep_unsure
+    from idgbr.inference.postprocess import keep_unsure
 
     probs = np.array([[[0.5, 0.2, 0.9, 0.1]], [[0.4, 0.7, 0.05, 0.3]], [[0.1, 0.1, 0.05, 0.6]]], np.float32)  # (3, 1, 4)
     labels = probs.argmax(0).astype(np.uint8)  # [0, 1, 0, 2]
@@ -108,7 +108,7 @@ def test_keep_unsure_keeps_the_coarse_label_unless_the_refiner_is_surer_by_the_m
 def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
     """refine(flip_margin=P) = keep_unsure of the plain map and its probabilities; the config's value is the
     default; folder mode writes the same maps; a bad margin is one line."""
-    from idgbr.postprocess import keep_unsure
+    from idgbr.inference.postprocess import keep_unsure
 
     torch.manual_seed(0)
     cfg = RefinerConfig.preset_config("tiny", num_classes=3, sample_steps=1)
@@ -137,8 +137,8 @@ def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
     with pytest.raises(IdgbrError, match="--flip-margin must lie in"):
         run(flip_margin=1.5)
     # folder mode (batched across images) writes the same map
-    from idgbr.data import write_splits
-    from idgbr.io import read_label, write_image, write_label
+    from idgbr.data.dataset import write_splits
+    from idgbr.data.io import read_label, write_image, write_label
 
     data = tmp_path / "data"
     write_image(data / "images" / "a.png", image)

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idgbr.cli import main
-from idgbr.data import IGNORE_INDEX, SegmentationDataset
+from idgbr.commands.main import main
+from idgbr.data.dataset import IGNORE_INDEX, SegmentationDataset
 from idgbr.errors import IdgbrError
-from idgbr.prepare import CONVERTERS, DUBAI_COLOURS, grid_positions, prepare
+from idgbr.data.prepare import CONVERTERS, prepare
+from idgbr.data.converters import DUBAI_COLOURS
+from idgbr.data.writer import grid_positions
 
 
 def _lines(path):
@@ -145,7 +147,7 @@ def _tif(path, array, crs="EPSG:32633", x0=500000.0, y0=5800000.0, res=0.5):
 
 
 def _isprs_label(rng, size):
-    from idgbr.prepare import ISPRS_COLOURS
+    from idgbr.data.converters import ISPRS_COLOURS
 
     index = rng.integers(0, 6, (size, size))
     return np.asarray(ISPRS_COLOURS, np.uint8)[index], index

@@ -1,4 +1,4 @@
-"""scripts/profile_train.py runs the lite preset's own defaults, for both objectives (it times the training loop's
+"""scripts/experiments/profile_train.py runs the lite preset's own defaults, for both objectives (it times the training loop's
 own RefinerObjective through its phase marks: a broken profiler is how the throughput tables go stale)."""
 
 import subprocess
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("objective", ["diffusion", "deterministic"])
 def test_profile_train_runs_lite_defaults(objective: str) -> None:
     env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "profile_train.py"), "--preset", "lite",
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "experiments" / "profile_train.py"), "--preset", "lite",
                              "--batch", "1", "--crop", "64", "--steps", "2", "--warmup", "1", "--log-every", "1",
                              "--device", "cpu", "--threads", "1", "--set", f"objective={objective}"],
                             capture_output=True, text=True, env=env, timeout=600)

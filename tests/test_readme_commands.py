@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from idgbr.cli import build_parser
+from idgbr.commands.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "fixtures" / "coarse" / "README.md"]

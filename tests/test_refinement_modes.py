@@ -11,11 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # the test machines are shared
 
-from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel, boundary_band, boundary_map  # noqa: E402
-from idgbr.pipeline import Refiner  # noqa: E402
-from idgbr.train import RefinerObjective, label_loss  # noqa: E402
+from idgbr.nn.model import IDGBRModel, boundary_band, boundary_map  # noqa: E402
+from idgbr.inference.pipeline import Refiner  # noqa: E402
+from idgbr.training.objective import RefinerObjective, label_loss  # noqa: E402
 
 K = 3
 

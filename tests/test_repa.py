@@ -5,7 +5,7 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from idgbr.errors import IdgbrError
-from idgbr.repa import Projector, load_dinov2, repa_loss, teacher_size, teacher_tokens
+from idgbr.nn.repa import Projector, load_dinov2, repa_loss, teacher_size, teacher_tokens
 
 torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
 
@@ -71,7 +71,7 @@ def test_official_pth_mapping(tmp_path, swiglu):
     if not swiglu:  # the loader infers mlp_ratio from fc1; the tiny config uses 4 x 16 = 64
         assert official["blocks.0.mlp.fc1.weight"].shape[0] == 64
     # width 16 is not an official size: register it for the test
-    import idgbr.repa as repa
+    import idgbr.nn.repa as repa
 
     repa._HEADS[16] = 2
     try:

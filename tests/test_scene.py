@@ -16,12 +16,14 @@ torch = pytest.importorskip("torch")
 
 from rasterio.transform import from_origin  # noqa: E402
 
-from idgbr.cli import main  # noqa: E402
-from idgbr.config import RefinerConfig  # noqa: E402
+from idgbr.commands.main import main  # noqa: E402
+from idgbr.nn.config import RefinerConfig  # noqa: E402
 from idgbr.errors import IdgbrError  # noqa: E402
-from idgbr.model import IDGBRModel  # noqa: E402
-from idgbr.pipeline import Refiner  # noqa: E402
-from idgbr.scene import NoiseField, gate_band, refine_scene, seam_score, sidecar_paths  # noqa: E402
+from idgbr.nn.model import IDGBRModel  # noqa: E402
+from idgbr.inference.pipeline import Refiner  # noqa: E402
+from idgbr.inference.seams import NoiseField, gate_band, seam_score  # noqa: E402
+from idgbr.inference.scene import refine_scene
+from idgbr.inference.scene_io import sidecar_paths
 
 K = 3
 CRS = "EPSG:32633"
@@ -196,7 +198,7 @@ def test_resume_computes_only_missing_tiles(scene, tmp_path, monkeypatch):
         refine_scene(fake_refiner("noise"), scene["image"], scene["coarse"], out, callback=stop_after_two_batches(), **kw)
     assert not out.exists() and len(json.loads(sidecar_paths(out)["progress"].read_text())["done"]) == 4
     # a kill between the scratch update and the progress file: the journal rolls the batch back
-    import idgbr.scene as scene_module
+    import idgbr.inference.scene as scene_module
 
     real_write, calls = scene_module._write_json, []
 
@@ -307,13 +309,13 @@ def test_cli_multispectral_bands_and_samples(scene, tmp_path, capsys):
 
 def test_sieve_is_seam_free_across_row_bands(scene, tmp_path, monkeypatch):
     """Scene mode sieves each written row band with a halo: the result equals sieving the whole map at once."""
-    import idgbr.scene
-    from idgbr.postprocess import sieve_labels
+    import idgbr.inference.scene
+    from idgbr.inference.postprocess import sieve_labels
 
     raw, banded = tmp_path / "raw.tif", tmp_path / "banded.tif"
     refine_scene(fake_refiner("noise"), scene["image"], scene["coarse"], raw, tile=32, overlap=8, progress=False,
                  sieve=0)
-    monkeypatch.setattr(idgbr.scene, "ROW_BAND", 8)  # many bands, each cutting regions
+    monkeypatch.setattr(idgbr.inference.scene, "ROW_BAND", 8)  # many bands, each cutting regions
     refine_scene(fake_refiner("noise"), scene["image"], scene["coarse"], banded, tile=32, overlap=8, progress=False,
                  sieve=24)
     raw_labels, sieved = read(raw)[0], read(banded)[0]
@@ -328,7 +330,7 @@ def test_windows_in_flight_equal_the_serial_path(scene, tmp_path, monkeypatch, m
     uncertainty) equal the serial path's (read_ahead=0) bit for bit; reading runs ahead of the sampling."""
     import threading
 
-    import idgbr.scene as scene_module
+    import idgbr.inference.scene as scene_module
 
     real_prepare, prepared = scene_module._prepare_tile, []
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from idgbr.config import RefinerConfig
-from idgbr.model import IDGBRModel, unet_config
+from idgbr.nn.config import RefinerConfig
+from idgbr.nn.model import IDGBRModel, unet_config
 
 torch.set_num_threads(1)  # shared CI box
 
@@ -65,8 +65,8 @@ def _perturb_cg(model: IDGBRModel) -> None:
 
 
 def test_sd15_toy_is_the_paper_architecture() -> None:
-    from idgbr import unet_parts
-    from idgbr.codecs import VAECodec
+    from idgbr.nn import unet_parts
+    from idgbr.nn.codecs import VAECodec
 
     model = toy_model()
     cfg = model.config
@@ -87,7 +87,8 @@ def test_sd15_objective_step_reaches_denoiser_and_cg_modules() -> None:
     """One training step of the sd15 objective (epsilon + CE through the VAE decoder): gradient in the UNet (both
     halves) and in every CG module, none in the frozen guidance encoder, VAE or label embedding; the step moves the
     zero-initialised CG fusion off zero and leaves the frozen parts alone."""
-    from idgbr.train import RefinerObjective, make_optimizer
+    from idgbr.training.objective import RefinerObjective
+    from idgbr.training.loop import make_optimizer
 
     model = toy_model(ce_weight=0.1, cond_dropout=0.0)
     objective = RefinerObjective(model, model.config)
@@ -122,7 +123,7 @@ def test_sd15_objective_step_reaches_denoiser_and_cg_modules() -> None:
 
 
 def test_sd15_refine_one_step_and_two_step_cfg() -> None:
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     model = toy_model()
     _perturb_cg(model)
@@ -207,7 +208,7 @@ def test_load_sd15_reads_a_diffusers_folder(sd15_folder: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from idgbr.model import load_sd15
+    from idgbr.nn.model import load_sd15
 
     unet, vae, context = load_sd15(str(sd15_folder))
     saved_unet = UNet2DConditionModel.from_pretrained(sd15_folder / "unet")
@@ -234,9 +235,9 @@ def test_cli_train_sd15_with_pretrained_folder(sd15_folder: Path, tmp_path: Path
     modules change, the VAE and the guidance encoder stay the pretrained ones; the run refines a tile."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from idgbr.cli import main
-    from idgbr.pipeline import Refiner
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.commands.main import main
+    from idgbr.inference.pipeline import Refiner
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     data = tmp_path / "data"
     write_synthetic_dataset(data, n=3, size=64, seed=0)

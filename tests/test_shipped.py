@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from idgbr.cli import main
+from idgbr.commands.main import main
 from idgbr.errors import IdgbrError
-from idgbr.zoo import SHIPPED, card, shipped_path
+from idgbr.nn.zoo import SHIPPED, card, shipped_path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,8 +43,8 @@ def test_demo_reproduces_the_shipped_models_cards(demo):
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_folders_rebuild_and_carry_a_card(name):
-    from idgbr.coarse import CoarseModel
-    from idgbr.pipeline import Refiner
+    from idgbr.nn.coarse_model import CoarseModel
+    from idgbr.inference.pipeline import Refiner
 
     folder = shipped_path(name)
     info = card(name)
@@ -61,8 +61,8 @@ def test_shipped_model_folders_rebuild_and_carry_a_card(name):
 
 
 def test_model_names_resolve_or_fail_in_one_line(tmp_path, monkeypatch):
-    from idgbr.coarse import CoarseModel
-    from idgbr.pipeline import Refiner
+    from idgbr.nn.coarse_model import CoarseModel
+    from idgbr.inference.pipeline import Refiner
 
     with pytest.raises(IdgbrError, match="a shipped coarse model, not a refiner model; shipped refiner models: dubai-lite"):
         Refiner.from_pretrained("dubai-coarse")
@@ -81,7 +81,7 @@ def test_model_names_resolve_or_fail_in_one_line(tmp_path, monkeypatch):
 
 def _dubai_tile(datasets_dir, size=160):
     """A crop of a real Dubai test image, its ground truth, and a coarse map with shifted boundaries."""
-    from idgbr.prepare import DUBAI_COLOURS
+    from idgbr.data.converters import DUBAI_COLOURS
     from PIL import Image
 
     image = np.asarray(Image.open(datasets_dir / "dubai_aerial" / "images" / "tile7_part01.jpg").convert("RGB"))
@@ -137,7 +137,7 @@ def test_refine_with_no_model_refuses_other_classes(tmp_path, capsys):
     assert err.count("\n") == 1 and "coarse.png: holds class 7" in err and "idgbr train --preset lite" in err
     assert not (tmp_path / "o.png").exists()
     # folder mode: the dataset's classes.json decides
-    from idgbr.synthetic import write_synthetic_dataset
+    from idgbr.data.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", n=4, size=32, seed=0)
     assert main(["refine", "--data", str(tmp_path / "data"), "--coarse", "x"]) == 2
@@ -146,7 +146,7 @@ def test_refine_with_no_model_refuses_other_classes(tmp_path, capsys):
 
 
 def test_demo_finds_the_repository_copy_of_the_data(datasets_dir, monkeypatch):
-    from idgbr.demo import find_dubai
+    from idgbr.evaluation.demo import find_dubai
 
     monkeypatch.delenv("IDGBR_DUBAI", raising=False)
     assert find_dubai() == datasets_dir / "dubai_aerial"

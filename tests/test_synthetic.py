@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from idgbr.data import IGNORE_INDEX, SegmentationDataset
-from idgbr.synthetic import CLASS_NAMES, degrade_mask, make_scene, write_synthetic_dataset
+from idgbr.data.dataset import IGNORE_INDEX, SegmentationDataset
+from idgbr.data.synthetic import CLASS_NAMES, degrade_mask, make_scene, write_synthetic_dataset
 
 
 @pytest.mark.parametrize("bands", [1, 3, 5])
@@ -90,7 +90,7 @@ def test_degrade_mask_keeps_ignore_and_strength():
 
 
 def test_degrade_regions_makes_errors_away_from_boundaries():
-    from idgbr.synthetic import degrade_regions
+    from idgbr.data.synthetic import degrade_regions
 
     far_region, far_boundary = [], []
     for seed in range(6):

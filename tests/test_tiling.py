@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from idgbr.tiling import Window, blend_weights, pad_to_multiple, sliding_window, tile_grid
+from idgbr.nn.tiling import Window, blend_weights, pad_to_multiple, sliding_window, tile_grid
 
 sizes = st.integers(min_value=1, max_value=300)
 

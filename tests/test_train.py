@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idgbr.cli import main
-from idgbr.config import RefinerConfig
+from idgbr.commands.main import main
+from idgbr.nn.config import RefinerConfig
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # the test machines are shared; oversubscribed threads only slow things down
 
-from idgbr.train import latest_checkpoint, list_checkpoints, train_refiner  # noqa: E402
+from idgbr.nn.run_folder import latest_checkpoint, list_checkpoints  # noqa: E402
+from idgbr.training.loop import train_refiner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embed(tmp_path_factory) -> Path:
     """A label embedding shared by the tests (skips retraining it in every run)."""
-    from idgbr.labelembed import train_label_embedding
+    from idgbr.nn.labelembed import train_label_embedding
 
     path = tmp_path_factory.mktemp("embed") / "label_embed"
     train_label_embedding(3, 30, 0.15, hidden=16, progress=False).save_pretrained(path)
@@ -150,8 +151,8 @@ def test_ema_final_model_is_the_average_and_resumes(data: Path, embed: Path, tmp
 ])
 def test_objectives(overrides: dict) -> None:
     """Every objective gives a finite loss whose gradient reaches the denoiser and the guidance modules."""
-    from idgbr.model import IDGBRModel
-    from idgbr.train import RefinerObjective
+    from idgbr.nn.model import IDGBRModel
+    from idgbr.training.objective import RefinerObjective
 
     config = tiny(num_classes=3, cond_dropout=0.0, **overrides)
     torch.manual_seed(0)
@@ -184,7 +185,7 @@ def test_objectives(overrides: dict) -> None:
 
 
 def test_lr_schedule() -> None:
-    from idgbr.train import lr_lambda
+    from idgbr.training.loop import lr_lambda
 
     factor = lr_lambda(tiny(steps=10, lr_warmup=2, lr_schedule="cosine"))
     assert factor(0) == pytest.approx(0.5) and factor(1) == pytest.approx(1.0)
@@ -205,7 +206,7 @@ def test_repa_with_tiny_dinov2(data: Path, embed: Path, tmp_path: Path) -> None:
     train_refiner(config, data, None, run, progress=False)
     log = (run / "train.log").read_text()
     assert "REPA on" in log and "teacher freed" in log and "synthetic degradation" in log
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     Refiner.from_pretrained(run)  # the projector is not saved and not needed
     assert not any(k.startswith("projector.") for k in load_file(run / "model.safetensors"))
@@ -220,9 +221,9 @@ def test_repa_loss_in_the_objective() -> None:
     """With teacher tokens the objective adds repa_weight x the negative cosine of the projected deepest down-skip
     CG output; that term's gradient reaches the projector, that CG module and the UNet's encoder half, and not its
     decoder half; without teacher tokens the term is 0."""
-    from idgbr.model import IDGBRModel
-    from idgbr.repa import repa_loss
-    from idgbr.train import RefinerObjective
+    from idgbr.nn.model import IDGBRModel
+    from idgbr.nn.repa import repa_loss
+    from idgbr.training.objective import RefinerObjective
 
     config = tiny(num_classes=3, cond_dropout=0.0, repa_weight=0.5)
     torch.manual_seed(0)
@@ -313,14 +314,14 @@ def test_accelerate_launch_two_cpu_processes(data: Path, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "train_config.json").read_text())["num_processes"] == 2
     assert {p.name for p in latest_checkpoint(run).glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
-    from idgbr.pipeline import Refiner
+    from idgbr.inference.pipeline import Refiner
 
     Refiner.from_pretrained(run)
 
 
 def test_boundary_crops_contain_a_boundary() -> None:
     """boundary_crops=1: every crop holds a class boundary; 0: most crops of a mostly-empty scene hold none."""
-    from idgbr.train import CropSampler
+    from idgbr.training.batches import CropSampler
 
     mask = np.zeros((300, 300), np.uint8)
     mask[140:160, 140:160] = 1
@@ -336,7 +337,7 @@ def test_boundary_crops_contain_a_boundary() -> None:
 
 def _synthetic_wrong_share(samples: list[dict], **config: object) -> float:
     """Share of wrong coarse pixels in one batch of fully synthetic coarse maps (5 classes, 64² crops, seed 0)."""
-    from idgbr.train import CropSampler
+    from idgbr.training.batches import CropSampler
 
     batch = CropSampler(samples, tiny(num_classes=5, crop_size=64, coarse_corruption=1.0, **config))(
         np.random.default_rng(0))
@@ -344,7 +345,7 @@ def _synthetic_wrong_share(samples: list[dict], **config: object) -> float:
 
 
 def _scene_samples() -> list[dict]:
-    from idgbr.synthetic import make_scene
+    from idgbr.data.synthetic import make_scene
 
     return [{"image": s["image"], "mask": s["mask"]} for s in (make_scene(96, seed) for seed in range(3))]
 
@@ -364,8 +365,8 @@ def test_corruption_min_strength_mixes_in_milder_synthetic_coarse_maps() -> None
     """corruption_min_strength < 1 draws degrade_mask strengths below 1: fewer wrong coarse pixels on average; at 1
     the batch is the one drawn before the field existed (no extra random draw)."""
     from idgbr.errors import IdgbrError
-    from idgbr.synthetic import degrade_mask
-    from idgbr.train import CropSampler
+    from idgbr.data.synthetic import degrade_mask
+    from idgbr.training.batches import CropSampler
 
     samples = _scene_samples()
     wrong = {low: _synthetic_wrong_share(samples, batch_size=32, corruption_min_strength=low) for low in (0.0, 1.0)}
@@ -385,7 +386,7 @@ def test_augmentation_fields_reach_the_crop_sampler() -> None:
     """augment_scale_range=[1, 1] crops without resampling (every crop is a window of a source mask);
     augment_dihedral adds the rotation; a reversed range is refused in one line."""
     from idgbr.errors import IdgbrError
-    from idgbr.train import CropSampler
+    from idgbr.training.batches import CropSampler
 
     samples = _scene_samples()
     config = tiny(num_classes=5, crop_size=32, batch_size=8, augment_scale_range=[1.0, 1.0], augment_dihedral=True)
@@ -466,7 +467,7 @@ def test_cli_lite_preset_picks_the_image_branch_by_bands(tmp_path: Path) -> None
 
 def test_labels_checked_once_at_load() -> None:
     from idgbr.errors import IdgbrError
-    from idgbr.train import check_sample_labels
+    from idgbr.training.batches import check_sample_labels
 
     good = {"mask": np.array([[0, 2, 255]], np.uint8), "coarse": np.array([[1, 2, 0]], np.uint8)}
     check_sample_labels([good], 3)
@@ -476,7 +477,7 @@ def test_labels_checked_once_at_load() -> None:
 
 def test_foreach_optimizer_equals_the_loop_on_cpu() -> None:
     """optimizer_impl auto (foreach on CPU) takes the same steps as the per-parameter loop, bit for bit."""
-    from idgbr.train import make_optimizer
+    from idgbr.training.loop import make_optimizer
 
     results = []
     for impl in ("loop", "auto"):
@@ -517,7 +518,7 @@ def test_prefetch_gives_the_same_batches_and_exact_resume(data: Path, embed: Pat
 
 def test_throughput_switches_train(data: Path, embed: Path, tmp_path: Path) -> None:
     """channels_last and fused AdamW run through the loop and save a loadable model."""
-    from idgbr.model import IDGBRModel
+    from idgbr.nn.model import IDGBRModel
 
     from safetensors.torch import load_file
 
@@ -537,7 +538,7 @@ def test_throughput_switches_train(data: Path, embed: Path, tmp_path: Path) -> N
 
 
 def _worker_batches(samples, workers: int, seed: int = 0, start: int = 0, stop: int = 6) -> list[dict]:
-    from idgbr.train import CropSampler, WorkerBatches
+    from idgbr.training.batches import CropSampler, WorkerBatches
 
     loader = WorkerBatches(CropSampler(samples, tiny(seed=seed, num_classes=3)), seed, 0, start, stop, workers)
     try:
@@ -550,7 +551,7 @@ def test_loader_workers_are_deterministic(data: Path) -> None:
     """Batches drawn in DataLoader workers: a seed and a worker count give the same sequence (each step's batch
     comes from its own generator, so even another worker count gives it); another seed gives other batches; a
     resume at step s draws the uninterrupted sequence's batches from s on."""
-    from idgbr.train import load_training_samples
+    from idgbr.training.batches import load_training_samples
 
     samples, _ = load_training_samples(data, "c1")
     first, again, one = _worker_batches(samples, 2), _worker_batches(samples, 2), _worker_batches(samples, 1)

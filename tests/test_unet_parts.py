@@ -3,9 +3,9 @@
 import torch
 from diffusers import UNet2DConditionModel
 
-from idgbr import unet_parts
-from idgbr.config import RefinerConfig
-from idgbr.model import unet_config
+from idgbr.nn import unet_parts
+from idgbr.nn.config import RefinerConfig
+from idgbr.nn.model import unet_config
 
 torch.set_num_threads(1)  # the CI/dev box is small and shared: avoid thread oversubscription
 

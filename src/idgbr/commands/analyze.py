@@ -37,10 +37,10 @@ def register(sub) -> None:
 def run_wiener(args) -> int:
     import numpy as np
 
-    from ..analysis import label_spectrum, plot_wiener, wiener_curves
-    from ..config import RefinerConfig
-    from ..data import SegmentationDataset
-    from ..io import atomic_path
+    from ..evaluation.analysis import label_spectrum, plot_wiener, wiener_curves
+    from ..nn.config import RefinerConfig
+    from ..data.dataset import SegmentationDataset
+    from ..data.io import atomic_path
 
     dataset = SegmentationDataset(args.data, args.split)
     labels = []
@@ -68,7 +68,7 @@ def run_wiener(args) -> int:
 
 
 def run_frequency(args) -> int:
-    from ..analysis import frequency_report
+    from ..evaluation.analysis import frequency_report
 
     result = frequency_report(args.model, args.data, args.split, args.coarse, Path(args.out), samples=args.samples,
                               steps=args.steps, size=args.size, cutoff=args.cutoff, seed=args.seed)

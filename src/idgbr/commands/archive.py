@@ -1,4 +1,4 @@
-"""``idgbr refine-archive SCENES COARSE OUT``: refine many GeoTIFF scenes on dask.distributed (:mod:`idgbr.archive`)."""
+"""``idgbr refine-archive SCENES COARSE OUT``: refine many GeoTIFF scenes on dask.distributed (:mod:`idgbr.inference.archive`)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..archive import MANIFEST, find_pairs, read_pairs, refine_archive
+    from ..inference.archive import MANIFEST, find_pairs, read_pairs, refine_archive
     from ..errors import IdgbrError
 
     if args.pairs is not None:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     bands = parse_bands(args.bands)
     if args.model is None:
-        from .refine import shipped_refiner
+        from ..nn.zoo import shipped_refiner
 
         shipped_refiner()  # says which model runs; each scene's classes are checked on its worker
     manifest = refine_archive(pairs, args.out, args.model, workers=args.workers, threads=args.threads,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..device import add_device_argument
+from ..nn.device import add_device_argument
 
 
 def register(sub) -> None:
@@ -31,9 +31,9 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..io import atomic_path
-    from ..pipeline import Refiner
-    from ..speed import collect_tiles, markdown_table, pick_fast_mode, run_grid
+    from ..data.io import atomic_path
+    from ..inference.pipeline import Refiner
+    from ..evaluation.speed import collect_tiles, markdown_table, pick_fast_mode, run_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)

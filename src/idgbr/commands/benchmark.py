@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..device import add_device_argument
+from ..nn.device import add_device_argument
 
 
 def register(sub) -> None:
@@ -77,8 +77,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..benchmark import BenchmarkSettings, run_benchmark
-    from ..config import parse_overrides
+    from ..evaluation.benchmark import BenchmarkSettings, run_benchmark
+    from ..nn.config import parse_overrides
 
     settings = BenchmarkSettings(
         coarse_archs=tuple(args.archs or ("deeplabv3plus", "unet")), preset=args.preset,

@@ -1,10 +1,10 @@
-"""``idgbr train-coarse`` and ``idgbr predict-coarse``: the discriminative stage (see :mod:`idgbr.coarse`)."""
+"""``idgbr train-coarse`` and ``idgbr predict-coarse``: the discriminative stage (see :mod:`idgbr.training.coarse`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..device import add_device_argument
+from ..nn.device import add_device_argument
 
 
 # Listed here rather than imported so that `idgbr --help` does not import torch; tests check it matches ARCHS.
@@ -85,7 +85,7 @@ def register(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..coarse import train_coarse
+    from ..training.coarse import train_coarse
 
     train_coarse(args.data, args.arch, args.out, iters=args.iters, batch=args.batch, crop=args.crop, lr=args.lr,
                  encoder=args.encoder, encoder_weights=args.encoder_weights, seed=args.seed,
@@ -106,7 +106,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.model is None:
         raise IdgbrError("predict-coarse needs --model RUN (or --folds K --arch A --name NAME --work DIR for out-of-fold "
                          "train maps)")
-    from ..coarse import predict_coarse
+    from ..training.coarse import predict_coarse
 
     out = predict_coarse(args.model, args.data, args.split or "test", name=args.name, probs=args.probs, tile=args.tile,
                          overlap=args.overlap, batch=args.batch, progress=not args.no_progress, device=args.device)
@@ -115,7 +115,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_predict_oof(args: argparse.Namespace) -> int:
-    from ..coarse import predict_coarse_oof
+    from ..training.coarse import predict_coarse_oof
     from ..errors import IdgbrError
 
     missing = [flag for flag, value in (("--arch", args.arch), ("--name", args.name), ("--work", args.work)) if not value]

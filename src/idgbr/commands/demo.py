@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..device import add_device_argument
+from ..nn.device import add_device_argument
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoSettings, run_demo
+    from ..evaluation.demo import DemoSettings, run_demo
     from ..errors import IdgbrError
 
     if not args.train and (args.coarse_folds or args.train_minutes is not None):

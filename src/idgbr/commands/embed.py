@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import IdgbrError
-    from ..labelembed import embedding_accuracy, train_label_embedding
+    from ..nn.labelembed import embedding_accuracy, train_label_embedding
 
     if args.classes < 2:
         raise IdgbrError(f"--classes must be >= 2, got {args.classes}")

@@ -30,8 +30,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..evaluate import FORMATTERS, evaluate_folder, format_markdown
-    from ..io import atomic_path
+    from ..evaluation.evaluate import FORMATTERS, evaluate_folder, format_markdown
+    from ..data.io import atomic_path
 
     result = evaluate_folder(args.data, args.pred, args.split, coarse_dir=args.coarse,
                              tolerances=args.tolerances, k=args.k, progress=sys.stderr.isatty(),

@@ -1,4 +1,4 @@
-"""``idgbr prepare NAME RAW OUT`` (or ``... RAW --out OUT``): convert a dataset to the canonical layout (see :mod:`idgbr.prepare`)."""
+"""``idgbr prepare NAME RAW OUT`` (or ``... RAW --out OUT``): convert a dataset to the canonical layout (see :mod:`idgbr.data.prepare`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Iterable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..prepare import CONVERTERS
+    from ..data.prepare import CONVERTERS
 
     parser = subparsers.add_parser(
         "prepare", help="convert a dataset to the canonical layout",
@@ -52,7 +52,7 @@ def output_folder(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..prepare import prepare
+    from ..data.prepare import prepare
 
     out = output_folder(args)
     options = {key: getattr(args, key) for key in ("bands", "patch_size", "stride", "labels", "phase", "images",

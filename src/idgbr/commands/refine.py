@@ -1,6 +1,6 @@
 """``idgbr refine``: one image (``--image/--coarse/--out``), a whole scene, or a dataset split (``--data/--split``).
 
-Scene mode (:func:`idgbr.scene.refine_scene`: windowed, blended, resumable) is used for GeoTIFF images, images
+Scene mode (:func:`idgbr.inference.scene.refine_scene`: windowed, blended, resumable) is used for GeoTIFF images, images
 larger than one tile, and whenever a scene option (``--tile --overlap --samples --gate --confidence --bands
 --no-resume``) is given; a ``.npy`` coarse map keeps the in-memory single-image path.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..device import add_device_argument
+from ..nn.device import add_device_argument
 
 
 def register(sub) -> None:
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..pipeline import Refiner
+    from ..inference.pipeline import Refiner
 
     model = args.model if args.model is not None else _default_model(args)
     refiner = Refiner.from_pretrained(model, device=args.device)
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     image, geo = _read_inputs(args, refiner.config.num_classes, refiner.config.image_channels)
     refined = refiner.refine(image[0], image[1], generator=torch.Generator().manual_seed(args.seed),
                              noise_scale=args.noise_scale, **kw)
-    from ..io import write_label
+    from ..data.io import write_label
 
     write_label(args.out, refined, geo, nodata=255 if geo else None)
     print(f"wrote {args.out}")
@@ -121,57 +121,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _default_model(args: argparse.Namespace) -> str:
     """The shipped refiner, when the data's classes fit it; else a one-line error that says how to train one."""
+    from ..nn.zoo import shipped_refiner
+
     return shipped_refiner(coarse=None if args.data is not None else Path(args.coarse), data=args.data, split=args.split)
-
-
-def shipped_refiner(coarse: Path | None = None, data: str | Path | None = None, split: str = "test",
-                    announce: bool = True) -> str:
-    """The name of the shipped refiner when the classes of a dataset (``data``/``split``) or of one ``coarse`` map
-    fit it; else a one-line :class:`IdgbrError` that says how to train one. ``announce`` prints which model runs
-    (also used per scene by ``idgbr refine-archive``, quietly)."""
-    import sys
-
-    from ..errors import IdgbrError
-    from ..zoo import DEFAULT_REFINER, card
-
-    info = card(DEFAULT_REFINER)
-    classes = info["classes"]
-    train = (f"the shipped refiner '{DEFAULT_REFINER}' knows {len(classes)} classes ({', '.join(classes)}); train one "
-             "for your classes with 'idgbr train --preset lite --data DATA --out RUN' and pass --model RUN")
-    if data is not None:
-        from ..data import SegmentationDataset
-
-        dataset = SegmentationDataset(data, split, load_mask=False)
-        if dataset.classes.num_classes != len(classes):
-            raise IdgbrError(f"{dataset.root / 'classes.json'}: {dataset.classes.num_classes} classes, but {train}")
-    elif coarse is not None:
-        largest = _largest_class(Path(coarse))
-        if largest >= len(classes):
-            raise IdgbrError(f"{coarse}: holds class {largest}, but {train}")
-    if announce:
-        print(f"refining with the shipped refiner '{DEFAULT_REFINER}' ({info['summary']}); pass --model RUN for your own",
-              file=sys.stderr)
-    return DEFAULT_REFINER
-
-
-def _largest_class(path: Path) -> int:
-    """The largest class index in a coarse map (255 = nodata does not count), or K - 1 for (K, H, W) .npy
-    probabilities; an unreadable file is left to the normal checks (returns -1)."""
-    import numpy as np
-
-    from ..data import IGNORE_INDEX
-    from ..io import read_label
-
-    try:
-        if path.suffix.lower() == ".npy":
-            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0]) - 1
-        label, _ = read_label(path)
-    except Exception:  # the refine path reports it with its own one-line error
-        return -1
-    if label.ndim != 2:  # colour-coded: the normal checks explain it
-        return -1
-    valid = label[label != IGNORE_INDEX]
-    return int(valid.max()) if valid.size else -1
 
 
 SCENE_OPTIONS = ("tile", "overlap", "samples", "gate", "confidence", "bands")
@@ -180,7 +132,7 @@ SCENE_OPTIONS = ("tile", "overlap", "samples", "gate", "confidence", "bands")
 def _scene_mode(args: argparse.Namespace, tile_size: int) -> bool:
     """Scene mode for GeoTIFF images, images larger than one tile, or any scene option; never for .npy coarse."""
     from ..errors import IdgbrError
-    from ..io import is_geotiff
+    from ..data.io import is_geotiff
 
     options = [name for name in SCENE_OPTIONS if getattr(args, name) is not None] + (["no_resume"] if args.no_resume else [])
     if Path(args.coarse).suffix.lower() == ".npy":
@@ -190,14 +142,14 @@ def _scene_mode(args: argparse.Namespace, tile_size: int) -> bool:
         return False
     if options or is_geotiff(args.image):
         return True
-    from ..io import read_image
+    from ..data.io import read_image
 
     image, _ = read_image(args.image)
     return max(image.shape[:2]) > tile_size
 
 
 def _run_scene(args: argparse.Namespace, refiner) -> int:
-    from ..scene import refine_scene
+    from ..inference.scene import refine_scene
 
     bands = parse_bands(args.bands)
     summary = refine_scene(refiner, args.image, args.coarse, args.out, tile=args.tile, overlap=args.overlap,
@@ -218,9 +170,9 @@ def _read_inputs(args: argparse.Namespace, num_classes: int, channels: int):
     model so that every error names the file."""
     import numpy as np
 
-    from ..data import read_index_map
+    from ..data.dataset import read_index_map
     from ..errors import file_error
-    from ..io import read_image
+    from ..data.io import read_image
 
     image, geo = read_image(args.image)
     if image.shape[-1] != channels:

@@ -1,4 +1,4 @@
-"""``idgbr train``: train a refiner (see :mod:`idgbr.train`); the number of classes and bands come from the data."""
+"""``idgbr train``: train a refiner (see :mod:`idgbr.training.loop`); the number of classes and bands come from the data."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def build_config(args: argparse.Namespace):
     """The preset, then the named flags, then ``--set`` overrides."""
-    from ..config import RefinerConfig, parse_overrides
+    from ..nn.config import RefinerConfig, parse_overrides
 
     overrides = {"steps": args.steps, "batch_size": args.batch, "crop_size": args.crop, "lr": args.lr,
                  "checkpoint_every": args.checkpoint_every, "train_minutes": args.train_minutes,
@@ -59,14 +59,15 @@ def image_bands(data: str) -> int | None:
 
     if not (Path(data) / "classes.json").exists():
         return None
-    from ..data import SegmentationDataset
+    from ..data.dataset import SegmentationDataset
 
     return int(SegmentationDataset(data, "train", load_mask=False)[0]["image"].shape[-1])
 
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
-    from ..train import check_paths, train_refiner
+    from ..training.batches import check_paths
+    from ..training.loop import train_refiner
 
     check_paths(config)  # before importing torch-heavy modules: a bad path fails within seconds
     out = train_refiner(config, args.data, args.coarse, args.out, resume=args.resume, progress=not args.no_progress)

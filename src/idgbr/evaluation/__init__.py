@@ -1,0 +1,1 @@
+"""Evaluation: scoring folders, reports and figures, frequency analyses, speed grids, the benchmark and the demo."""
