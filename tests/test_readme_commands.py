@@ -53,7 +53,7 @@ def _strip_comment(line: str) -> str:
 
 
 def block_commands(text: str, python: bool = False) -> list[str]:
-    """Command lines inside fenced code blocks, continuation lines joined (with ``python``: ``python ...`` lines too)."""
+    """Command lines inside fenced code blocks, continuation lines joined (``python``: ``python ...`` lines too)."""
     commands, in_block, pending = [], False, ""
     for raw in text.splitlines():
         if raw.lstrip().startswith("```"):
@@ -169,7 +169,8 @@ def _params(found: list[tuple[str, str, bool]]) -> list:
         if PREFIX.match(command):
             argv = to_argv(command)
             if argv and argv[0] in NEW_SUBCOMMANDS and argv[0] not in registered:
-                marks = pytest.mark.xfail(reason=f"'idgbr {argv[0]}' comes with the package restructuring", strict=False)
+                reason = f"'idgbr {argv[0]}' comes with the package restructuring"
+                marks = pytest.mark.xfail(reason=reason, strict=False)
         params.append(pytest.param(doc, command, fragment, marks=marks, id=f"{doc}:{command[:60]}"))
     return params
 
@@ -215,7 +216,8 @@ def test_readme_commands_are_the_quick_start_and_ci():
     assert "bash scripts/setup.sh && .venv/bin/idgbr demo --out out/demo" in text
     test_line = "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
     assert test_line in text and test_line in (ROOT / ".ci" / "run").read_text()
-    assert not any(c.startswith("idgbr ") for c in commands), "README blocks call .venv/bin/idgbr (setup puts no idgbr on PATH)"
+    bare = [c for c in commands if c.startswith("idgbr ")]
+    assert not bare, f"setup puts no idgbr on PATH; call .venv/bin/idgbr: {bare}"
 
 
 def readme_python_blocks() -> list[str]:

@@ -14,7 +14,8 @@ def register(sub) -> None:
                     "the lite refiner first (about 20 minutes on 2 idle CPU cores; see --train).")
     parser.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     parser.add_argument("--train", action="store_true",
-                        help="train a coarse model (200 iterations) and the lite refiner (4800 steps) from scratch first: "
+                        help="train a coarse model (200 iterations) and the lite refiner (4800 steps) from scratch "
+                             "first: "
                              "about 20 minutes on 2 idle CPU cores (19 min 24 s measured with the 2026-11-29 lite "
                              "recipe; the current recipe's refiner alone trained in 14 min), longer on a busy machine")
     parser.add_argument("--source", default=None,
