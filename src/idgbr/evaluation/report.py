@@ -1,8 +1,9 @@
 """Pictures and Markdown reports.
 
-The comparison panel follows the paper's convention: image | ground truth | coarse | refined, and error maps with
-false negatives in blue and false positives in red for a class of interest (class 1 for binary data; chosen by the
-caller for multi-class data). Other misclassified pixels are yellow, ignored pixels grey.
+The comparison panel shows image | coarse | refined above ground truth | coarse errors | refined errors. Its error
+pictures use colours no class uses: black where a map is wrong, and on the refined map's picture cyan where the
+refiner fixed a coarse error and magenta where it broke a right coarse pixel. :func:`error_map` keeps the paper's
+one-class convention (false negatives blue, false positives red, other errors yellow, ignored grey).
 """
 
 from __future__ import annotations
@@ -75,11 +76,36 @@ def to_display(image: np.ndarray) -> np.ndarray:
     return (np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
+# The demo panel's error pictures use only black, white, grey and two saturated colours that no class of the
+# tab10/tab20 palette uses, so an error colour never reads as a class.
+WRONG_COLOUR = (0, 0, 0)
+FIXED_COLOUR = (0, 255, 255)  # coarse wrong, refined right
+BROKEN_COLOUR = (255, 0, 255)  # coarse right, refined wrong
+IGNORED_COLOUR = (200, 200, 200)
+
+
+def change_map(gt: np.ndarray, coarse: np.ndarray, pred: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8: white where ``coarse`` is right, black where it is wrong, grey where ignored. With ``pred``
+    (the refined map) the picture is ``pred``'s errors instead, and the pixels the refinement changed are coloured:
+    cyan where it fixed a coarse error, magenta where it broke a right coarse pixel."""
+    valid = gt != IGNORE_INDEX
+    shown = coarse if pred is None else pred
+    out = np.full(gt.shape + (3,), 255, np.uint8)
+    out[valid & (shown != gt)] = WRONG_COLOUR
+    if pred is not None:
+        out[valid & (coarse != gt) & (pred == gt)] = FIXED_COLOUR
+        out[valid & (coarse == gt) & (pred != gt)] = BROKEN_COLOUR
+    out[~valid] = IGNORED_COLOUR
+    return out
+
+
 def comparison_panel(path: str | Path, image: np.ndarray, gt: np.ndarray, coarse: np.ndarray, refined: np.ndarray,
                      num_classes: int, title: str = "", max_side: int = 640, focus_class: int = 1,
                      class_names: Sequence[str] | None = None) -> Path:
     """Save a 2 x 3 PNG: image | coarse | refined above ground truth | coarse errors | refined errors, with a legend of
-    the class colours (by name) and of the error colours underneath."""
+    the class colours (by name) and of the error colours underneath. The error pictures are :func:`change_map`'s
+    (black: wrong; cyan: fixed by the refiner; magenta: broken by it); ``focus_class`` is accepted for older
+    callers and unused (the paper's one-class picture is :func:`error_map`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,22 +115,24 @@ def comparison_panel(path: str | Path, image: np.ndarray, gt: np.ndarray, coarse
     step = max(1, int(np.ceil(max(gt.shape) / max_side)))
     sl = (slice(None, None, step), slice(None, None, step))
     names = list(class_names) if class_names else [f"class {i}" for i in range(num_classes)]
-    focus = names[focus_class]
+    valid = gt != IGNORE_INDEX
+    total = max(int(valid.sum()), 1)
 
     def accuracy(pred: np.ndarray) -> str:
-        valid = gt != IGNORE_INDEX
-        return f"{100 * float((pred[valid] == gt[valid]).mean()) if valid.any() else float('nan'):.1f} % correct"
+        return f"{100 * float((pred[valid] == gt[valid]).sum()) / total:.1f} % correct"
 
+    fixed = 100 * float((valid & (coarse != gt) & (refined == gt)).sum()) / total
+    broken = 100 * float((valid & (coarse == gt) & (refined != gt)).sum()) / total
     tiles = [
         ("image", to_display(image)[sl]),
         (f"coarse map ({accuracy(coarse)})", colourise(coarse, num_classes)[sl]),
         (f"refined map ({accuracy(refined)})", colourise(refined, num_classes)[sl]),
         ("ground truth", colourise(gt, num_classes)[sl]),
-        ("coarse map's errors", error_map(gt, coarse, focus_class)[sl]),
-        ("refined map's errors", error_map(gt, refined, focus_class)[sl]),
+        ("coarse map's errors (black)", change_map(gt, coarse)[sl]),
+        (f"refined map's errors: fixed {fixed:.1f} %, broken {broken:.1f} %", change_map(gt, coarse, refined)[sl]),
     ]
     height, width = tiles[0][1].shape[:2]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8 * height / max(width, 1) + 2.0))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8 * height / max(width, 1) + 2.6), layout="constrained")
     for ax, (name, picture) in zip(axes.ravel(), tiles):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -113,18 +141,17 @@ def comparison_panel(path: str | Path, image: np.ndarray, gt: np.ndarray, coarse
     colours = palette(num_classes) / 255.0
     classes = [Patch(facecolor=colours[i], edgecolor="0.3", label=names[i]) for i in range(num_classes)]
     classes.append(Patch(facecolor="black", edgecolor="0.3", label="nodata / ignored"))
-    errors = [Patch(facecolor=np.array(FN_COLOUR) / 255, label=f"missed {focus} (false negative)"),
-              Patch(facecolor=np.array(FP_COLOUR) / 255, label=f"wrongly {focus} (false positive)"),
-              Patch(facecolor=np.array(OTHER_ERROR_COLOUR) / 255, label="other class confused"),
-              Patch(facecolor="white", edgecolor="0.3", label="correct"),
-              Patch(facecolor=(200 / 255,) * 3, label="ignored")]
-    fig.legend(handles=classes, loc="lower left", ncol=min(len(classes), 4), fontsize=9, title="classes",
-               bbox_to_anchor=(0.01, 0.0), frameon=False)
-    fig.legend(handles=errors, loc="lower right", ncol=2, fontsize=9, title="error maps",
-               bbox_to_anchor=(0.99, 0.0), frameon=False)
+    rgb = lambda colour: np.array(colour) / 255  # noqa: E731
+    errors = [Patch(facecolor=rgb(WRONG_COLOUR), edgecolor="0.3", label="wrong"),
+              Patch(facecolor="white", edgecolor="0.3", label="right"),
+              Patch(facecolor=rgb(FIXED_COLOUR), edgecolor="0.3", label="fixed by the refiner (coarse was wrong)"),
+              Patch(facecolor=rgb(BROKEN_COLOUR), edgecolor="0.3", label="broken by the refiner (coarse was right)"),
+              Patch(facecolor=rgb(IGNORED_COLOUR), edgecolor="0.3", label="ignored")]
+    fig.legend(handles=classes, loc="outside lower left", ncol=min(len(classes), 4), fontsize=9, title="map colours",
+               frameon=False)
+    fig.legend(handles=errors, loc="outside lower right", ncol=2, fontsize=9, title="error pictures", frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.97 if title else 1))
     return save_figure(fig, path, dpi=80)
 
 
