@@ -9,8 +9,7 @@ Block lines must be complete commands; inline spans may be fragments (``idgbr re
 PATH``), so for them required arguments are waived, but the sub-command, every option, its type and choices must be
 right. Number placeholders (``K``, ``N``, ``PX``) become 3 and the shell's ``"$@"`` is dropped.
 
-Sub-commands that the restructured package adds (``ablate``, ``build-models``, ``gpu-check``, replacing scripts) are
-expected to exist; where this checkout's parser lacks them, their lines are xfail (not strict), everything else fails.
+Sub-commands that replaced scripts (``ablate``, ``build-models``, ``gpu-check``) are checked like every other.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ DOCS = list(dict.fromkeys([*BASE_DOCS, *linked_docs(ROOT / "README.md")]))
 PREFIX = re.compile(r"^(?:\$\s+)?(?:\S*/)?idgbr\s")  # idgbr ..., .venv/bin/idgbr ..., $ idgbr ...
 PYTHON = re.compile(r"^(?:\$\s+)?(?:\S*/)?python3?\s")  # python ..., .venv/bin/python ...
 REPO_FOLDERS = {"scripts", "src", "tests", ".ci"}
-NEW_SUBCOMMANDS = {"ablate", "build-models", "gpu-check"}  # added with the package restructuring (scripts -> CLI)
+NEW_SUBCOMMANDS = {"ablate", "build-models", "gpu-check"}  # once scripts, now sub-commands
 SYNOPSIS = ("[", "|", "...", "…")
 
 
@@ -162,17 +161,7 @@ def _collect() -> list[tuple[str, str, bool]]:
 
 
 def _params(found: list[tuple[str, str, bool]]) -> list:
-    """pytest params; lines of a sub-command this checkout's parser lacks (yet) are xfail, not strict."""
-    registered, params = registered_subcommands(), []
-    for doc, command, fragment in found:
-        marks = ()
-        if PREFIX.match(command):
-            argv = to_argv(command)
-            if argv and argv[0] in NEW_SUBCOMMANDS and argv[0] not in registered:
-                reason = f"'idgbr {argv[0]}' comes with the package restructuring"
-                marks = pytest.mark.xfail(reason=reason, strict=False)
-        params.append(pytest.param(doc, command, fragment, marks=marks, id=f"{doc}:{command[:60]}"))
-    return params
+    return [pytest.param(doc, command, fragment, id=f"{doc}:{command[:60]}") for doc, command, fragment in found]
 
 
 COMMANDS = _collect()
@@ -230,9 +219,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     the shipped refiner."""
     import os
 
-    from idgbr.coarse import predict_coarse
-    from idgbr.demo import REPO_DUBAI, DemoSettings
-    from idgbr.prepare import prepare
+    from idgbr.training.coarse import predict_coarse
+    from idgbr.evaluation.demo import REPO_DUBAI, DemoSettings
+    from idgbr.data.prepare import prepare
 
     blocks = readme_python_blocks()
     assert blocks and all("out/demo/" in block for block in blocks if "read_image" in block)
@@ -289,3 +278,7 @@ def test_extraction_joins_continuations_and_strips_comments():
             "Run `idgbr evaluate --data D\n--pred P` or `idgbr demo [--quick]`.\n")
     assert block_commands(text) == [".venv/bin/idgbr demo --out o", "idgbr train --preset lite --data D --out R"]
     assert inline_commands(text) == ["idgbr evaluate --data D --pred P"]
+
+
+def test_former_scripts_are_subcommands():
+    assert NEW_SUBCOMMANDS <= registered_subcommands()

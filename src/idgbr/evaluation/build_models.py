@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     }
     for name, run in (("dubai-coarse", coarse_run), ("dubai-lite", refiner_run)):
         target = MODELS / name
+        licence = _kept_licence(target)  # checked by hand (sources, licences); carried over to the rebuilt card
+        if licence is not None:
+            cards[name]["licence"] = licence[0]
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True)
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             if path.suffix in (".json", ".safetensors"):
                 shutil.copy(path, target / path.name)
         (target / "card.json").write_text(json.dumps(cards[name], indent=2) + "\n")
-        (target / "README.md").write_text(_card_text(name, cards[name]))
+        (target / "README.md").write_text(_card_text(name, cards[name], licence[1] if licence else ""))
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         print(f"wrote {target} ({size / 1e6:.1f} MB)")
     return 0
@@ -147,7 +150,22 @@ def _figures(result: dict) -> dict:
     return {k: round(100 * float(v), 2) for k, v in out.items()}
 
 
-def _card_text(name: str, card: dict) -> str:
+def _kept_licence(target: Path) -> tuple[dict, str] | None:
+    """The licence facts of a shipped model's card (``card.json``'s ``licence``, the README's "## Licence"
+    section), or None if it has none."""
+    try:
+        facts = json.loads((target / "card.json").read_text())["licence"]
+        text = (target / "README.md").read_text()
+    except (OSError, KeyError, ValueError):
+        return None
+    start = text.find("## Licence")
+    if start < 0:
+        return None
+    end = text.find("\n## ", start + 1)
+    return facts, text[start:end if end > 0 else None].rstrip() + "\n"
+
+
+def _card_text(name: str, card: dict, licence: str = "") -> str:
     test = card["test"]
     rows = [("mIoU", "miou"), ("mF1", "mf1"), ("OA", "oa"), ("Kappa", "kappa"), ("WFm 1px", "wfm1"),
             ("WFm 3px", "wfm3"), ("WFm 5px", "wfm5")]
@@ -173,6 +191,7 @@ def _card_text(name: str, card: dict) -> str:
         f"- Code: `{card['commit']}`.",
         "- Commands:", "", "```bash", *card["made_by"], "```", "",
         f"Rebuild both shipped models with `{card['rebuild']}`.", "",
+        *([licence] if licence else []),
         "## Test figures (18 test tiles, percent)", "",
         *table, "",
         "Measured by:", "", "```bash", *card["evaluated_by"], "```", "",

@@ -5,7 +5,7 @@ with the shipped coarse model -> refine them with the shipped lite refiner -> ev
 ``DIR/report.md`` with pictures, and a summary table on stdout (about 2 minutes on 2 CPU cores).
 
 ``--train`` runs the full from-scratch protocol instead: train a coarse model and the lite refiner on the train split
-first (about 15 minutes on 2 CPU cores).
+first (about 20 minutes on 2 idle CPU cores; see ``idgbr demo --help``).
 """
 
 from __future__ import annotations
