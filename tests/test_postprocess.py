@@ -149,3 +149,77 @@ def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
     write_splits(data, {"train": ["a"], "test": ["a"]})
     refiner.refine_folder(data, "test", "c", tmp_path / "out", progress=False)
     np.testing.assert_array_equal(read_label(tmp_path / "out" / "a.png")[0], kept)
+
+
+def test_match_areas_pulls_class_areas_to_the_coarse_maps():
+    """A refiner that grows class 1 over class 0: matched to the coarse areas, class 1 shrinks back towards them,
+    the pixels it gives up are those it was least sure of, strength 0 is the plain argmax, nodata is left out."""
+    from idgbr.inference.postprocess import area_offsets, match_areas
+
+    g = np.random.default_rng(0)
+    coarse = np.zeros((64, 64), np.uint8)
+    coarse[:, 32:] = 1  # half and half
+    coarse[:4] = 255  # nodata rows: not counted
+    sure_of_1 = np.clip(np.linspace(0.3, 0.95, 64)[None, :] + 0.05 * g.standard_normal((64, 64)), 0.01, 0.99)
+    probs = np.stack([1 - sure_of_1, sure_of_1]).astype(np.float32)  # argmax: class 1 from column ~20
+    plain = probs.argmax(0)
+    valid = coarse != 255
+    assert (plain[valid] == 1).mean() > 0.65
+    matched = match_areas(probs, coarse, 1.0)
+    share = (matched[valid] == 1).mean()
+    assert abs(share - 0.5) < 0.03, share
+    assert (sure_of_1[matched == 1].min() >= sure_of_1[(plain == 1) & (matched == 0)].max() - 1e-6)
+    half = (match_areas(probs, coarse, 0.5)[valid] == 1).mean()
+    assert 0.5 + 0.02 < half < (plain[valid] == 1).mean() - 0.02  # part of the way
+    np.testing.assert_array_equal(match_areas(probs, coarse, 0.0), plain)
+    np.testing.assert_array_equal(area_offsets(np.log(probs.reshape(2, -1)), coarse.ravel(), 0.0), [0, 0])
+    with pytest.raises(IdgbrError, match="--area-match must lie in"):
+        match_areas(probs, coarse, 1.5)
+
+
+def test_area_match_in_tile_and_folder_modes(tmp_path):
+    """refine(area_match=A) = match_areas of its own probabilities against the coarse map (nodata kept), then the
+    flip margin; the config's value is the default; folder mode writes the same maps."""
+    from idgbr.data.dataset import write_splits
+    from idgbr.io import read_label, write_image, write_label
+    from idgbr.inference.postprocess import keep_unsure, match_areas
+
+    torch.manual_seed(0)
+    cfg = RefinerConfig.preset_config("tiny", num_classes=3, sample_steps=1)
+    model = IDGBRModel(cfg)
+    with torch.no_grad():  # an untrained tiny model ignores its inputs: give its zero-initialised layers weights
+        for name, param in model.named_parameters():
+            if not param.abs().sum():
+                param.normal_(0, 0.3)
+    refiner = Refiner(model)
+    g = np.random.default_rng(1)
+    image = g.integers(0, 255, (40, 40, 3)).astype(np.uint8)
+    coarse = g.integers(0, 3, (40, 40)).astype(np.uint8)
+    coarse[:4, :4] = 255
+
+    def run(**kw):
+        return refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0), **kw)
+
+    plain, probs = run(return_probs=True, area_match=0)
+    matched = run(area_match=1)
+    expected = match_areas(probs, coarse, 1.0)
+    expected[coarse == 255] = 255
+    np.testing.assert_array_equal(matched, expected)
+    assert (matched != plain).any()  # not vacuous: the offsets move labels
+    both = run(area_match=1, flip_margin=0.1)
+    kept = keep_unsure(match_areas(probs, coarse, 1.0), probs, coarse, 0.1)
+    kept[coarse == 255] = 255
+    np.testing.assert_array_equal(both, kept)
+    refiner.model.config = cfg.replace(area_match=1.0)
+    np.testing.assert_array_equal(run(), matched)
+    with pytest.raises(IdgbrError, match="--area-match must lie in"):
+        run(area_match=-0.5)
+    data = tmp_path / "data"
+    write_image(data / "images" / "a.png", image)
+    write_label(data / "masks" / "a.png", coarse)
+    write_label(data / "coarse" / "c" / "a.png", coarse)
+    (data / "classes.json").write_text('{"classes": [{"name": "x", "value": 0}, {"name": "y", "value": 1}, '
+                                       '{"name": "z", "value": 2}], "ignore": [255]}')
+    write_splits(data, {"train": ["a"], "test": ["a"]})
+    refiner.refine_folder(data, "test", "c", tmp_path / "out", progress=False)
+    np.testing.assert_array_equal(read_label(tmp_path / "out" / "a.png")[0], matched)

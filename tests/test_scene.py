@@ -400,3 +400,23 @@ def test_flip_margin_keeps_coarse_where_the_refiner_is_unsure(scene, tmp_path):
     with pytest.raises(IdgbrError, match="--flip-margin"):
         refine_scene(fake_refiner(), scene["image"], scene["coarse"], tmp_path / "bad.tif", progress=False,
                      flip_margin=-0.1)
+
+
+def test_area_match_brings_the_scene_class_areas_towards_the_coarse_map(scene, tmp_path):
+    """Scene mode fits one offset per class on the whole scene: the written map's class areas (a third each: the
+    fake sampler's labels follow its noise) move towards the coarse map's; strength 0 writes the plain map; a bad
+    strength is one line."""
+    plain, off, matched = tmp_path / "plain.tif", tmp_path / "off.tif", tmp_path / "matched.tif"
+    for out, area in ((plain, None), (off, 0.0), (matched, 1.0)):
+        refine_scene(fake_refiner("noise"), scene["image"], scene["coarse"], out, tile=32, overlap=8, progress=False,
+                     **({} if area is None else {"area_match": area}))
+    valid = ~scene["nodata"]
+    maps = {p: read(p)[0] for p in (plain, off, matched)}
+    np.testing.assert_array_equal(maps[off], maps[plain])
+    target = np.bincount(scene["coarse_map"][valid], minlength=K)
+    gap = {p: np.abs(np.bincount(m[valid], minlength=K) - target).sum() for p, m in maps.items()}
+    assert gap[matched] < 0.5 * gap[plain], gap
+    np.testing.assert_array_equal(maps[matched] == 255, maps[plain] == 255)
+    with pytest.raises(IdgbrError, match="--area-match"):
+        refine_scene(fake_refiner(), scene["image"], scene["coarse"], tmp_path / "bad.tif", progress=False,
+                     area_match=2.0)

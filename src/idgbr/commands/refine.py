@@ -62,6 +62,9 @@ def add_sampling_options(parser) -> None:
     parser.add_argument("--flip-margin", type=float, default=None, metavar="P",
                         help="take a refined label only where its probability beats the coarse label's by more than P, "
                              "keep the coarse label elsewhere (0 = plain argmax; default: the model's)")
+    parser.add_argument("--area-match", type=float, default=None, metavar="A",
+                        help="pull each class's refined area towards the coarse map's: 0 = off, 1 = the coarse map's "
+                             "class areas (one offset per class; default: the model's)")
     parser.add_argument("--sieve", type=int, default=None, metavar="PX",
                         help="minimum mapping unit: merge regions smaller than PX pixels into their largest neighbour, "
                              "0 = off (default: the model's; lite 6, the shipped dubai-lite 0)")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else _default_model(args)
     refiner = Refiner.from_pretrained(model, device=args.device)
     kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch, tta=args.tta,
-              sieve=args.sieve, flip_margin=args.flip_margin)
+              sieve=args.sieve, flip_margin=args.flip_margin, area_match=args.area_match)
     if folder:
         out = Path(args.out) if args.out else Path(args.data) / "refined" / (Path(model).resolve() if Path(model).exists() else Path(model)).name
         written = refiner.refine_folder(args.data, args.split, args.coarse, out, seed=args.seed,
@@ -157,7 +160,7 @@ def _run_scene(args: argparse.Namespace, refiner) -> int:
                            samples=args.samples or 1, gate_width=args.gate, confidence=args.confidence,
                            batch_size=args.batch, bands=bands, resume=not args.no_resume, progress=not args.no_progress,
                            noise_scale=args.noise_scale, tta=args.tta, sieve=args.sieve,
-                           flip_margin=args.flip_margin)
+                           flip_margin=args.flip_margin, area_match=args.area_match)
     extra = f" and {summary['uncertainty']}" if summary["uncertainty"] else ""
     print(f"wrote {summary['out']}{extra}: {summary['tiles']} tiles, {summary['computed']} computed now, "
           f"{summary['done_before']} resumed, {100 * summary['skipped_fraction']:.1f}% skipped "

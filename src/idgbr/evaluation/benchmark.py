@@ -58,6 +58,7 @@ class BenchmarkSettings:
     # refined folders hold the raw maps, and the report also scores them unsieved ("unsieved").
     sieve: int | None = None
     flip_margin: float | None = None  # refined labels only where surer than the coarse label by this (None: config's)
+    area_match: float | None = None  # pull class areas towards the coarse map's, 0-1 (None: the config's)
     controls: bool = True
     image_only: bool = False  # with controls: also the image-only control (it does not depend on the coarse maps)
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
@@ -164,7 +165,8 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
     pred_dir = run / "refined" / name
     infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength,
              "samples": settings.samples, "noise_scale": settings.noise_scale, "tta": settings.tta,
-             **({"flip_margin": settings.flip_margin} if settings.flip_margin is not None else {})}
+             **({"flip_margin": settings.flip_margin} if settings.flip_margin is not None else {}),
+             **({"area_match": settings.area_match} if settings.area_match is not None else {})}
     stages(f"refine test with {name}", pred_dir, {"model": str(model_dir), "coarse": coarse, **infer},
            lambda: Refiner.from_pretrained(model_dir, device=settings.device).refine_folder(
                data_root, "test", coarse, pred_dir, **infer, sieve=0))

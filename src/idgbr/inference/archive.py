@@ -47,7 +47,8 @@ JOB_LOCK = ".idgbr-archive.lock"
 GDAL_CACHEMAX_MB = 256
 STALE_AFTER = 600.0  # seconds without a heartbeat after which another host's scene lock is taken over
 SUFFIXES = (".tif", ".tiff")
-OPTIONS = ("tile", "overlap", "steps", "guidance", "strength", "noise_scale", "tta", "sieve", "flip_margin", "seed",
+OPTIONS = ("tile", "overlap", "steps", "guidance", "strength", "noise_scale", "tta", "sieve", "flip_margin",
+           "area_match", "seed",
            "batch_size", "gate_width", "bands")
 
 
@@ -382,7 +383,8 @@ def _settings(model: str, options: dict[str, Any], config) -> dict[str, Any]:
     """What decides the refined maps, defaults resolved (the batch size does not: tiles are independent)."""
     defaults = {"tile": config.tile_size, "overlap": config.tile_overlap, "steps": config.sample_steps,
                 "guidance": config.guidance_scale, "strength": config.strength, "noise_scale": config.noise_scale,
-                "tta": config.tta, "sieve": config.sieve, "flip_margin": config.flip_margin, "seed": 0,
+                "tta": config.tta, "sieve": config.sieve, "flip_margin": config.flip_margin,
+                "area_match": config.area_match, "seed": 0,
                 "gate_width": None, "bands": None}
     return {"model": model, **{key: options.get(key, default) for key, default in defaults.items()}}
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..data.dataset import IGNORE_INDEX
-from .postprocess import check_sieve, keep_unsure, sieve_labels
+from .postprocess import check_area_match, check_sieve, keep_unsure, match_areas, sieve_labels
 from ..errors import IdgbrError, file_error
 from .tta import TTA_TRANSFORMS, _agreement, _repeat_batch, check_noise_for_samples, check_tta
 
@@ -185,7 +185,7 @@ class Refiner:
                generator: torch.Generator | None = None, return_probs: bool = False, batch_size: int = 4,
                callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int | None = None,
                noise_scale: float | None = None, return_agreement: bool = False, tta: str | None = None,
-               sieve: int | None = None, flip_margin: float | None = None):
+               sieve: int | None = None, flip_margin: float | None = None, area_match: float | None = None):
         """Refine one image or a list of images.
 
         Args:
@@ -210,12 +210,16 @@ class Refiner:
                 ``config.sieve``; :mod:`idgbr.inference.postprocess`). The probabilities are not changed.
             flip_margin: a pixel takes the refined label only where its probability beats the coarse label's by
                 more than this (else the coarse label stays; 0: plain argmax; default ``config.flip_margin``).
+            area_match: pull each class's refined area towards the coarse map's, 0 (off) to 1 (the coarse map's
+                areas), by one log-probability offset per class and image (default ``config.area_match``;
+                :func:`idgbr.inference.postprocess.match_areas`). Applied before the flip margin.
         Returns:
             (H, W) uint8 index map (nodata pixels stay ``IGNORE_INDEX``), or a tuple ``(map, probs)``, ``(map,
             agreement)`` or ``(map, probs, agreement)``; lists for list input.
         """
-        settings = self._settings(steps, guidance, strength, batch_size, samples, noise_scale, tta, sieve, flip_margin)
-        sieve, margin = settings.pop("sieve"), settings.pop("flip_margin")
+        settings = self._settings(steps, guidance, strength, batch_size, samples, noise_scale, tta, sieve, flip_margin,
+                                  area_match)
+        sieve, margin, area = settings.pop("sieve"), settings.pop("flip_margin"), settings.pop("area_match")
         many = isinstance(image, (list, tuple))
         images = list(image) if many else [image]
         coarses = list(coarse) if isinstance(coarse, (list, tuple)) else [coarse]
@@ -224,16 +228,16 @@ class Refiner:
         if not many:  # one image: its tiles in batches, tile by tile (the reference path)
             probs = self._refine_one(images[0], coarses[0], generator=generator, callback=callback, **settings)
             nodata = None if _is_soft(coarses[0]) else np.asarray(coarses[0]) == IGNORE_INDEX
-            return self._finish(probs, nodata, sieve, return_probs, return_agreement, _hard(coarses[0]), margin)
+            return self._finish(probs, nodata, sieve, return_probs, return_agreement, _hard(coarses[0]), margin, area)
         # several: windows batched across images; each image's noise is drawn from ``generator`` as above, in order
         jobs = (self._prepare(img, crs, generator, settings["batch_size"], settings["samples"], key=n)
                 for n, (img, crs) in enumerate(zip(images, coarses)))
         return [self._finish(job.blender.result(), job.nodata, sieve, return_probs, return_agreement, job.coarse,
-                             margin) for job in self._refine_stream(jobs, callback=callback, **settings)]
+                             margin, area) for job in self._refine_stream(jobs, callback=callback, **settings)]
 
     def _settings(self, steps: int | None, guidance: float | None, strength: float | None, batch_size: int,
                   samples: int | None, noise_scale: float | None, tta: str | None, sieve: int | None,
-                  flip_margin: float | None = None) -> dict[str, Any]:
+                  flip_margin: float | None = None, area_match: float | None = None) -> dict[str, Any]:
         """The sampling settings, defaults from the config, checked (one-line errors)."""
         cfg = self.config
         steps = cfg.sample_steps if steps is None else int(steps)
@@ -245,20 +249,24 @@ class Refiner:
         margin = cfg.flip_margin if flip_margin is None else float(flip_margin)
         if not 0 <= margin < 1:
             raise IdgbrError(f"--flip-margin must lie in [0, 1) (0: plain argmax), got {margin}")
+        area = check_area_match(cfg.area_match if area_match is None else area_match)
         if steps < 1 or not 0 < strength <= 1 or guidance < 0 or batch_size < 1 or samples < 1 or noise_scale < 0:
             raise IdgbrError(f"need steps >= 1, 0 < strength <= 1, guidance >= 0, batch_size >= 1, samples >= 1 and "
                              f"noise_scale >= 0; got steps={steps}, strength={strength}, guidance={guidance}, "
                              f"batch_size={batch_size}, samples={samples}, noise_scale={noise_scale}")
         check_noise_for_samples(samples, noise_scale)
         return dict(steps=steps, guidance=guidance, strength=strength, batch_size=int(batch_size), samples=samples,
-                    noise_scale=noise_scale, tta=tta, sieve=sieve, flip_margin=margin)
+                    noise_scale=noise_scale, tta=tta, sieve=sieve, flip_margin=margin, area_match=area)
 
     def _finish(self, probs: np.ndarray, nodata: np.ndarray | None, sieve: int, return_probs: bool,
-                return_agreement: bool, coarse: np.ndarray | None = None, margin: float = 0.0):
-        """Labels (nodata 255, flip margin against the (H, W) ``coarse`` labels, sieved) of blended (K + 1, H, W)
-        probabilities, with the asked extras."""
+                return_agreement: bool, coarse: np.ndarray | None = None, margin: float = 0.0, area: float = 0.0):
+        """Labels (areas matched and flip margin against the (H, W) ``coarse`` labels, nodata 255, sieved) of blended
+        (K + 1, H, W) probabilities, with the asked extras."""
         probs, agreement = probs[:self.config.num_classes], probs[self.config.num_classes]
-        labels = probs.argmax(0).astype(np.uint8)
+        if area > 0 and coarse is not None:
+            labels = match_areas(probs, coarse, area)
+        else:
+            labels = probs.argmax(0).astype(np.uint8)
         if margin > 0 and coarse is not None:
             labels = keep_unsure(labels, probs, coarse, margin)
         if nodata is not None:

@@ -9,6 +9,13 @@ neighbours. The lite preset's ``sieve`` was chosen on validation (docs/results/p
 
 :func:`keep_unsure` is the flip margin: the refined label only where the refiner is surer of it than of the coarse
 label by a margin (``RefinerConfig.flip_margin``).
+
+:func:`match_areas` is the area match (``RefinerConfig.area_match``): the refined labels are the argmax of the log
+probabilities plus one offset per class, fitted so that each class covers as many pixels as in the coarse map
+(strength 1) or part of the way there (the geometric mean of the two areas at strength 0.5). A boundary refiner
+should move boundaries, not change how much of each class a map holds; on strong coarse maps the lite refiner
+painted Building and Road over their neighbours (docs/results/strong_maps.md), and matching the areas removed most
+of that mIoU loss at no boundary cost.
 """
 
 from __future__ import annotations
@@ -48,3 +55,53 @@ def keep_unsure(labels: np.ndarray, probs: np.ndarray, coarse: np.ndarray, margi
     lead = probs.max(0) - np.take_along_axis(probs, index[None], 0)[0]
     keep = valid & (lead <= margin)
     return np.where(keep, coarse, labels).astype(labels.dtype)
+
+
+def area_offsets(log_probs: np.ndarray, coarse: np.ndarray, strength: float, iters: int = 30,
+                 step: float = 0.5) -> np.ndarray:
+    """(K,) offsets to add to ``log_probs`` (K, N) that pull the class areas of their argmax towards those of
+    ``coarse`` (N,) (strength 1), or towards the geometric mean of those and the plain argmax's areas weighted
+    ``strength``. Pixels whose coarse label is nodata or out of range are left out.
+
+    ``iters`` damped steps, each adding ``step`` x the log-area gap of every class: a partial match by design. On
+    validation the areas matched exactly (steps that grow until they are) cost a third of the boundary gain
+    (docs/results/strong_maps.md); these 30 steps of 0.5 were the setting chosen there."""
+    k = log_probs.shape[0]
+    valid = coarse < k
+    log_probs, coarse = log_probs[:, valid], coarse[valid].astype(np.int64)
+    offsets = np.zeros(k, np.float32)
+    if strength <= 0 or not coarse.size:
+        return offsets
+    target = np.log(np.bincount(coarse, minlength=k) + 1.0)
+    if strength < 1:
+        target = strength * target + (1 - strength) * np.log(np.bincount(log_probs.argmax(0), minlength=k) + 1.0)
+    for _ in range(iters):
+        gap = target - np.log(np.bincount((log_probs + offsets[:, None]).argmax(0), minlength=k) + 1.0)
+        if np.abs(gap).max() < 1e-3:
+            break
+        offsets += (step * gap).astype(np.float32)
+    return offsets
+
+
+def log_probs_of(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(probs, 1e-6, 1.0))
+
+
+def match_areas(probs: np.ndarray, coarse: np.ndarray, strength: float, stride: int = 4) -> np.ndarray:
+    """(H, W) uint8 labels of ``probs`` (K, H, W) with :func:`area_offsets` fitted on every ``stride``-th pixel of
+    each row and column against ``coarse`` (H, W); strength 0 is the plain argmax."""
+    check_area_match(strength)
+    log_probs = log_probs_of(probs)
+    if strength <= 0:
+        return probs.argmax(0).astype(np.uint8)
+    k = probs.shape[0]
+    sample = log_probs[:, ::stride, ::stride].reshape(k, -1)
+    offsets = area_offsets(sample, np.asarray(coarse)[::stride, ::stride].ravel(), strength)
+    return (log_probs + offsets[:, None, None]).argmax(0).astype(np.uint8)
+
+
+def check_area_match(strength: float) -> float:
+    strength = float(strength)
+    if not 0 <= strength <= 1:
+        raise IdgbrError(f"--area-match must lie in [0, 1] (0: off, 1: the coarse map's class areas), got {strength}")
+    return strength

@@ -61,7 +61,7 @@ import torch
 from ..data.dataset import IGNORE_INDEX
 from ..errors import IdgbrError, file_error
 from ..data.io import atomic_path
-from .postprocess import check_sieve, keep_unsure, sieve_labels
+from .postprocess import area_offsets, check_area_match, check_sieve, keep_unsure, log_probs_of, sieve_labels
 from .background import ReadAhead
 from ..nn.tiling import Window, blend_weights, pad_to_multiple, tile_grid
 from .scene_io import (ROW_BAND, _file_id, _raster_writer, _read, _Saver, _Scene, _Scratch, sidecar_paths,
@@ -86,7 +86,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                  bands: Sequence[int] | None = None, resume: bool = True, progress: bool = True,
                  callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None,
                  tta: str | None = None, sieve: int | None = None, read_ahead: int = 2,
-                 flip_margin: float | None = None) -> dict[str, Any]:
+                 flip_margin: float | None = None, area_match: float | None = None) -> dict[str, Any]:
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
@@ -103,6 +103,9 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
             default: the model's ``sieve``; :mod:`idgbr.inference.postprocess`).
         flip_margin: the refined label only where its probability beats the coarse label's by more than this
             (default: the model's ``flip_margin``; :func:`idgbr.inference.postprocess.keep_unsure`).
+        area_match: pull each class's refined area towards the coarse map's (0: off, 1: the coarse map's areas;
+            default: the model's ``area_match``), with one offset per class fitted on the whole scene
+            (:func:`idgbr.inference.postprocess.area_offsets`, every 4th pixel of the refined windows).
         gate_width: refine only within this many px of coarse boundaries (None: refine everything);
         confidence: with soft coarse input, also refine pixels whose max probability is below this.
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
@@ -132,6 +135,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     flip_margin = cfg.flip_margin if flip_margin is None else float(flip_margin)
     if not 0 <= flip_margin < 1:
         raise IdgbrError(f"--flip-margin must lie in [0, 1) (0: plain argmax), got {flip_margin}")
+    area_match = check_area_match(cfg.area_match if area_match is None else area_match)
 
     check_noise_for_samples(samples, noise_scale)
     f, multiple = cfg.latent_factor, cfg.size_multiple
@@ -222,7 +226,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         bar.close()
         _write_json(paths["progress"], state)
         unc_path = uncertainty_path(out_path) if samples > 1 else None
-        _write_output(scene, scratch, out_path, unc_path, gate_width, confidence, gating, sieve, flip_margin)
+        _write_output(scene, scratch, out_path, unc_path, gate_width, confidence, gating, sieve, flip_margin,
+                      area_match)
     except IdgbrError:
         # bad input found mid-scene (a truncated tile, NaN probabilities): the signature pins the input files, so
         # sidecars started by this call could never be resumed once the file is fixed; leave no partial output
@@ -332,13 +337,31 @@ def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[
             [ramp[:w.height, :w.width] for w in clipped], [index for index, _ in batch])
 
 
+def _area_offsets(scene: _Scene, scratch: _Scratch, strength: float, stride: int = 4) -> np.ndarray:
+    """Class offsets of :func:`idgbr.inference.postprocess.area_offsets` for the whole scene, from every
+    ``stride``-th pixel (rows and columns) that was refined and is not nodata."""
+    log_probs, coarse_labels = [], []
+    for row in range(0, scene.height, ROW_BAND):
+        window = Window(row, 0, min(ROW_BAND, scene.height - row), scene.width)
+        weight = np.asarray(scratch.weight[window.slices])[::stride, ::stride]
+        mean = np.asarray(scratch.probs[(slice(None), slice(None), *window.slices)])[..., ::stride, ::stride].mean(0)
+        coarse, _, _ = scene.read_coarse(window)
+        keep = (weight > 0) & scene.read_valid(window, coarse)[::stride, ::stride]
+        log_probs.append(log_probs_of(mean / np.maximum(weight, 1e-12))[:, keep])
+        coarse_labels.append(coarse[::stride, ::stride][keep])
+    return area_offsets(np.concatenate(log_probs, axis=1), np.concatenate(coarse_labels), strength)
+
+
 def _write_output(scene: _Scene, scratch: _Scratch, out_path: Path, unc_path: Path | None, gate_width: int | None,
-                  confidence: float | None, gating: bool, sieve: int = 0, flip_margin: float = 0.0) -> None:
+                  confidence: float | None, gating: bool, sieve: int = 0, flip_margin: float = 0.0,
+                  area_match: float = 0.0) -> None:
     """Vote, gate, mask and sieve the accumulated probabilities in row bands; write the map (and the uncertainty).
 
     With ``sieve`` > 1 each band's labels are computed with a halo of ``sieve`` rows: a region smaller than
     ``sieve`` pixels that touches the band lies wholly inside it, and a larger one shows at least ``sieve + 1``
-    of its pixels, so the sieved band equals the same rows of the whole sieved map."""
+    of its pixels, so the sieved band equals the same rows of the whole sieved map. With ``area_match`` the labels
+    are the argmax of the log mean probabilities plus class offsets fitted first on a sample of the whole scene."""
+    offsets = _area_offsets(scene, scratch, area_match) if area_match > 0 else None
 
     def labels_of(window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(labels, disagreement, refined mask, valid mask) of a full-width row window."""
@@ -346,7 +369,10 @@ def _write_output(scene: _Scene, scratch: _Scratch, out_path: Path, unc_path: Pa
         weight = np.asarray(scratch.weight[window.slices])
         mean = np.asarray(scratch.probs[(slice(None), slice(None), *window.slices)]) / np.maximum(weight, 1e-12)  # (S, K, h, W)
         votes = mean.argmax(1)  # (S, h, W)
-        if samples == 1:
+        if offsets is not None:
+            vote = (log_probs_of(mean.mean(0)) + offsets[:, None, None]).argmax(0)
+            disagree = (votes != vote).mean(0) if samples > 1 else np.zeros(votes.shape[1:], dtype=np.float32)
+        elif samples == 1:
             vote, disagree = votes[0], np.zeros(votes.shape[1:], dtype=np.float32)
         else:
             counts = (votes[:, None] == np.arange(k)[None, :, None, None]).sum(0)  # (K, h, W)

@@ -181,6 +181,10 @@ class RefinerConfig:
     # more than this margin; elsewhere the coarse label stays (0 = plain argmax). The refiner's own confidence then
     # decides where it acts (issue 28; docs/results/strong_maps.md). Post-sampling: training never sees it.
     flip_margin: float = 0.0
+    # Pull each class's refined area towards the coarse map's: 0 = off, 1 = the coarse map's class areas (one
+    # log-probability offset per class and image, idgbr.postprocess.match_areas; before the flip margin). A boundary
+    # refiner should move boundaries, not grow one class over another (issue 28). Post-sampling only.
+    area_match: float = 0.0
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -219,6 +223,8 @@ class RefinerConfig:
                              f"{self.image_channels}; use image_encoder='copy' for other imagery")
         if not 0 <= self.flip_margin < 1:
             raise IdgbrError(f"flip_margin must lie in [0, 1), got {self.flip_margin}")
+        if not 0 <= self.area_match <= 1:
+            raise IdgbrError(f"area_match must lie in [0, 1], got {self.area_match}")
         if self.sieve < 0:
             raise IdgbrError(f"sieve must be >= 0 pixels (0: off), got {self.sieve}")
         if self.image_encoder_trainable_stages < 0 or self.image_encoder_lr_scale <= 0:
