@@ -200,10 +200,12 @@ def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config,
 
 
 def refiner_params(config, train_coarse: str | Sequence[str] | None) -> dict:
-    """What a refiner's training stage records (and must match to be reused). The sieve is post-processing, applied
-    when scoring, so a refiner trained before it existed (or with another size) is reused."""
+    """What a refiner's training stage records (and must match to be reused). The sieve and the area match are
+    post-processing, applied after sampling, so a refiner trained before they existed (or with other values) is
+    reused."""
     values = config.to_dict()
-    values.pop("sieve", None)
+    for key in ("sieve", "area_match"):
+        values.pop(key, None)
     return {"config": values, "coarse": train_coarse if isinstance(train_coarse, (str, type(None))) else list(train_coarse)}
 
 
