@@ -1,0 +1,170 @@
+"""Issue 28, the area match on validation: dump the refined probabilities of the held-out tile once per run and TTA,
+then score post-processing variants on them (docs/results/strong_maps.md, section 3).
+
+    python scripts/experiments/area_match.py dump runs/v28_base_s0 --tta none --out runs/p28/s0_none
+    python scripts/experiments/area_match.py score runs/p28/s{seed}_none --data runs/v28_base_s0/data \
+        argmax argmax@s6 area:1 area:1,0.05 area:0.5 exact:1
+    python scripts/experiments/area_match.py diagnose runs/p28/s0_flips --data runs/v28_base_s0/data
+
+``score`` takes a folder pattern with ``{seed}`` (seeds 0 and 1 averaged) and variants: ``argmax``; ``margin:P``
+(the flip margin alone); ``area:A[,P]`` (:func:`idgbr.inference.postprocess.match_areas` at strength A, then the
+flip margin P); ``exact:A`` (areas matched until they are, with steps that double while a class's gap keeps its sign:
+the negative row); any of them with ``@sN`` for the N-px sieve. One line per variant: per track ΔWFm3 / ΔmIoU /
+IoU_RTm, then the strong and the all-track means. ``diagnose`` counts, per class, the correct coarse pixels the
+refiner lost, the ones it gained, the false ones it added and the false ones it removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+TRACKS = ["deeplabv3plus_pretrained", "unet_pretrained", "deeplabv3plus_converged", "unet_converged"]
+
+
+def dump(run: Path, tta: str, out: Path) -> None:
+    import torch
+
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.inference.pipeline import Refiner
+
+    torch.set_num_threads(1)
+    refiner = Refiner.from_pretrained(next((run / "models").glob("*/config.json")).parent, device="cpu")
+    for track in TRACKS:
+        name = "val_coarse" if track == TRACKS[0] else f"trk_{track}"
+        dataset = SegmentationDataset(run / "data", "test", coarse=name, load_mask=False)
+        for index, stem in enumerate(dataset.stems):
+            target = out / track / f"{stem}.npz"
+            if target.exists():
+                continue
+            sample = dataset[index]
+            labels, probs = refiner.refine(sample["image"], sample["coarse"], generator=torch.Generator().manual_seed(0),
+                                           tta=tta, return_probs=True, sieve=0, flip_margin=0, area_match=0)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(target, probs=probs.astype(np.float16), coarse=sample["coarse"], labels=labels)
+            print(track, stem, flush=True)
+
+
+def exact_match(probs: np.ndarray, coarse: np.ndarray, strength: float, iters: int = 40) -> np.ndarray:
+    """The areas matched until they are (the rejected variant): per-class steps that double while the gap keeps its
+    sign, the iterate closest to the target areas."""
+    from idgbr.inference.postprocess import log_probs_of
+
+    k = probs.shape[0]
+    log_probs = log_probs_of(probs)
+    sample, labels = log_probs[:, ::4, ::4].reshape(k, -1), coarse[::4, ::4].ravel()
+    sample, labels = sample[:, labels < k], labels[labels < k].astype(np.int64)
+    target = np.log(np.bincount(labels, minlength=k) + 1.0)
+    if strength < 1:
+        target = strength * target + (1 - strength) * np.log(np.bincount(sample.argmax(0), minlength=k) + 1.0)
+    offsets, factor, previous, best, best_distance = np.zeros(k), np.ones(k), np.zeros(k), np.zeros(k), np.inf
+    for _ in range(iters):
+        areas = np.bincount((sample + offsets[:, None]).argmax(0), minlength=k)
+        distance = np.abs(areas - np.expm1(target)).sum()
+        if distance < best_distance:
+            best, best_distance = offsets.copy(), distance
+        gap = target - np.log(areas + 1.0)
+        same = np.sign(gap) * np.sign(previous)
+        factor = np.clip(np.where(same > 0, factor * 2, np.where(same < 0, factor / 2, factor)), 1, 64)
+        offsets, previous = offsets + 0.5 * factor * gap, gap
+    return (log_probs + best[:, None, None]).argmax(0).astype(np.uint8)
+
+
+def variant(name: str, probs: np.ndarray, coarse: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from idgbr.inference.postprocess import keep_unsure, match_areas, sieve_labels
+
+    name, _, sieve = name.partition("@s")
+    kind, _, arg = name.partition(":")
+    values = [float(v) for v in arg.split(",")] if arg else []
+    if kind == "argmax":
+        out = labels
+    elif kind == "margin":
+        out = keep_unsure(labels, probs, coarse, values[0])
+    elif kind in ("area", "exact"):
+        out = match_areas(probs, coarse, values[0]) if kind == "area" else exact_match(probs, coarse, values[0])
+        if len(values) > 1 and values[1] > 0:
+            out = keep_unsure(out, probs, coarse, values[1])
+    else:
+        raise SystemExit(f"unknown variant {name!r}")
+    return sieve_labels(out, int(sieve or 0))
+
+
+def load(folder: Path, track: str, stems: list[str]):
+    for stem in stems:
+        z = np.load(folder / track / f"{stem}.npz")
+        yield stem, z["probs"].astype(np.float32), z["coarse"], z["labels"]
+
+
+def score(pattern: str, data: Path, names: list[str]) -> None:
+    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.metrics import evaluate_maps
+
+    dataset = SegmentationDataset(data, "test")
+    masks = {stem: dataset.read_mask(stem) for stem in dataset.stems}
+    k = dataset.classes.num_classes
+    for name in names:
+        rows = []
+        for track in TRACKS:
+            per_seed = []
+            for seed in (0, 1):
+                pairs = [(masks[stem], variant(name, probs, coarse, labels), coarse)
+                         for stem, probs, coarse, labels in load(Path(pattern.format(seed=seed)), track, dataset.stems)]
+                result = evaluate_maps(pairs, k, class_names=dataset.classes.names)
+                base = result["coarse"]
+                per_seed.append((100 * (result["wfm"]["3"] - base["wfm"]["3"]), 100 * (result["miou"] - base["miou"]),
+                                 100 * result["repair"]["iou_rtm"]))
+            rows.append([statistics.mean(values) for values in zip(*per_seed)])
+        cells = " | ".join(f"{w:+.2f} / {m:+.2f} / {r:.1f}" for w, m, r in rows)
+        mean = lambda sel: " / ".join(f"{statistics.mean(row[i] for row in sel):+.2f}" for i in (0, 1))  # noqa: E731
+        print(f"| {name} | {cells} | {mean(rows[:2])} | {mean(rows)} |", flush=True)
+
+
+def diagnose(folder: Path, data: Path) -> None:
+    from idgbr.data.dataset import SegmentationDataset
+
+    dataset = SegmentationDataset(data, "test")
+    k, names = dataset.classes.num_classes, dataset.classes.names
+    for track in TRACKS[:2]:
+        counts = np.zeros((k, 4))
+        for stem, _, coarse, labels in load(folder, track, dataset.stems):
+            gt = dataset.read_mask(stem)
+            valid = gt < k
+            for c in range(k):
+                counts[c] += [(valid & (coarse == c) & (gt == c) & (labels != c)).sum(),
+                              (valid & (coarse != c) & (gt == c) & (labels == c)).sum(),
+                              (valid & (coarse != c) & (gt != c) & (labels == c)).sum(),
+                              (valid & (coarse == c) & (gt != c) & (labels != c)).sum()]
+        print(f"{track}: class | correct lost | correct gained | false added | false removed")
+        for c in range(k):
+            print(f"  {names[c]} | " + " | ".join(f"{v:.0f}" for v in counts[c]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("dump")
+    p.add_argument("run", type=Path)
+    p.add_argument("--tta", default="none", choices=["none", "flips"])
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("score")
+    p.add_argument("pattern", help="dump folder with {seed}")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("variants", nargs="+")
+    p = sub.add_parser("diagnose")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--data", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "dump":
+        dump(args.run, args.tta, args.out)
+    elif args.command == "score":
+        score(args.pattern, args.data, args.variants)
+    else:
+        diagnose(args.folder, args.data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
