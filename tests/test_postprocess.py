@@ -57,7 +57,9 @@ def test_refiner_writes_sieved_maps_by_its_config():
     assert not np.array_equal(sieved, raw)
     refiner.model.config = cfg.replace(sieve=8)  # the config's value is the default
     np.testing.assert_array_equal(refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0)), sieved)
-    assert RefinerConfig.preset_config("lite").sieve == 6 and RefinerConfig.preset_config("tiny").sieve == 0
+    lite = RefinerConfig.preset_config("lite")
+    assert lite.sieve == 0 and lite.area_match == 1.0 and lite.flip_margin == 0.05
+    assert RefinerConfig.preset_config("tiny").sieve == 0 and RefinerConfig.preset_config("tiny").area_match == 0
     with pytest.raises(IdgbrError, match="sieve must be >= 0"):
         cfg.replace(sieve=-2)
 

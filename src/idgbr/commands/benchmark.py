@@ -44,7 +44,7 @@ def register(sub) -> None:
                              "refiner config's)")
     parser.add_argument("--sieve", type=int, default=None, metavar="PX",
                         help="score the maps with regions smaller than PX pixels merged into their largest neighbour "
-                             "(0 = off; default: the refiner config's, lite 6); the report also scores them unsieved")
+                             "(0 = off; default: the refiner config's, lite 0); the report also scores them unsieved")
     parser.add_argument("--gate", type=int, default=8, metavar="PX",
                         help="also score the gated maps: refined within PX of coarse boundaries (default 8; -1: off)")
     parser.add_argument("--no-controls", action="store_true", help="skip the deterministic (and image-only) controls")

@@ -67,7 +67,7 @@ def add_sampling_options(parser) -> None:
                              "class areas (one offset per class; default: the model's)")
     parser.add_argument("--sieve", type=int, default=None, metavar="PX",
                         help="minimum mapping unit: merge regions smaller than PX pixels into their largest neighbour, "
-                             "0 = off (default: the model's; lite 6, the shipped dubai-lite 0)")
+                             "0 = off (default: the model's; lite and the shipped dubai-lite 0)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--batch", type=int, default=4, help="tiles per network batch (default: 4)")
 

@@ -54,7 +54,7 @@ class BenchmarkSettings:
     samples: int | None = None  # samples averaged per tile (None: the model's config)
     noise_scale: float | None = None  # starting-noise scale (None: the model's config)
     tta: str | None = None  # test-time augmentation "none" / "flips" / "d4" (None: the model's config)
-    # Minimum mapping unit (idgbr.inference.postprocess; None: the refiner config's, lite 6). Applied when scoring: the
+    # Minimum mapping unit (idgbr.inference.postprocess; None: the refiner config's, lite 0). Applied when scoring: the
     # refined folders hold the raw maps, and the report also scores them unsieved ("unsieved").
     sieve: int | None = None
     flip_margin: float | None = None  # refined labels only where surer than the coarse label by this (None: config's)
