@@ -185,7 +185,7 @@ def test_documented_command_parses(doc, command, fragment, capsys):
 def test_readme_links_are_covered():
     """The Markdown files the README links are scanned, and every relative link in it points at a file."""
     labels = {_label(path) for path in DOCS}
-    for expected in ("docs/results/README.md", "docs/results/quickstart.md", "docs/results/pretrained_refiner.md",
+    for expected in ("docs/results/README.md", "docs/results/quickstart.md", "docs/results/strong_maps.md",
                      "src/idgbr/models/dubai-coarse/README.md", "src/idgbr/models/dubai-lite/README.md"):
         assert expected in labels
     readme = (ROOT / "README.md").read_text()
