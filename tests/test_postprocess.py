@@ -107,11 +107,9 @@ def test_keep_unsure_keeps_the_coarse_label_unless_the_refiner_is_surer_by_the_m
     np.testing.assert_array_equal(keep_unsure(labels, probs, coarse, 0.6), [[1, 0, 0, 2]])
 
 
-def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
-    """refine(flip_margin=P) = keep_unsure of the plain map and its probabilities; the config's value is the
-    default; folder mode writes the same maps; a bad margin is one line."""
-    from idgbr.inference.postprocess import keep_unsure
-
+def _scrambled_case():
+    """A tiny 3-class refiner whose output depends on its inputs, one 40 x 40 image and coarse map (nodata corner),
+    and ``run(**kw)``: that image refined with a fixed seed."""
     torch.manual_seed(0)
     cfg = RefinerConfig.preset_config("tiny", num_classes=3, sample_steps=1)
     model = IDGBRModel(cfg)
@@ -128,6 +126,30 @@ def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
     def run(**kw):
         return refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0), **kw)
 
+    return cfg, refiner, image, coarse, run
+
+
+def _one_image_dataset(data, image, coarse):
+    """``data`` as a 3-class dataset of that one image, its coarse map as the mask and as coarse maps ``c``."""
+    from idgbr.data.dataset import write_splits
+    from idgbr.data.io import write_image, write_label
+
+    write_image(data / "images" / "a.png", image)
+    write_label(data / "masks" / "a.png", coarse)
+    write_label(data / "coarse" / "c" / "a.png", coarse)
+    (data / "classes.json").write_text('{"classes": [{"name": "x", "value": 0}, {"name": "y", "value": 1}, '
+                                       '{"name": "z", "value": 2}], "ignore": [255]}')
+    write_splits(data, {"train": ["a"], "test": ["a"]})
+    return data
+
+
+def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
+    """refine(flip_margin=P) = keep_unsure of the plain map and its probabilities; the config's value is the
+    default; folder mode writes the same maps; a bad margin is one line."""
+    from idgbr.inference.postprocess import keep_unsure
+
+    cfg, refiner, image, coarse, run = _scrambled_case()
+
     plain, probs = run(return_probs=True, flip_margin=0)
     margin = 0.15
     kept = run(flip_margin=margin)
@@ -139,16 +161,9 @@ def test_flip_margin_in_tile_folder_and_scene_modes(tmp_path):
     with pytest.raises(IdgbrError, match="--flip-margin must lie in"):
         run(flip_margin=1.5)
     # folder mode (batched across images) writes the same map
-    from idgbr.data.dataset import write_splits
-    from idgbr.data.io import read_label, write_image, write_label
+    from idgbr.data.io import read_label
 
-    data = tmp_path / "data"
-    write_image(data / "images" / "a.png", image)
-    write_label(data / "masks" / "a.png", coarse)
-    write_label(data / "coarse" / "c" / "a.png", coarse)
-    (data / "classes.json").write_text('{"classes": [{"name": "x", "value": 0}, {"name": "y", "value": 1}, '
-                                       '{"name": "z", "value": 2}], "ignore": [255]}')
-    write_splits(data, {"train": ["a"], "test": ["a"]})
+    data = _one_image_dataset(tmp_path / "data", image, coarse)
     refiner.refine_folder(data, "test", "c", tmp_path / "out", progress=False)
     np.testing.assert_array_equal(read_label(tmp_path / "out" / "a.png")[0], kept)
 
@@ -182,25 +197,10 @@ def test_match_areas_pulls_class_areas_to_the_coarse_maps():
 def test_area_match_in_tile_and_folder_modes(tmp_path):
     """refine(area_match=A) = match_areas of its own probabilities against the coarse map (nodata kept), then the
     flip margin; the config's value is the default; folder mode writes the same maps."""
-    from idgbr.data.dataset import write_splits
-    from idgbr.io import read_label, write_image, write_label
+    from idgbr.data.io import read_label
     from idgbr.inference.postprocess import keep_unsure, match_areas
 
-    torch.manual_seed(0)
-    cfg = RefinerConfig.preset_config("tiny", num_classes=3, sample_steps=1)
-    model = IDGBRModel(cfg)
-    with torch.no_grad():  # an untrained tiny model ignores its inputs: give its zero-initialised layers weights
-        for name, param in model.named_parameters():
-            if not param.abs().sum():
-                param.normal_(0, 0.3)
-    refiner = Refiner(model)
-    g = np.random.default_rng(1)
-    image = g.integers(0, 255, (40, 40, 3)).astype(np.uint8)
-    coarse = g.integers(0, 3, (40, 40)).astype(np.uint8)
-    coarse[:4, :4] = 255
-
-    def run(**kw):
-        return refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0), **kw)
+    cfg, refiner, image, coarse, run = _scrambled_case()
 
     plain, probs = run(return_probs=True, area_match=0)
     matched = run(area_match=1)
@@ -216,12 +216,6 @@ def test_area_match_in_tile_and_folder_modes(tmp_path):
     np.testing.assert_array_equal(run(), matched)
     with pytest.raises(IdgbrError, match="--area-match must lie in"):
         run(area_match=-0.5)
-    data = tmp_path / "data"
-    write_image(data / "images" / "a.png", image)
-    write_label(data / "masks" / "a.png", coarse)
-    write_label(data / "coarse" / "c" / "a.png", coarse)
-    (data / "classes.json").write_text('{"classes": [{"name": "x", "value": 0}, {"name": "y", "value": 1}, '
-                                       '{"name": "z", "value": 2}], "ignore": [255]}')
-    write_splits(data, {"train": ["a"], "test": ["a"]})
+    data = _one_image_dataset(tmp_path / "data", image, coarse)
     refiner.refine_folder(data, "test", "c", tmp_path / "out", progress=False)
     np.testing.assert_array_equal(read_label(tmp_path / "out" / "a.png")[0], matched)
