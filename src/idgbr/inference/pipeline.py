@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..data.dataset import IGNORE_INDEX
-from .postprocess import check_area_match, check_sieve, keep_unsure, match_areas, sieve_labels
+from .postprocess import check_area_match, check_flip_margin, check_sieve, keep_unsure, match_areas, sieve_labels
 from ..errors import IdgbrError, file_error
 from .tta import TTA_TRANSFORMS, _agreement, _repeat_batch, check_noise_for_samples, check_tta
 
@@ -246,9 +246,7 @@ class Refiner:
         samples = cfg.samples if samples is None else int(samples)
         noise_scale = cfg.noise_scale if noise_scale is None else float(noise_scale)
         sieve = check_sieve(cfg.sieve if sieve is None else sieve)
-        margin = cfg.flip_margin if flip_margin is None else float(flip_margin)
-        if not 0 <= margin < 1:
-            raise IdgbrError(f"--flip-margin must lie in [0, 1) (0: plain argmax), got {margin}")
+        margin = check_flip_margin(cfg.flip_margin if flip_margin is None else flip_margin)
         area = check_area_match(cfg.area_match if area_match is None else area_match)
         if steps < 1 or not 0 < strength <= 1 or guidance < 0 or batch_size < 1 or samples < 1 or noise_scale < 0:
             raise IdgbrError(f"need steps >= 1, 0 < strength <= 1, guidance >= 0, batch_size >= 1, samples >= 1 and "

@@ -90,14 +90,20 @@ def log_probs_of(probs: np.ndarray) -> np.ndarray:
 def match_areas(probs: np.ndarray, coarse: np.ndarray, strength: float, stride: int = 4) -> np.ndarray:
     """(H, W) uint8 labels of ``probs`` (K, H, W) with :func:`area_offsets` fitted on every ``stride``-th pixel of
     each row and column against ``coarse`` (H, W); strength 0 is the plain argmax."""
-    check_area_match(strength)
-    log_probs = log_probs_of(probs)
-    if strength <= 0:
+    if check_area_match(strength) <= 0:
         return probs.argmax(0).astype(np.uint8)
+    log_probs = log_probs_of(probs)
     k = probs.shape[0]
     sample = log_probs[:, ::stride, ::stride].reshape(k, -1)
     offsets = area_offsets(sample, np.asarray(coarse)[::stride, ::stride].ravel(), strength)
     return (log_probs + offsets[:, None, None]).argmax(0).astype(np.uint8)
+
+
+def check_flip_margin(margin: float) -> float:
+    margin = float(margin)
+    if not 0 <= margin < 1:
+        raise IdgbrError(f"--flip-margin must lie in [0, 1) (0: plain argmax), got {margin}")
+    return margin
 
 
 def check_area_match(strength: float) -> float:

@@ -61,7 +61,8 @@ import torch
 from ..data.dataset import IGNORE_INDEX
 from ..errors import IdgbrError, file_error
 from ..data.io import atomic_path
-from .postprocess import area_offsets, check_area_match, check_sieve, keep_unsure, log_probs_of, sieve_labels
+from .postprocess import (area_offsets, check_area_match, check_flip_margin, check_sieve, keep_unsure, log_probs_of,
+                          sieve_labels)
 from .background import ReadAhead
 from ..nn.tiling import Window, blend_weights, pad_to_multiple, tile_grid
 from .scene_io import (ROW_BAND, _file_id, _raster_writer, _read, _Saver, _Scene, _Scratch, sidecar_paths,
@@ -132,9 +133,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
 
     tta = check_tta(cfg.tta if tta is None else tta)
     sieve = check_sieve(cfg.sieve if sieve is None else sieve)
-    flip_margin = cfg.flip_margin if flip_margin is None else float(flip_margin)
-    if not 0 <= flip_margin < 1:
-        raise IdgbrError(f"--flip-margin must lie in [0, 1) (0: plain argmax), got {flip_margin}")
+    flip_margin = check_flip_margin(cfg.flip_margin if flip_margin is None else flip_margin)
     area_match = check_area_match(cfg.area_match if area_match is None else area_match)
 
     check_noise_for_samples(samples, noise_scale)
