@@ -299,4 +299,43 @@ def degrade_regions(mask: np.ndarray, rng: np.random.Generator, num_classes: int
     return labels
 
 
-__all__ = ["CLASS_NAMES", "make_scene", "write_synthetic_dataset", "degrade_mask", "degrade_regions"]
+def overpaint(mask: np.ndarray, rng: np.random.Generator, num_classes: int) -> np.ndarray:
+    """A coarse map (H, W) uint8 that over-paints its small classes, as strong coarse models do.
+
+    Each present class but the largest, with probability 1/2 (at least one), is closed with a 2-8 px radius,
+    joining nearby segments over the land between them (a housing block painted as one blob), then grown by 1-4 px
+    over their neighbours. :func:`degrade_mask` smooths thin parts away and drops small segments; a refiner trained
+    only on it learned to grow small classes (docs/results/strong_maps.md); this shows it coarse maps whose small
+    classes are too large. ``num_classes`` is unused (the
+    classes come from the map); ``IGNORE_INDEX`` pixels stay as they are.
+    """
+    del num_classes
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got {mask.shape}")
+    out = mask.astype(np.uint8).copy()
+    ignore = out == IGNORE_INDEX
+    if ignore.all():
+        return out
+    labels = _fill_from_nearest(out, ignore)
+    present, counts = np.unique(labels, return_counts=True)
+    if present.size < 2:
+        labels[ignore] = IGNORE_INDEX
+        return labels
+    smaller = present[np.argsort(counts)[:-1]]  # every class but the largest
+    chosen = smaller[rng.random(smaller.size) < 0.5]
+    if chosen.size == 0:
+        chosen = smaller[int(rng.integers(smaller.size)):][:1]
+    for cls in chosen:
+        close = int(rng.integers(2, 9))
+        grow = int(rng.integers(1, 5))
+        region = (labels == cls).astype(np.uint8)
+        region = cv2.morphologyEx(region, cv2.MORPH_CLOSE,
+                                  cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * close + 1, 2 * close + 1)))
+        region = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+        labels[region.astype(bool)] = cls
+    labels[ignore] = IGNORE_INDEX
+    return labels
+
+
+__all__ = ["CLASS_NAMES", "make_scene", "write_synthetic_dataset", "degrade_mask", "degrade_regions", "overpaint"]

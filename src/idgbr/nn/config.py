@@ -130,6 +130,9 @@ class RefinerConfig:
     # Share of those synthetic coarse maps that also get region-level errors (synthetic.degrade_regions: whole
     # segments swapped to a neighbour's class, small objects missed, neighbours merged). 0 = boundary-scale only.
     region_errors: float = 0.0
+    # Share of the synthetic coarse maps that then over-paint one or two (mostly small) classes: closed over the
+    # gaps between their segments and grown 1-3 px (synthetic.overpaint), as a strong coarse model paints a block.
+    overpaint: float = 0.0
     # Strength of those synthetic degradations (synthetic.degrade_mask's ``strength``), drawn uniformly per sample
     # from [corruption_min_strength, 1]: below 1 the refiner also sees nearly right coarse maps, whose boundaries it
     # should leave alone. 1 = always full strength (the earlier behaviour, and no extra random draw).
@@ -203,6 +206,8 @@ class RefinerConfig:
             raise IdgbrError(f"ema_decay must be in [0, 1) (0 = no weight averaging), got {self.ema_decay}")
         if not 0 <= self.region_errors <= 1:
             raise IdgbrError(f"region_errors must lie in [0, 1], got {self.region_errors}")
+        if not 0 <= self.overpaint <= 1:
+            raise IdgbrError(f"overpaint must lie in [0, 1], got {self.overpaint}")
         if not 0 <= self.corruption_min_strength <= 1:
             raise IdgbrError(f"corruption_min_strength must lie in [0, 1], got {self.corruption_min_strength}")
         scales = self.augment_scale_range

@@ -29,7 +29,8 @@ class CropSampler:
     ``synthetic.degrade_mask`` of the target: coarse models fit their own training images too well, so their
     training-set maps are cleaner than the test-time ones; this mixes in realistic errors (at a strength drawn from
     ``[config.corruption_min_strength, 1]``). A
-    ``config.region_errors`` share of those also gets ``synthetic.degrade_regions`` (segment-level errors).
+    ``config.region_errors`` share of those also gets ``synthetic.degrade_regions`` (segment-level errors), and a
+    ``config.overpaint`` share ``synthetic.overpaint`` (small classes closed and grown over their neighbours).
     ``pin_memory``: return page-locked tensors (for asynchronous copies to a GPU).
     """
 
@@ -51,7 +52,7 @@ class CropSampler:
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long."""
-        from ..data.synthetic import degrade_mask, degrade_regions
+        from ..data.synthetic import degrade_mask, degrade_regions, overpaint
 
         images, masks, coarses = [], [], []
         for _ in range(self.config.batch_size):
@@ -63,6 +64,8 @@ class CropSampler:
                 coarse = degrade_mask(mask, rng, self.config.num_classes, strength=strength)
                 if self.config.region_errors > 0 and rng.random() < self.config.region_errors:
                     coarse = degrade_regions(coarse, rng, self.config.num_classes)
+                if self.config.overpaint > 0 and rng.random() < self.config.overpaint:
+                    coarse = overpaint(coarse, rng, self.config.num_classes)
             coarse = np.where(coarse == IGNORE_INDEX, np.where(mask == IGNORE_INDEX, 0, mask), coarse)
             images.append(out["image"].transpose(2, 0, 1))
             masks.append(mask)
