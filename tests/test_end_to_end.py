@@ -467,6 +467,11 @@ def test_benchmark_on_a_committed_coarse_track(synthetic, tmp_path, capsys):
     assert sieved["controls"]["deterministic_unsieved"]["miou"] == entry["controls"]["deterministic"]["miou"]
     assert sieved["refined"]["components"] < entry["refined"]["components"]
     assert "iou_rtm" in sieved["control_repair"] and "unsieved" in (run / "report.md").read_text()
+    # a training change retrains the shared refiner in place, and its maps are refined again, not reused
+    assert main(args + ["--set", "overpaint=1", "--no-controls"]) == 0
+    out = capsys.readouterr().out
+    assert "[stage] train refiner diffusion_pooled" in out
+    assert "[stage] refine test with diffusion_track_unet_pretrained" in out
     test = SegmentationDataset(synthetic, "test").stems
     (fixture / f"{test[0]}.png").unlink()
     capsys.readouterr()

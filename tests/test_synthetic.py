@@ -109,3 +109,36 @@ def test_degrade_regions_makes_errors_away_from_boundaries():
     truth[:7] = IGNORE_INDEX
     out = degrade_regions(truth, np.random.default_rng(0), len(CLASS_NAMES))
     assert (out[:7] == IGNORE_INDEX).all() and not (out[7:] == IGNORE_INDEX).any()
+
+
+def test_overpaint_grows_the_smaller_classes_over_the_largest():
+    """synthetic.overpaint only adds pixels to classes other than the largest, closes the gaps between a class's
+    segments, keeps ignored pixels, and is reproducible."""
+    from scipy import ndimage
+
+    from idgbr.data.synthetic import overpaint
+
+    grown_small = 0
+    for seed in range(6):
+        truth = make_scene(128, seed)["mask"]
+        out = overpaint(truth, np.random.default_rng(seed), len(CLASS_NAMES))
+        assert out.shape == truth.shape and out.dtype == np.uint8
+        changed = out != truth
+        assert changed.any()
+        largest = np.bincount(truth.ravel()).argmax()
+        assert not (out[changed] == largest).any()  # the largest class only ever loses pixels
+        areas_before, areas_after = np.bincount(truth.ravel(), minlength=5), np.bincount(out.ravel(), minlength=5)
+        grown_small += int((areas_after > areas_before).sum())
+        np.testing.assert_array_equal(out, overpaint(truth, np.random.default_rng(seed), len(CLASS_NAMES)))
+    assert grown_small >= 6
+    # two squares 4 px apart become one segment (a block painted as one blob)
+    two = np.zeros((40, 40), np.uint8)
+    two[10:30, 8:18] = 1
+    two[10:30, 22:32] = 1
+    merged = [ndimage.label(overpaint(two, np.random.default_rng(seed), 2) == 1)[1] for seed in range(4)]
+    assert merged == [1, 1, 1, 1]
+    truth = make_scene(128, 1)["mask"].copy()
+    truth[:7] = IGNORE_INDEX
+    out = overpaint(truth, np.random.default_rng(0), len(CLASS_NAMES))
+    assert (out[:7] == IGNORE_INDEX).all() and not (out[7:] == IGNORE_INDEX).any()
+    np.testing.assert_array_equal(overpaint(np.ones((8, 8), np.uint8), np.random.default_rng(0), 2), 1)

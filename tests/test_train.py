@@ -361,6 +361,27 @@ def test_region_errors_change_the_synthetic_coarse_maps() -> None:
         tiny(region_errors=1.5)
 
 
+def test_overpaint_grows_the_small_classes_of_the_synthetic_coarse_maps() -> None:
+    """overpaint=1: every synthetic coarse map also over-paints its smaller classes, so the classes other than each
+    crop's largest cover more of the batch than with overpaint=0 (where degrade_mask alone leaves them smaller)."""
+    from idgbr.errors import IdgbrError
+    from idgbr.training.batches import CropSampler
+
+    samples = _scene_samples()
+    small_area = {}
+    for share in (0.0, 1.0):
+        batch = CropSampler(samples, tiny(num_classes=5, crop_size=64, batch_size=16, coarse_corruption=1.0,
+                                          overpaint=share))(np.random.default_rng(0))
+        area = 0
+        for mask, coarse in zip(batch["mask"], batch["coarse"]):
+            largest = torch.bincount(mask[mask != 255]).argmax()
+            area += ((coarse != largest) & (mask != 255)).sum().item() - ((mask != largest) & (mask != 255)).sum().item()
+        small_area[share] = area
+    assert small_area[1.0] > small_area[0.0] + 500
+    with pytest.raises(IdgbrError, match="overpaint"):
+        tiny(overpaint=-0.1)
+
+
 def test_corruption_min_strength_mixes_in_milder_synthetic_coarse_maps() -> None:
     """corruption_min_strength < 1 draws degrade_mask strengths below 1: fewer wrong coarse pixels on average; at 1
     the batch is the one drawn before the field existed (no extra random draw)."""

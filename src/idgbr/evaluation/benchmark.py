@@ -101,6 +101,17 @@ class Stages:
         done = json.loads(marker.read_text())
         return done if done.get("params") == json.loads(json.dumps(params, default=str)) else None
 
+    @staticmethod
+    def finished_params(folder: Path) -> str | None:
+        """A short digest of the parameters ``folder/stage.json`` records, or None when it has none."""
+        import hashlib
+
+        marker = folder / "stage.json"
+        if not marker.exists():
+            return None
+        params = json.loads(marker.read_text()).get("params")
+        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
     def __call__(self, name: str, folder: Path, params: dict, fn: Callable[[], Any],
                  fingerprint: Callable[[], str] | None = None) -> float:
         """Run ``fn`` unless ``folder`` records a finished run with ``params``. ``fingerprint`` digests outputs that
@@ -167,7 +178,10 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
              "samples": settings.samples, "noise_scale": settings.noise_scale, "tta": settings.tta,
              **({"flip_margin": settings.flip_margin} if settings.flip_margin is not None else {}),
              **({"area_match": settings.area_match} if settings.area_match is not None else {})}
-    stages(f"refine test with {name}", pred_dir, {"model": str(model_dir), "coarse": coarse, **infer},
+    # the refiner's training record is part of the key: a refiner retrained in place (other --set values) must not
+    # be scored with the maps its predecessor refined
+    trained = Stages.finished_params(model_dir)
+    stages(f"refine test with {name}", pred_dir, {"model": str(model_dir), "trained": trained, "coarse": coarse, **infer},
            lambda: Refiner.from_pretrained(model_dir, device=settings.device).refine_folder(
                data_root, "test", coarse, pred_dir, **infer, sieve=0))
     coarse_dir = data_root / "coarse" / coarse if coarse else None
@@ -199,13 +213,21 @@ def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config,
     return model_dir
 
 
+# Training fields added after refiners were trained and recorded, with the default that keeps the earlier behaviour.
+_ADDED_LATER = {"overpaint": 0.0}
+
+
 def refiner_params(config, train_coarse: str | Sequence[str] | None) -> dict:
     """What a refiner's training stage records (and must match to be reused). The sieve and the area match are
     post-processing, applied after sampling, so a refiner trained before they existed (or with other values) is
-    reused."""
+    reused; so is one trained before a training field of ``_ADDED_LATER`` existed, while that field keeps its
+    default."""
     values = config.to_dict()
     for key in ("sieve", "area_match"):
         values.pop(key, None)
+    for key, default in _ADDED_LATER.items():  # at their defaults, fields added later match refiners trained before
+        if values.get(key) == default:
+            values.pop(key)
     return {"config": values, "coarse": train_coarse if isinstance(train_coarse, (str, type(None))) else list(train_coarse)}
 
 
