@@ -184,6 +184,9 @@ def test_two_workers_manifest_skip_and_equal_to_one_process(client, model, tmp_p
     assert manifest["settings"]["area_match"] == 0.0  # so is the area match
     assert main([*args, "--area-match", "1"]) == 2
     assert "other settings" in capsys.readouterr().err
+    assert manifest["settings"]["class_reach"] == 0  # and the class reach
+    assert main([*args, "--class-reach", "8"]) == 2
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_resume_half_done_scene_and_pairs_csv(client, model, tmp_path):

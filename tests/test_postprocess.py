@@ -58,8 +58,9 @@ def test_refiner_writes_sieved_maps_by_its_config():
     refiner.model.config = cfg.replace(sieve=8)  # the config's value is the default
     np.testing.assert_array_equal(refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0)), sieved)
     lite = RefinerConfig.preset_config("lite")
-    assert lite.sieve == 0 and lite.area_match == 1.0 and lite.flip_margin == 0.05
-    assert RefinerConfig.preset_config("tiny").sieve == 0 and RefinerConfig.preset_config("tiny").area_match == 0
+    assert lite.sieve == 0 and lite.class_reach == 8 and lite.area_match == 0 and lite.flip_margin == 0
+    tiny = RefinerConfig.preset_config("tiny")
+    assert tiny.sieve == 0 and tiny.area_match == 0 and tiny.class_reach == 0
     with pytest.raises(IdgbrError, match="sieve must be >= 0"):
         cfg.replace(sieve=-2)
 
@@ -219,3 +220,59 @@ def test_area_match_in_tile_and_folder_modes(tmp_path):
     data = _one_image_dataset(tmp_path / "data", image, coarse)
     refiner.refine_folder(data, "test", "c", tmp_path / "out", progress=False)
     np.testing.assert_array_equal(read_label(tmp_path / "out" / "a.png")[0], matched)
+
+
+def test_within_reach_drops_the_classes_the_coarse_map_lacks_nearby():
+    """A class survives at a pixel only if the coarse map holds it within the reach (a disc); the others' share is
+    renormalised; a pixel with no coarse class in reach keeps its probabilities; reach 0 changes nothing."""
+    from idgbr.inference.postprocess import within_reach
+
+    coarse = np.zeros((1, 12), np.uint8)
+    coarse[0, 6:] = 1  # class 2 nowhere
+    coarse[0, 11] = 255
+    probs = np.broadcast_to(np.array([0.2, 0.3, 0.5], np.float32)[:, None, None], (3, 1, 12)).copy()
+    out = within_reach(probs, coarse, 2)
+    assert (out[2] == 0).all()  # nowhere in the coarse map: never
+    np.testing.assert_allclose(out.sum(0), 1, rtol=1e-6)
+    np.testing.assert_array_equal(out.argmax(0)[0], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1])  # 1 reaches 2 px left
+    np.testing.assert_allclose(out[:, 0, 0], [1, 0, 0])  # only class 0 within 2 px
+    np.testing.assert_allclose(out[:, 0, 5], [0.4, 0.6, 0], rtol=1e-6)
+    np.testing.assert_array_equal(within_reach(probs, coarse, 0), probs)
+    lone = np.full((1, 12), 255, np.uint8)  # nodata all around: nothing to hold on to, nothing dropped
+    np.testing.assert_array_equal(within_reach(probs, lone, 3), probs)
+    with pytest.raises(IdgbrError, match="--class-reach must be a whole number"):
+        within_reach(probs, coarse, -1)
+
+
+def test_class_reach_in_tile_and_folder_modes(tmp_path):
+    """refine(class_reach=R) = the argmax of within_reach of its own probabilities (which it returns), before the
+    flip margin; the config's value is the default; folder mode writes the same maps."""
+    from idgbr.data.io import read_label
+    from idgbr.inference.postprocess import keep_unsure, within_reach
+
+    cfg, refiner, image, coarse, run = _scrambled_case()
+    coarse = coarse.copy()
+    coarse[20:, :] = np.where(coarse[20:, :] == 2, 0, coarse[20:, :])  # class 2 only in the top half
+
+    def run2(**kw):
+        return refiner.refine(image, coarse, generator=torch.Generator().manual_seed(0), **kw)
+
+    plain, probs = run2(return_probs=True, class_reach=0)
+    reached, reached_probs = run2(return_probs=True, class_reach=2)
+    np.testing.assert_allclose(reached_probs, within_reach(probs, coarse, 2), rtol=1e-6)
+    expected = within_reach(probs, coarse, 2).argmax(0).astype(np.uint8)
+    expected[coarse == 255] = 255
+    np.testing.assert_array_equal(reached, expected)
+    assert (plain[23:] == 2).any() and not (reached[23:] == 2).any()  # not vacuous
+    both = run2(class_reach=2, flip_margin=0.1)
+    kept = keep_unsure(within_reach(probs, coarse, 2).argmax(0).astype(np.uint8), within_reach(probs, coarse, 2),
+                       coarse, 0.1)
+    kept[coarse == 255] = 255
+    np.testing.assert_array_equal(both, kept)
+    refiner.model.config = cfg.replace(class_reach=2)
+    np.testing.assert_array_equal(run2(), reached)
+    with pytest.raises(IdgbrError, match="class_reach"):
+        cfg.replace(class_reach=-1)
+    data = _one_image_dataset(tmp_path / "data", image, coarse)
+    refiner.refine_folder(data, "test", "c", tmp_path / "out", progress=False)
+    np.testing.assert_array_equal(read_label(tmp_path / "out" / "a.png")[0], reached)

@@ -402,6 +402,35 @@ def test_flip_margin_keeps_coarse_where_the_refiner_is_unsure(scene, tmp_path):
                      flip_margin=-0.1)
 
 
+def test_class_reach_in_scene_mode_is_seam_free(scene, tmp_path, monkeypatch):
+    """Scene mode with class_reach R: every written label is a class the coarse map holds within R px, a pixel
+    whose plain label is such a class keeps it, and row bands of 8 rows write the same map (each band reads the
+    coarse map with a halo: the disc of class 2 starts 6 rows below a band edge); a bad reach is one line."""
+    import idgbr.inference.scene
+    from idgbr.inference.postprocess import reach_mask
+
+    plain, reached, banded = tmp_path / "plain.tif", tmp_path / "reached.tif", tmp_path / "banded.tif"
+    refine_scene(fake_refiner("noise"), scene["image"], scene["coarse"], plain, tile=32, overlap=8, progress=False,
+                 class_reach=0)
+    refine_scene(fake_refiner("noise"), scene["image"], scene["coarse"], reached, tile=32, overlap=8,
+                 progress=False, class_reach=6)
+    monkeypatch.setattr(idgbr.inference.scene, "ROW_BAND", 8)
+    refine_scene(fake_refiner("noise"), scene["image"], scene["coarse"], banded, tile=32, overlap=8,
+                 progress=False, class_reach=6)
+    plain, reached, banded = read(plain)[0], read(reached)[0], read(banded)[0]
+    np.testing.assert_array_equal(banded, reached)
+    allowed = reach_mask(scene["coarse_map"], 6, K)
+    written = reached != 255
+    rows, cols = np.nonzero(written)
+    assert allowed[reached[rows, cols], rows, cols].all()
+    ok = written & allowed[np.minimum(plain, K - 1), np.arange(plain.shape[0])[:, None], np.arange(plain.shape[1])]
+    np.testing.assert_array_equal(reached[ok], plain[ok])
+    assert (reached != plain).sum() > 20  # the noise sampler puts classes far from the coarse map's: not vacuous
+    with pytest.raises(IdgbrError, match="--class-reach"):
+        refine_scene(fake_refiner(), scene["image"], scene["coarse"], tmp_path / "bad.tif", progress=False,
+                     class_reach=-3)
+
+
 def test_area_match_brings_the_scene_class_areas_towards_the_coarse_map(scene, tmp_path):
     """Scene mode fits one offset per class on the whole scene: the written map's class areas (a third each: the
     fake sampler's labels follow its noise) move towards the coarse map's; strength 0 writes the plain map; a bad

@@ -2,6 +2,7 @@
 seeds averaged (docs/results/strong_maps.md, section 4).
 
     python scripts/experiments/six_tracks.py runs/t28b_s0 runs/t28b_s1
+    python scripts/experiments/six_tracks.py runs/t29_s0 runs/t29_s1   # over-paint refiner, no controls
 
 Each run folder holds the reports of ``idgbr benchmark`` (the cheap coarse models, then the four committed tracks
 with the same refiners): ``report_cheap.json`` / ``report_tracks.json`` at the lite settings until issue 28 (sieve 6)
@@ -51,6 +52,8 @@ def main() -> int:
     runs = [Path(p) for p in sys.argv[1:]]
     for title, suffix in (("lite until issue 28 (sieve 6)", ""), ("area match 1, flip margin 0.05, no sieve", "_area")):
         per_run = [load(run, suffix) for run in runs]
+        if not any(per_run):  # (runs/t29_s*: the new default only, without controls)
+            continue
         print(f"\n{title} ({', '.join(r.name for r in runs)})\n")
         print("| coarse maps | kind | refiner ΔWFm3 / ΔmIoU / IoU_RTm | control ΔWFm3 / ΔmIoU | seeds (refiner ΔWFm3) |")
         print("|---|---|---|---|---|")

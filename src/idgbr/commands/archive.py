@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                               scheduler=args.scheduler, progress=not args.no_progress, tile=args.tile,
                               overlap=args.overlap, steps=args.steps, guidance=args.guidance, strength=args.strength,
                               noise_scale=args.noise_scale, tta=args.tta, sieve=args.sieve, flip_margin=args.flip_margin,
-                              area_match=args.area_match, seed=args.seed,
+                              area_match=args.area_match, class_reach=args.class_reach, seed=args.seed,
                               batch_size=args.batch, gate_width=args.gate, bands=bands)
     statuses = list(manifest["job"].values())
     failed = [stem for stem, status in manifest["job"].items() if status == "failed"]

@@ -42,6 +42,9 @@ def register(sub) -> None:
     parser.add_argument("--area-match", type=float, default=None, metavar="A",
                         help="pull each class's refined area towards the coarse map's, 0 (off) to 1 (default: the "
                              "refiner config's)")
+    parser.add_argument("--class-reach", type=int, default=None, metavar="PX",
+                        help="a pixel takes only a class the coarse map holds within PX pixels of it (0 = any class; "
+                             "default: the refiner config's, lite 8)")
     parser.add_argument("--sieve", type=int, default=None, metavar="PX",
                         help="score the maps with regions smaller than PX pixels merged into their largest neighbour "
                              "(0 = off; default: the refiner config's, lite 0); the report also scores them unsieved")
@@ -89,7 +92,7 @@ def run(args) -> int:
         refiner_coarse_maps=tuple(args.refiner_coarse_maps), device=args.device, coarse_iters=args.coarse_iters, coarse_crop=args.coarse_crop, coarse_batch=args.coarse_batch,
         refiner_steps=args.steps, sample_steps=args.sample_steps, guidance=args.guidance, strength=args.strength,
         samples=args.samples, noise_scale=args.noise_scale, tta=args.tta, controls=not args.no_controls, image_only=args.image_only and not args.no_image_only,
-        gate_width=None if args.gate < 0 else args.gate, sieve=args.sieve, flip_margin=args.flip_margin, area_match=args.area_match, seed=args.seed, coarse_folds=args.coarse_folds,
+        gate_width=None if args.gate < 0 else args.gate, sieve=args.sieve, flip_margin=args.flip_margin, area_match=args.area_match, class_reach=args.class_reach, seed=args.seed, coarse_folds=args.coarse_folds,
         coarse_fold_group=args.coarse_fold_group, coarse_maps=tuple(args.coarse_maps),
         side_by_side=False if args.sequential else None,
         overrides={**parse_overrides(args.set), **({"train_minutes": args.train_minutes} if args.train_minutes else {})})

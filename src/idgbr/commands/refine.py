@@ -65,6 +65,10 @@ def add_sampling_options(parser) -> None:
     parser.add_argument("--area-match", type=float, default=None, metavar="A",
                         help="pull each class's refined area towards the coarse map's: 0 = off, 1 = the coarse map's "
                              "class areas (one offset per class; default: the model's)")
+    parser.add_argument("--class-reach", type=int, default=None, metavar="PX",
+                        help="a pixel takes only a class that the coarse map holds within PX pixels of it: boundaries "
+                             "move at most PX, no class appears far from where the coarse map has it (0 = any class; "
+                             "default: the model's, lite 8)")
     parser.add_argument("--sieve", type=int, default=None, metavar="PX",
                         help="minimum mapping unit: merge regions smaller than PX pixels into their largest neighbour, "
                              "0 = off (default: the model's; lite and the shipped dubai-lite 0)")
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else _default_model(args)
     refiner = Refiner.from_pretrained(model, device=args.device)
     kw = dict(steps=args.steps, guidance=args.guidance, strength=args.strength, batch_size=args.batch, tta=args.tta,
-              sieve=args.sieve, flip_margin=args.flip_margin, area_match=args.area_match)
+              sieve=args.sieve, flip_margin=args.flip_margin, area_match=args.area_match, class_reach=args.class_reach)
     if folder:
         out = Path(args.out) if args.out else Path(args.data) / "refined" / (Path(model).resolve() if Path(model).exists() else Path(model)).name
         written = refiner.refine_folder(args.data, args.split, args.coarse, out, seed=args.seed,
@@ -160,7 +164,7 @@ def _run_scene(args: argparse.Namespace, refiner) -> int:
                            samples=args.samples or 1, gate_width=args.gate, confidence=args.confidence,
                            batch_size=args.batch, bands=bands, resume=not args.no_resume, progress=not args.no_progress,
                            noise_scale=args.noise_scale, tta=args.tta, sieve=args.sieve,
-                           flip_margin=args.flip_margin, area_match=args.area_match)
+                           flip_margin=args.flip_margin, area_match=args.area_match, class_reach=args.class_reach)
     extra = f" and {summary['uncertainty']}" if summary["uncertainty"] else ""
     print(f"wrote {summary['out']}{extra}: {summary['tiles']} tiles, {summary['computed']} computed now, "
           f"{summary['done_before']} resumed, {100 * summary['skipped_fraction']:.1f}% skipped "

@@ -59,6 +59,7 @@ class BenchmarkSettings:
     sieve: int | None = None
     flip_margin: float | None = None  # refined labels only where surer than the coarse label by this (None: config's)
     area_match: float | None = None  # pull class areas towards the coarse map's, 0-1 (None: the config's)
+    class_reach: int | None = None  # only classes the coarse map holds within this many px (None: the config's)
     controls: bool = True
     image_only: bool = False  # with controls: also the image-only control (it does not depend on the coarse maps)
     gate_width: int | None = 8  # also score the gated maps (refined within this many px of coarse boundaries)
@@ -99,7 +100,7 @@ class Stages:
         if not marker.exists():
             return None
         done = json.loads(marker.read_text())
-        return done if done.get("params") == json.loads(json.dumps(params, default=str)) else None
+        return done if _comparable(done.get("params")) == _comparable(json.loads(json.dumps(params, default=str))) else None
 
     @staticmethod
     def finished_params(folder: Path) -> str | None:
@@ -174,10 +175,10 @@ def train_and_refine(stages: Stages, data_root: Path, run: Path, name: str, conf
 
     model_dir = refiner_stage(stages, data_root, run, name, config, coarse, pooled=pooled)
     pred_dir = run / "refined" / name
+    # the post-sampling settings come from this benchmark's config, not from the reused model's saved one
     infer = {"steps": settings.sample_steps, "guidance": settings.guidance, "strength": settings.strength,
              "samples": settings.samples, "noise_scale": settings.noise_scale, "tta": settings.tta,
-             **({"flip_margin": settings.flip_margin} if settings.flip_margin is not None else {}),
-             **({"area_match": settings.area_match} if settings.area_match is not None else {})}
+             **post_sampling(settings, config)}
     # the refiner's training record is part of the key: a refiner retrained in place (other --set values) must not
     # be scored with the maps its predecessor refined
     trained = Stages.finished_params(model_dir)
@@ -215,20 +216,33 @@ def refiner_stage(stages: Stages, data_root: Path, run: Path, name: str, config,
 
 # Training fields added after refiners were trained and recorded, with the default that keeps the earlier behaviour.
 _ADDED_LATER = {"overpaint": 0.0}
+# Config fields applied after sampling: a trained refiner is reused whatever they are.
+POST_SAMPLING = ("sieve", "area_match", "flip_margin", "class_reach")
+
+
+def post_sampling(settings: BenchmarkSettings, config) -> dict[str, Any]:
+    """The flip margin, area match and class reach the test maps are refined with: the benchmark's flags, else its
+    config's (the sieve is applied when scoring)."""
+    return {key: getattr(config, key) if getattr(settings, key) is None else getattr(settings, key)
+            for key in ("flip_margin", "area_match", "class_reach")}
+
+
+def _comparable(params: Any) -> Any:
+    """Stage parameters as they are compared: a refiner's config without its post-sampling fields, and without
+    the fields of ``_ADDED_LATER`` at their defaults."""
+    if not (isinstance(params, dict) and isinstance(params.get("config"), dict)):
+        return params
+    config = {key: value for key, value in params["config"].items() if key not in POST_SAMPLING
+              and not (key in _ADDED_LATER and value == _ADDED_LATER[key])}
+    return {**params, "config": config}
 
 
 def refiner_params(config, train_coarse: str | Sequence[str] | None) -> dict:
-    """What a refiner's training stage records (and must match to be reused). The sieve and the area match are
-    post-processing, applied after sampling, so a refiner trained before they existed (or with other values) is
-    reused; so is one trained before a training field of ``_ADDED_LATER`` existed, while that field keeps its
-    default."""
-    values = config.to_dict()
-    for key in ("sieve", "area_match"):
-        values.pop(key, None)
-    for key, default in _ADDED_LATER.items():  # at their defaults, fields added later match refiners trained before
-        if values.get(key) == default:
-            values.pop(key)
-    return {"config": values, "coarse": train_coarse if isinstance(train_coarse, (str, type(None))) else list(train_coarse)}
+    """What a refiner's training stage records (and must match to be reused). The fields of ``POST_SAMPLING`` are
+    applied after sampling, so a refiner trained before they existed (or with other values) is reused; so is one
+    trained before a training field of ``_ADDED_LATER`` existed, while that field keeps its default."""
+    coarse = train_coarse if isinstance(train_coarse, (str, type(None))) else list(train_coarse)
+    return _comparable({"config": config.to_dict(), "coarse": coarse})
 
 
 def side_by_side_threads(settings: BenchmarkSettings, config, pooled: Sequence[str] = ()) -> int:
@@ -421,7 +435,8 @@ def run_benchmark(data_root: str | Path, run: str | Path, settings: BenchmarkSet
         entry["settings"] = {"preset": settings.preset, "sample_steps": settings.sample_steps,
                              "guidance": settings.guidance, "strength": settings.strength,
                              "gate_width": settings.gate_width,
-                             "sieve": config.sieve if settings.sieve is None else settings.sieve}
+                             "sieve": config.sieve if settings.sieve is None else settings.sieve,
+                             **post_sampling(settings, config)}
         results.append(entry)
     report = {"results": results, "wall_seconds": round(time.perf_counter() - wall_start, 1),
               "side_by_side_threads": threads}

@@ -48,7 +48,7 @@ GDAL_CACHEMAX_MB = 256
 STALE_AFTER = 600.0  # seconds without a heartbeat after which another host's scene lock is taken over
 SUFFIXES = (".tif", ".tiff")
 OPTIONS = ("tile", "overlap", "steps", "guidance", "strength", "noise_scale", "tta", "sieve", "flip_margin",
-           "area_match", "seed",
+           "area_match", "class_reach", "seed",
            "batch_size", "gate_width", "bands")
 
 
@@ -384,7 +384,7 @@ def _settings(model: str, options: dict[str, Any], config) -> dict[str, Any]:
     defaults = {"tile": config.tile_size, "overlap": config.tile_overlap, "steps": config.sample_steps,
                 "guidance": config.guidance_scale, "strength": config.strength, "noise_scale": config.noise_scale,
                 "tta": config.tta, "sieve": config.sieve, "flip_margin": config.flip_margin,
-                "area_match": config.area_match, "seed": 0,
+                "area_match": config.area_match, "class_reach": config.class_reach, "seed": 0,
                 "gate_width": None, "bands": None}
     return {"model": model, **{key: options.get(key, default) for key, default in defaults.items()}}
 

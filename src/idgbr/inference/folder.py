@@ -43,10 +43,10 @@ def refine_folder(refiner: "Refiner", data_root: str | Path, split: str | None, 
     settings = refiner._settings(kw.pop("steps", None), kw.pop("guidance", None), kw.pop("strength", None),
                                  kw.pop("batch_size", 4), kw.pop("samples", None), kw.pop("noise_scale", None),
                                  kw.pop("tta", None), kw.pop("sieve", None), kw.pop("flip_margin", None),
-                                 kw.pop("area_match", None))
+                                 kw.pop("area_match", None), kw.pop("class_reach", None))
     if kw:
         raise IdgbrError(f"refine_folder: unknown options {sorted(kw)}")
-    sieve, margin, area = settings.pop("sieve"), settings.pop("flip_margin"), settings.pop("area_match")
+    post = refiner._post(settings)
     dataset = SegmentationDataset(data_root, split, coarse=coarse_name, load_mask=False)
     out_dir = Path(out_dir)
     targets = [out_dir / f"{stem}.png" for stem in dataset.stems]
@@ -64,7 +64,7 @@ def refine_folder(refiner: "Refiner", data_root: str | Path, split: str | None, 
                 raise IdgbrError(f"{dataset.image_path(dataset.stems[index])}: {exc}") from None
 
     def write(job: _Job) -> None:
-        labels = refiner._finish(job.blender.result(), job.nodata, sieve, False, False, job.coarse, margin, area)
+        labels = refiner._finish(job.blender.result(), job.nodata, False, False, job.coarse, **post)
         write_label(targets[job.key], labels)
 
     bar = tqdm(total=len(targets), initial=len(targets) - len(todo), desc="refine", unit="img",

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..data.dataset import IGNORE_INDEX
-from .postprocess import check_area_match, check_flip_margin, check_sieve, keep_unsure, match_areas, sieve_labels
+from .postprocess import check_area_match, check_class_reach, check_flip_margin, check_sieve, finish_labels
 from ..errors import IdgbrError, file_error
 from .tta import TTA_TRANSFORMS, _agreement, _repeat_batch, check_noise_for_samples, check_tta
 
@@ -185,7 +185,8 @@ class Refiner:
                generator: torch.Generator | None = None, return_probs: bool = False, batch_size: int = 4,
                callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int | None = None,
                noise_scale: float | None = None, return_agreement: bool = False, tta: str | None = None,
-               sieve: int | None = None, flip_margin: float | None = None, area_match: float | None = None):
+               sieve: int | None = None, flip_margin: float | None = None, area_match: float | None = None,
+               class_reach: int | None = None):
         """Refine one image or a list of images.
 
         Args:
@@ -206,20 +207,18 @@ class Refiner:
                 one (1 everywhere for S = 1): a per-pixel confidence.
             tta: test-time augmentation, "none", "flips" (4 passes) or "d4" (8 passes); the probabilities are
                 averaged over the transforms (default ``config.tta``).
-            sieve: merge regions smaller than this many pixels into their largest neighbour (0: off; default
-                ``config.sieve``; :mod:`idgbr.inference.postprocess`). The probabilities are not changed.
-            flip_margin: a pixel takes the refined label only where its probability beats the coarse label's by
-                more than this (else the coarse label stays; 0: plain argmax; default ``config.flip_margin``).
-            area_match: pull each class's refined area towards the coarse map's, 0 (off) to 1 (the coarse map's
-                areas), by one log-probability offset per class and image (default ``config.area_match``;
-                :func:`idgbr.inference.postprocess.match_areas`). Applied before the flip margin.
+            class_reach, area_match, flip_margin, sieve: post-processing, in that order (defaults from the config;
+                :func:`idgbr.inference.postprocess.finish_labels`): only classes the coarse map holds within
+                ``class_reach`` px (0: any; the returned probabilities too); class areas pulled towards the coarse
+                map's, 0 (off) to 1; the refined label only where its probability beats the coarse label's by more
+                than ``flip_margin``; regions under ``sieve`` px merged into their largest neighbour.
         Returns:
             (H, W) uint8 index map (nodata pixels stay ``IGNORE_INDEX``), or a tuple ``(map, probs)``, ``(map,
             agreement)`` or ``(map, probs, agreement)``; lists for list input.
         """
         settings = self._settings(steps, guidance, strength, batch_size, samples, noise_scale, tta, sieve, flip_margin,
-                                  area_match)
-        sieve, margin, area = settings.pop("sieve"), settings.pop("flip_margin"), settings.pop("area_match")
+                                  area_match, class_reach)
+        post = self._post(settings)
         many = isinstance(image, (list, tuple))
         images = list(image) if many else [image]
         coarses = list(coarse) if isinstance(coarse, (list, tuple)) else [coarse]
@@ -228,17 +227,19 @@ class Refiner:
         if not many:  # one image: its tiles in batches, tile by tile (the reference path)
             probs = self._refine_one(images[0], coarses[0], generator=generator, callback=callback, **settings)
             nodata = None if _is_soft(coarses[0]) else np.asarray(coarses[0]) == IGNORE_INDEX
-            return self._finish(probs, nodata, sieve, return_probs, return_agreement, _hard(coarses[0]), margin, area)
+            return self._finish(probs, nodata, return_probs, return_agreement, _hard(coarses[0]), **post)
         # several: windows batched across images; each image's noise is drawn from ``generator`` as above, in order
         jobs = (self._prepare(img, crs, generator, settings["batch_size"], settings["samples"], key=n)
                 for n, (img, crs) in enumerate(zip(images, coarses)))
-        return [self._finish(job.blender.result(), job.nodata, sieve, return_probs, return_agreement, job.coarse,
-                             margin, area) for job in self._refine_stream(jobs, callback=callback, **settings)]
+        return [self._finish(job.blender.result(), job.nodata, return_probs, return_agreement, job.coarse, **post)
+                for job in self._refine_stream(jobs, callback=callback, **settings)]
 
     def _settings(self, steps: int | None, guidance: float | None, strength: float | None, batch_size: int,
                   samples: int | None, noise_scale: float | None, tta: str | None, sieve: int | None,
-                  flip_margin: float | None = None, area_match: float | None = None) -> dict[str, Any]:
-        """The sampling settings, defaults from the config, checked (one-line errors)."""
+                  flip_margin: float | None = None, area_match: float | None = None,
+                  class_reach: int | None = None) -> dict[str, Any]:
+        """The sampling settings, defaults from the config, checked (one-line errors); :meth:`_post` takes the
+        post-sampling ones out."""
         cfg = self.config
         steps = cfg.sample_steps if steps is None else int(steps)
         guidance = cfg.guidance_scale if guidance is None else float(guidance)
@@ -248,28 +249,29 @@ class Refiner:
         sieve = check_sieve(cfg.sieve if sieve is None else sieve)
         margin = check_flip_margin(cfg.flip_margin if flip_margin is None else flip_margin)
         area = check_area_match(cfg.area_match if area_match is None else area_match)
+        reach = check_class_reach(cfg.class_reach if class_reach is None else class_reach)
         if steps < 1 or not 0 < strength <= 1 or guidance < 0 or batch_size < 1 or samples < 1 or noise_scale < 0:
             raise IdgbrError(f"need steps >= 1, 0 < strength <= 1, guidance >= 0, batch_size >= 1, samples >= 1 and "
                              f"noise_scale >= 0; got steps={steps}, strength={strength}, guidance={guidance}, "
                              f"batch_size={batch_size}, samples={samples}, noise_scale={noise_scale}")
         check_noise_for_samples(samples, noise_scale)
         return dict(steps=steps, guidance=guidance, strength=strength, batch_size=int(batch_size), samples=samples,
-                    noise_scale=noise_scale, tta=tta, sieve=sieve, flip_margin=margin, area_match=area)
+                    noise_scale=noise_scale, tta=tta, sieve=sieve, flip_margin=margin, area_match=area,
+                    class_reach=reach)
 
-    def _finish(self, probs: np.ndarray, nodata: np.ndarray | None, sieve: int, return_probs: bool,
-                return_agreement: bool, coarse: np.ndarray | None = None, margin: float = 0.0, area: float = 0.0):
-        """Labels (areas matched and flip margin against the (H, W) ``coarse`` labels, nodata 255, sieved) of blended
-        (K + 1, H, W) probabilities, with the asked extras."""
+    @staticmethod
+    def _post(settings: dict[str, Any]) -> dict[str, Any]:
+        """The post-sampling settings popped out of :meth:`_settings`' dict, as :meth:`_finish` takes them."""
+        return dict(sieve=settings.pop("sieve"), margin=settings.pop("flip_margin"), area=settings.pop("area_match"),
+                    reach=settings.pop("class_reach"))
+
+    def _finish(self, probs: np.ndarray, nodata: np.ndarray | None, return_probs: bool, return_agreement: bool,
+                coarse: np.ndarray | None = None, sieve: int = 0, margin: float = 0.0, area: float = 0.0,
+                reach: int = 0):
+        """Labels (class reach, areas matched and flip margin against the (H, W) ``coarse`` labels, nodata 255,
+        sieved) of blended (K + 1, H, W) probabilities, with the asked extras."""
         probs, agreement = probs[:self.config.num_classes], probs[self.config.num_classes]
-        if area > 0 and coarse is not None:
-            labels = match_areas(probs, coarse, area)
-        else:
-            labels = probs.argmax(0).astype(np.uint8)
-        if margin > 0 and coarse is not None:
-            labels = keep_unsure(labels, probs, coarse, margin)
-        if nodata is not None:
-            labels[nodata] = IGNORE_INDEX
-        labels = sieve_labels(labels, sieve)
+        labels, probs = finish_labels(probs, coarse, nodata, sieve, margin, area, reach)
         extra = ([probs] if return_probs else []) + ([agreement] if return_agreement else [])
         return (labels, *extra) if extra else labels
 

@@ -61,7 +61,8 @@ import torch
 from ..data.dataset import IGNORE_INDEX
 from ..errors import IdgbrError, file_error
 from ..data.io import atomic_path
-from .postprocess import (area_offsets, check_area_match, check_flip_margin, check_sieve, keep_unsure, log_probs_of,
+from .postprocess import (area_offsets, check_area_match, check_class_reach, check_flip_margin, check_sieve,
+                          keep_reachable, reach_mask, keep_unsure, log_probs_of,
                           sieve_labels)
 from .background import ReadAhead
 from ..nn.tiling import Window, blend_weights, pad_to_multiple, tile_grid
@@ -87,7 +88,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
                  bands: Sequence[int] | None = None, resume: bool = True, progress: bool = True,
                  callback: Callable[[list[int]], None] | None = None, noise_scale: float | None = None,
                  tta: str | None = None, sieve: int | None = None, read_ahead: int = 2,
-                 flip_margin: float | None = None, area_match: float | None = None) -> dict[str, Any]:
+                 flip_margin: float | None = None, area_match: float | None = None,
+                 class_reach: int | None = None) -> dict[str, Any]:
     """Refine a whole scene tile by tile and write the refined map (see the module docstring).
 
     Args:
@@ -107,6 +109,8 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         area_match: pull each class's refined area towards the coarse map's (0: off, 1: the coarse map's areas;
             default: the model's ``area_match``), with one offset per class fitted on the whole scene
             (:func:`idgbr.inference.postprocess.area_offsets`, every 4th pixel of the refined windows).
+        class_reach: a pixel takes only a class that the coarse map holds within this many pixels of it (0: off;
+            default: the model's ``class_reach``; :func:`idgbr.inference.postprocess.within_reach`), seam-free.
         gate_width: refine only within this many px of coarse boundaries (None: refine everything);
         confidence: with soft coarse input, also refine pixels whose max probability is below this.
         batch_size: tiles per network batch; bands: 1-based image bands fed to the model.
@@ -135,6 +139,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
     sieve = check_sieve(cfg.sieve if sieve is None else sieve)
     flip_margin = check_flip_margin(cfg.flip_margin if flip_margin is None else flip_margin)
     area_match = check_area_match(cfg.area_match if area_match is None else area_match)
+    class_reach = check_class_reach(cfg.class_reach if class_reach is None else class_reach)
 
     check_noise_for_samples(samples, noise_scale)
     f, multiple = cfg.latent_factor, cfg.size_multiple
@@ -226,7 +231,7 @@ def refine_scene(refiner, image_path: str | Path, coarse_path: str | Path, out_p
         _write_json(paths["progress"], state)
         unc_path = uncertainty_path(out_path) if samples > 1 else None
         _write_output(scene, scratch, out_path, unc_path, gate_width, confidence, gating, sieve, flip_margin,
-                      area_match)
+                      area_match, class_reach)
     except IdgbrError:
         # bad input found mid-scene (a truncated tile, NaN probabilities): the signature pins the input files, so
         # sidecars started by this call could never be resumed once the file is fixed; leave no partial output
@@ -336,37 +341,55 @@ def _run_batch(refiner, scene: _Scene, windows: list[Window], batch: list[tuple[
             [ramp[:w.height, :w.width] for w in clipped], [index for index, _ in batch])
 
 
-def _area_offsets(scene: _Scene, scratch: _Scratch, strength: float, stride: int = 4) -> np.ndarray:
+def _reachable(scene: _Scene, window: Window, reach: int, num_classes: int) -> np.ndarray | None:
+    """The (K, h, w) :func:`idgbr.inference.postprocess.reach_mask` of a window, computed with a halo of ``reach``
+    px so that it matches across windows; None when ``reach`` is 0."""
+    if reach <= 0:
+        return None
+    grown, cut = _halo(window, reach, scene.height, scene.width)
+    labels, _, _ = scene.read_coarse(grown)
+    return reach_mask(labels, reach, num_classes)[(slice(None), *cut)]
+
+
+def _area_offsets(scene: _Scene, scratch: _Scratch, strength: float, stride: int = 4, reach: int = 0) -> np.ndarray:
     """Class offsets of :func:`idgbr.inference.postprocess.area_offsets` for the whole scene, from every
     ``stride``-th pixel (rows and columns) that was refined and is not nodata."""
     log_probs, coarse_labels = [], []
     for row in range(0, scene.height, ROW_BAND):
         window = Window(row, 0, min(ROW_BAND, scene.height - row), scene.width)
         weight = np.asarray(scratch.weight[window.slices])[::stride, ::stride]
-        mean = np.asarray(scratch.probs[(slice(None), slice(None), *window.slices)])[..., ::stride, ::stride].mean(0)
+        mean = np.asarray(scratch.probs[(slice(None), slice(None), *window.slices)])
+        allowed = _reachable(scene, window, reach, mean.shape[1])
+        if allowed is not None:
+            mean = keep_reachable(mean / np.maximum(np.asarray(scratch.weight[window.slices]), 1e-12), allowed)
+        mean = mean[..., ::stride, ::stride].mean(0)
         coarse, _, _ = scene.read_coarse(window)
         keep = (weight > 0) & scene.read_valid(window, coarse)[::stride, ::stride]
-        log_probs.append(log_probs_of(mean / np.maximum(weight, 1e-12))[:, keep])
+        log_probs.append(log_probs_of(mean if allowed is not None else mean / np.maximum(weight, 1e-12))[:, keep])
         coarse_labels.append(coarse[::stride, ::stride][keep])
     return area_offsets(np.concatenate(log_probs, axis=1), np.concatenate(coarse_labels), strength)
 
 
 def _write_output(scene: _Scene, scratch: _Scratch, out_path: Path, unc_path: Path | None, gate_width: int | None,
                   confidence: float | None, gating: bool, sieve: int = 0, flip_margin: float = 0.0,
-                  area_match: float = 0.0) -> None:
+                  area_match: float = 0.0, class_reach: int = 0) -> None:
     """Vote, gate, mask and sieve the accumulated probabilities in row bands; write the map (and the uncertainty).
 
     With ``sieve`` > 1 each band's labels are computed with a halo of ``sieve`` rows: a region smaller than
     ``sieve`` pixels that touches the band lies wholly inside it, and a larger one shows at least ``sieve + 1``
     of its pixels, so the sieved band equals the same rows of the whole sieved map. With ``area_match`` the labels
-    are the argmax of the log mean probabilities plus class offsets fitted first on a sample of the whole scene."""
-    offsets = _area_offsets(scene, scratch, area_match) if area_match > 0 else None
+    are the argmax of the log mean probabilities plus class offsets fitted first on a sample of the whole scene. With
+    ``class_reach`` the probabilities first lose the classes the coarse map does not hold within that many pixels."""
+    offsets = _area_offsets(scene, scratch, area_match, reach=class_reach) if area_match > 0 else None
 
     def labels_of(window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(labels, disagreement, refined mask, valid mask) of a full-width row window."""
         samples, k = scratch.probs.shape[:2]
         weight = np.asarray(scratch.weight[window.slices])
         mean = np.asarray(scratch.probs[(slice(None), slice(None), *window.slices)]) / np.maximum(weight, 1e-12)  # (S, K, h, W)
+        allowed = _reachable(scene, window, class_reach, k)
+        if allowed is not None:
+            mean = keep_reachable(mean, allowed)
         votes = mean.argmax(1)  # (S, h, W)
         if offsets is not None:
             vote = (log_probs_of(mean.mean(0)) + offsets[:, None, None]).argmax(0)
