@@ -33,8 +33,8 @@ SCALE = 0.5
 SEED = 0
 COARSE = ["--arch", "deeplabv3plus", "--encoder", "tu-tf_efficientnet_lite0", "--encoder-weights", "imagenet",
           "--iters", "200", "--batch", "4", "--crop", "256", "--seed", str(SEED)]
-# The shipped refiner is the lite preset as it is (since issue 28: ImageNet EfficientNet-Lite0 image branch, area
-# match 1, flip margin 0.05, no sieve). Until then it was the 2026-11-29 recipe: "--set image_encoder=copy --set
+# The shipped refiner is the lite preset as it is (since issue 28: ImageNet EfficientNet-Lite0 image branch, class
+# reach 8 px, no area match, no flip margin, no sieve). Until then it was the 2026-11-29 recipe: "--set image_encoder=copy --set
 # image_encoder_trainable_stages=0 --set sieve=0".
 REFINER: list[str] = []
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "dubai-lite": {
             **common, "kind": "refiner",
-            "summary": "lite preset, 4800 steps on synthetic coarse maps, 4 DDIM steps, area match 1, flip margin 0.05",
+            "summary": "lite preset, 4800 steps on synthetic coarse maps, 4 DDIM steps, class reach 8 px",
             "made_by": [log["prepare"]["command"], log["train_refiner"]["command"]],
             "seconds": log["train_refiner"]["seconds"], "commit": log["train_refiner"]["commit"],
             "test": {"coarse": "dubai-coarse", **figures["refined"],

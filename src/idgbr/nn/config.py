@@ -130,8 +130,8 @@ class RefinerConfig:
     # Share of those synthetic coarse maps that also get region-level errors (synthetic.degrade_regions: whole
     # segments swapped to a neighbour's class, small objects missed, neighbours merged). 0 = boundary-scale only.
     region_errors: float = 0.0
-    # Share of the synthetic coarse maps that then over-paint one or two (mostly small) classes: closed over the
-    # gaps between their segments and grown 1-3 px (synthetic.overpaint), as a strong coarse model paints a block.
+    # Share of the synthetic coarse maps that then over-paint some of their smaller classes: closed over the
+    # gaps between their segments and grown 1-4 px (synthetic.overpaint), as a strong coarse model paints a block.
     overpaint: float = 0.0
     # Strength of those synthetic degradations (synthetic.degrade_mask's ``strength``), drawn uniformly per sample
     # from [corruption_min_strength, 1]: below 1 the refiner also sees nearly right coarse maps, whose boundaries it
