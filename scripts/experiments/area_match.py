@@ -8,10 +8,13 @@ then score post-processing variants on them (docs/results/strong_maps.md, sectio
 
 ``score`` takes a folder pattern with ``{seed}`` (seeds 0 and 1 averaged) and variants: ``argmax``; ``margin:P``
 (the flip margin alone); ``area:A[,P]`` (:func:`idgbr.inference.postprocess.match_areas` at strength A, then the
-flip margin P); ``exact:A`` (areas matched until they are, with steps that double while a class's gap keeps its sign:
-the negative row); any of them with ``@sN`` for the N-px sieve. One line per variant: per track ΔWFm3 / ΔmIoU /
-IoU_RTm, then the strong and the all-track means. ``diagnose`` counts, per class, the correct coarse pixels the
-refiner lost, the ones it gained, the false ones it added and the false ones it removed.
+flip margin P); ``exact:A`` (areas matched until they are, with steps that double while a class's gap keeps its
+sign: the negative row); ``reach:R`` (the class reach, :func:`idgbr.inference.postprocess.within_reach`), alone or
+before another variant (``reach:8+area:1,0.05``); ``mix:W`` (the probabilities averaged with the ``--partner``
+dumps', e.g. the deterministic control's, weight W on the partner), alone or before another (``mix:0.5+reach:8``);
+any of them with ``@sN`` for the N-px sieve. One line per variant: per track ΔWFm3 / ΔmIoU / IoU_RTm, then the
+strong and the all-track means. ``diagnose`` counts, per class, the correct coarse pixels the refiner lost, the ones
+it gained, the false ones it added and the false ones it removed.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def dump(run: Path, tta: str, out: Path) -> None:
                 continue
             sample = dataset[index]
             labels, probs = refiner.refine(sample["image"], sample["coarse"], generator=torch.Generator().manual_seed(0),
-                                           tta=tta, return_probs=True, sieve=0, flip_margin=0, area_match=0)
+                                           tta=tta, return_probs=True, sieve=0, flip_margin=0, area_match=0,
+                                           class_reach=0)  # raw: the variants post-process them
             target.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(target, probs=probs.astype(np.float16), coarse=sample["coarse"], labels=labels)
             print(track, stem, flush=True)
@@ -77,22 +81,23 @@ def exact_match(probs: np.ndarray, coarse: np.ndarray, strength: float, iters: i
     return (log_probs + best[:, None, None]).argmax(0).astype(np.uint8)
 
 
-def near(probs: np.ndarray, coarse: np.ndarray, radius: int) -> np.ndarray:
-    """``probs`` with every class zeroed where the coarse map holds no pixel of it within ``radius`` px."""
-    import cv2
-
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    allowed = np.stack([cv2.dilate((coarse == c).astype(np.uint8), kernel) for c in range(probs.shape[0])]) > 0
-    allowed |= ~allowed.any(0, keepdims=True)
-    return np.where(allowed, probs, 0)
-
-
-def variant(name: str, probs: np.ndarray, coarse: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def variant(name: str, probs: np.ndarray, coarse: np.ndarray, labels: np.ndarray,
+            partner: np.ndarray | None = None) -> np.ndarray:
     from idgbr.inference.postprocess import keep_unsure, match_areas, sieve_labels
 
-    if name.startswith("near"):
+    if name.startswith("mix"):  # mix:W[+VARIANT]: (1 - W) x these probabilities + W x the --partner run's
         head, _, name = name.partition("+")
-        probs = near(probs, coarse, int(head.split(":")[1]))
+        if partner is None:
+            raise SystemExit("mix:W needs --partner")
+        weight = float(head.split(":")[1])
+        probs = (1 - weight) * probs + weight * partner
+        labels = probs.argmax(0).astype(np.uint8)
+        name = name or "argmax"
+    if name.startswith("reach"):  # reach:R[+VARIANT]: the class reach first (idgbr.inference.postprocess.within_reach)
+        from idgbr.inference.postprocess import within_reach
+
+        head, _, name = name.partition("+")
+        probs = within_reach(probs, coarse, int(head.split(":")[1]))
         labels = probs.argmax(0).astype(np.uint8)
         name = name or "argmax"
     name, _, sieve = name.partition("@s")
@@ -117,7 +122,7 @@ def load(folder: Path, track: str, stems: list[str]):
         yield stem, z["probs"].astype(np.float32), z["coarse"], z["labels"]
 
 
-def score(pattern: str, data: Path, names: list[str]) -> None:
+def score(pattern: str, data: Path, names: list[str], partner: str | None = None) -> None:
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
 
@@ -130,7 +135,9 @@ def score(pattern: str, data: Path, names: list[str]) -> None:
         for track in tracks:
             per_seed = []
             for seed in (0, 1):
-                pairs = [(masks[stem], variant(name, probs, coarse, labels), coarse)
+                mixed = ({stem: p for stem, p, _, _ in load(Path(partner.format(seed=seed)), track, dataset.stems)}
+                         if partner and name.startswith("mix") else {})
+                pairs = [(masks[stem], variant(name, probs, coarse, labels, mixed.get(stem)), coarse)
                          for stem, probs, coarse, labels in load(Path(pattern.format(seed=seed)), track, dataset.stems)]
                 result = evaluate_maps(pairs, k, class_names=dataset.classes.names)
                 base = result["coarse"]
@@ -173,6 +180,7 @@ def main() -> int:
     p = sub.add_parser("score")
     p.add_argument("pattern", help="dump folder with {seed}")
     p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--partner", help="a second dump folder with {seed} (e.g. the control's), for mix:W")
     p.add_argument("variants", nargs="+")
     p = sub.add_parser("diagnose")
     p.add_argument("folder", type=Path)
@@ -181,7 +189,7 @@ def main() -> int:
     if args.command == "dump":
         dump(args.run, args.tta, args.out)
     elif args.command == "score":
-        score(args.pattern, args.data, args.variants)
+        score(args.pattern, args.data, args.variants, args.partner)
     else:
         diagnose(args.folder, args.data)
     return 0

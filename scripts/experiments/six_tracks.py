@@ -1,13 +1,14 @@
-"""Issue 28's test table: six Dubai coarse maps, the refiner and its deterministic control, two inference settings,
+"""Issue 28's test table: six Dubai coarse maps, the refiner and its deterministic control, three inference settings,
 seeds averaged (docs/results/strong_maps.md, section 4).
 
     python scripts/experiments/six_tracks.py runs/t28b_s0 runs/t28b_s1
-    python scripts/experiments/six_tracks.py runs/t29_s0 runs/t29_s1   # over-paint refiner, no controls
+    python scripts/experiments/six_tracks.py runs/t30_s0 runs/t30_s1   # t28b's models at the class reach 8
 
 Each run folder holds the reports of ``idgbr benchmark`` (the cheap coarse models, then the four committed tracks
 with the same refiners): ``report_cheap.json`` / ``report_tracks.json`` at the lite settings until issue 28 (sieve 6)
 and ``report_cheap_area.json`` / ``report_tracks_area.json`` at the new ones (``--area-match 1 --flip-margin 0.05
---sieve 0``). Cells: ΔWFm3 / ΔmIoU / IoU_RTm of the refiner, then ΔWFm3 / ΔmIoU of the control, against the coarse map.
+--sieve 0``); ``report_*_reach.json`` (runs/t30_s*: the same trained models, refined again at the class reach 8,
+the lite default since). Cells: ΔWFm3 / ΔmIoU / IoU_RTm of the refiner, then ΔWFm3 / ΔmIoU of the control, against the coarse map.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def load(run: Path, suffix: str) -> dict[str, tuple[float, ...]]:
 
 def main() -> int:
     runs = [Path(p) for p in sys.argv[1:]]
-    for title, suffix in (("lite until issue 28 (sieve 6)", ""), ("area match 1, flip margin 0.05, no sieve", "_area")):
+    for title, suffix in (("lite until issue 28 (sieve 6)", ""), ("area match 1, flip margin 0.05, no sieve", "_area"),
+                          ("class reach 8 (no area match, no flip margin, no sieve)", "_reach")):
         per_run = [load(run, suffix) for run in runs]
-        if not any(per_run):  # (runs/t29_s*: the new default only, without controls)
+        if not any(per_run):  # (runs/t30_s*: only the class-reach reports)
             continue
         print(f"\n{title} ({', '.join(r.name for r in runs)})\n")
         print("| coarse maps | kind | refiner ΔWFm3 / ΔmIoU / IoU_RTm | control ΔWFm3 / ΔmIoU | seeds (refiner ΔWFm3) |")
