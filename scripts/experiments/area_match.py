@@ -32,8 +32,14 @@ TRACKS = ["deeplabv3plus_pretrained", "unet_pretrained", "deeplabv3plus_converge
 WEAK = ["weak_deeplabv3plus", "weak_unet"]
 
 
-def dump(run: Path, tta: str, out: Path) -> None:
+def dump(run: Path, tta: str, out: Path, anchor: Path | None = None) -> None:
+    """The refined probabilities of the held-out images, raw (no post-processing). With ``anchor`` (another run's dump
+    folder, e.g. the control's) the refiner reads that run's labels at the class reach 8 as its coarse map (the
+    cascade: the control first, the diffusion refiner on its output); the saved ``coarse`` stays the original."""
     import torch
+
+    from idgbr.data.dataset import IGNORE_INDEX
+    from idgbr.inference.postprocess import within_reach
 
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.inference.pipeline import Refiner
@@ -48,7 +54,12 @@ def dump(run: Path, tta: str, out: Path) -> None:
             if target.exists():
                 continue
             sample = dataset[index]
-            labels, probs = refiner.refine(sample["image"], sample["coarse"], generator=torch.Generator().manual_seed(0),
+            given = sample["coarse"]
+            if anchor is not None:
+                first = np.load(anchor / track / f"{stem}.npz")["probs"].astype(np.float32)
+                given = within_reach(first, sample["coarse"], 8).argmax(0).astype(np.uint8)
+                given[sample["coarse"] == IGNORE_INDEX] = IGNORE_INDEX
+            labels, probs = refiner.refine(sample["image"], given, generator=torch.Generator().manual_seed(0),
                                            tta=tta, return_probs=True, sieve=0, flip_margin=0, area_match=0,
                                            class_reach=0)  # raw: the variants post-process them
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +188,7 @@ def main() -> int:
     p.add_argument("run", type=Path)
     p.add_argument("--tta", default="none", choices=["none", "flips"])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--anchor", type=Path, help="another run's dump folder: refine its labels (reach 8) instead")
     p = sub.add_parser("score")
     p.add_argument("pattern", help="dump folder with {seed}")
     p.add_argument("--data", type=Path, required=True)
@@ -187,7 +199,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "dump":
-        dump(args.run, args.tta, args.out)
+        dump(args.run, args.tta, args.out, args.anchor)
     elif args.command == "score":
         score(args.pattern, args.data, args.variants, args.partner)
     else:
