@@ -5,16 +5,18 @@ then score post-processing variants on them (docs/results/strong_maps.md, sectio
     python scripts/experiments/area_match.py score runs/p28/s{seed}_none --data runs/v28_base_s0/data \
         argmax argmax@s6 area:1 area:1,0.05 area:0.5 exact:1
     python scripts/experiments/area_match.py diagnose runs/p28/s0_flips --data runs/v28_base_s0/data
+    python scripts/experiments/area_match.py dump runs/v30_base_t5_s0 --anchor runs/p31/ctl_t5_s0 --out runs/p33/cas_t5_s0
 
-``score`` takes a folder pattern with ``{seed}`` (seeds 0 and 1 averaged) and variants: ``argmax``; ``margin:P``
-(the flip margin alone); ``area:A[,P]`` (:func:`idgbr.inference.postprocess.match_areas` at strength A, then the
-flip margin P); ``exact:A`` (areas matched until they are, with steps that double while a class's gap keeps its
-sign: the negative row); ``reach:R`` (the class reach, :func:`idgbr.inference.postprocess.within_reach`), alone or
-before another variant (``reach:8+area:1,0.05``); ``mix:W`` (the probabilities averaged with the ``--partner``
-dumps', e.g. the deterministic control's, weight W on the partner), alone or before another (``mix:0.5+reach:8``);
-any of them with ``@sN`` for the N-px sieve. One line per variant: per track ΔWFm3 / ΔmIoU / IoU_RTm, then the
-strong and the all-track means. ``diagnose`` counts, per class, the correct coarse pixels the refiner lost, the ones
-it gained, the false ones it added and the false ones it removed.
+``dump --anchor`` refines another dump's labels (the cascade, section 5.6). ``score`` takes a folder pattern with
+``{seed}`` (seeds 0 and 1 averaged) and variants: ``argmax``; ``margin:P`` (the flip margin alone); ``area:A[,P]``
+(:func:`idgbr.inference.postprocess.match_areas` at strength A, then the flip margin P); ``exact:A`` (areas matched
+until they are, with steps that double while a class's gap keeps its sign: the negative row); ``reach:R`` (the class
+reach, :func:`idgbr.inference.postprocess.within_reach`), alone or before another variant (``reach:8+area:1,0.05``);
+``mix:W`` (the probabilities averaged with the ``--partner`` dumps', e.g. the deterministic control's, weight W on
+the partner), alone or before another (``mix:0.5+reach:8``); any of them with ``@sN`` for the N-px sieve. One line
+per variant: per track ΔWFm3 / ΔmIoU / IoU_RTm, then the strong and the all-track means. ``diagnose`` counts, per
+class, the correct coarse pixels the refiner lost, the ones it gained, the false ones it added and the false ones it
+removed.
 """
 
 from __future__ import annotations
