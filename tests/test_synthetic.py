@@ -142,3 +142,14 @@ def test_overpaint_grows_the_smaller_classes_over_the_largest():
     out = overpaint(truth, np.random.default_rng(0), len(CLASS_NAMES))
     assert (out[:7] == IGNORE_INDEX).all() and not (out[7:] == IGNORE_INDEX).any()
     np.testing.assert_array_equal(overpaint(np.ones((8, 8), np.uint8), np.random.default_rng(0), 2), 1)
+
+
+def test_degradations_keep_an_all_nodata_map_and_refuse_a_3d_one():
+    from idgbr.data.synthetic import degrade_regions, overpaint
+
+    empty = np.full((24, 24), IGNORE_INDEX, np.uint8)
+    for degrade in (degrade_mask, degrade_regions, overpaint):
+        out = degrade(empty, np.random.default_rng(0), len(CLASS_NAMES))
+        assert out.dtype == np.uint8 and (out == IGNORE_INDEX).all(), degrade.__name__
+        with pytest.raises(ValueError, match="must be"):
+            degrade(np.zeros((4, 4, 3), np.uint8), np.random.default_rng(0), len(CLASS_NAMES))

@@ -195,6 +195,17 @@ def _drop_small_segments(labels: np.ndarray, min_area: int) -> np.ndarray:
     return _fill_from_nearest(labels, holes) if holes.any() and not holes.all() else labels
 
 
+def _filled(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(a uint8 copy of the (H, W) ``mask``, its ``IGNORE_INDEX`` pixels, the labels with those filled from the
+    nearest labelled pixel, or None when every pixel is nodata): where each synthetic degradation starts."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got {mask.shape}")
+    out = mask.astype(np.uint8).copy()
+    ignore = out == IGNORE_INDEX
+    return out, ignore, None if ignore.all() else _fill_from_nearest(out, ignore)
+
+
 def degrade_mask(mask: np.ndarray, rng: np.random.Generator, num_classes: int, strength: float = 1.0) -> np.ndarray:
     """A plausible coarse prediction (H, W) uint8 from a true mask (H, W) uint8, erring mostly near boundaries.
 
@@ -203,16 +214,9 @@ def degrade_mask(mask: np.ndarray, rng: np.random.Generator, num_classes: int, s
     (boundary shifts); remove small connected components (filled from their surroundings); add a few small
     spurious blobs of a random class. ``IGNORE_INDEX`` pixels stay as they are.
     """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be (H, W), got {mask.shape}")
-    out = mask.astype(np.uint8).copy()
-    if strength <= 0:
+    out, ignore, labels = _filled(mask)
+    if strength <= 0 or labels is None:
         return out
-    ignore = out == IGNORE_INDEX
-    if ignore.all():
-        return out
-    labels = _fill_from_nearest(out, ignore)
     height, width = labels.shape
 
     # 1. boundary smoothing: one-hot -> area downsample by 2-4 -> bilinear up -> argmax
@@ -255,14 +259,9 @@ def degrade_regions(mask: np.ndarray, rng: np.random.Generator, num_classes: int
     below 0.1-1 % of the map is filled from its surroundings; **merged neighbours**: one class is closed with a
     3-8 px radius, joining nearby segments over the gaps between them. ``IGNORE_INDEX`` pixels stay as they are.
     """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be (H, W), got {mask.shape}")
-    out = mask.astype(np.uint8).copy()
-    ignore = out == IGNORE_INDEX
-    if ignore.all():
+    out, ignore, labels = _filled(mask)
+    if labels is None:
         return out
-    labels = _fill_from_nearest(out, ignore)
     area = labels.size
     kinds = rng.random(3) < 0.5
     if not kinds.any():
@@ -304,20 +303,14 @@ def overpaint(mask: np.ndarray, rng: np.random.Generator, num_classes: int) -> n
 
     Each present class but the largest, with probability 1/2 (at least one), is closed with a 2-8 px radius,
     joining nearby segments over the land between them (a housing block painted as one blob), then grown by 1-4 px
-    over their neighbours. :func:`degrade_mask` smooths thin parts away and drops small segments; a refiner trained
-    only on it learned to grow small classes (docs/results/strong_maps.md); this shows it coarse maps whose small
-    classes are too large. ``num_classes`` is unused (the
-    classes come from the map); ``IGNORE_INDEX`` pixels stay as they are.
+    over their neighbours. Tried as a training lever for strong coarse maps and negative on validation
+    (docs/results/strong_maps.md, section 5.2), so ``RefinerConfig.overpaint`` is 0 by default. ``num_classes`` is
+    unused (the classes come from the map); ``IGNORE_INDEX`` pixels stay as they are.
     """
     del num_classes
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be (H, W), got {mask.shape}")
-    out = mask.astype(np.uint8).copy()
-    ignore = out == IGNORE_INDEX
-    if ignore.all():
+    out, ignore, labels = _filled(mask)
+    if labels is None:
         return out
-    labels = _fill_from_nearest(out, ignore)
     present, counts = np.unique(labels, return_counts=True)
     if present.size < 2:
         labels[ignore] = IGNORE_INDEX
