@@ -40,11 +40,9 @@ def dump(run: Path, tta: str, out: Path, anchor: Path | None = None) -> None:
     cascade: the control first, the diffusion refiner on its output); the saved ``coarse`` stays the original."""
     import torch
 
-    from idgbr.data.dataset import IGNORE_INDEX
-    from idgbr.inference.postprocess import within_reach
-
-    from idgbr.data.dataset import SegmentationDataset
+    from idgbr.data.dataset import IGNORE_INDEX, SegmentationDataset
     from idgbr.inference.pipeline import Refiner
+    from idgbr.inference.postprocess import within_reach
 
     torch.set_num_threads(1)
     refiner = Refiner.from_pretrained(next((run / "models").glob("*/config.json")).parent, device="cpu")

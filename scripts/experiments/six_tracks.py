@@ -8,7 +8,8 @@ Each run folder holds the reports of ``idgbr benchmark`` (the cheap coarse model
 with the same refiners): ``report_cheap.json`` / ``report_tracks.json`` at the lite settings until issue 28 (sieve 6)
 and ``report_cheap_area.json`` / ``report_tracks_area.json`` at the new ones (``--area-match 1 --flip-margin 0.05
 --sieve 0``); ``report_*_reach.json`` (runs/t30_s*: the same trained models, refined again at the class reach 8,
-the lite default since). Cells: ΔWFm3 / ΔmIoU / IoU_RTm of the refiner, then ΔWFm3 / ΔmIoU of the control, against the coarse map.
+the lite default since). Cells: ΔWFm3 / ΔmIoU / IoU_RTm of the refiner, then ΔWFm3 / ΔmIoU of the control, against
+the coarse map.
 """
 
 from __future__ import annotations
