@@ -10,6 +10,8 @@ from PIL import Image
 from idgbr.commands.main import main
 from idgbr.nn.coarse_model import ARCHS, CoarseConfig, CoarseModel, get_arch, load_encoder_weights
 from idgbr.training.coarse import predict_coarse, train_coarse
+from idgbr.data.dataset import SegmentationDataset
+from idgbr.data.io import read_label
 from idgbr.commands.coarse import ARCH_NAMES
 from idgbr.errors import IdgbrError
 
@@ -305,11 +307,20 @@ def test_train_and_predict_on_a_stem_subset(data, tmp_path):
 def test_cli_predict_coarse_folds(data, tmp_path, capsys):
     argv = ["predict-coarse", "--folds", "2", "--arch", "unet", "--data", str(data), "--name", "cli_oof", "--work",
             str(tmp_path / "w"), "--iters", "1", "--crop", "32", "--train-batch", "2", "--tile", "32", "--overlap", "8",
-            "--no-progress"]
+            "--probs", "npy", "--with-test", "--no-progress"]
     assert main(argv) == 0
     assert "out-of-fold, 2 folds" in capsys.readouterr().out
-    assert sorted(p.name for p in (data / "coarse" / "cli_oof").glob("*.png")) == ["a1.png", "a2.png", "a3.png"]
+    maps = data / "coarse" / "cli_oof"
+    stems = sorted(SegmentationDataset(data, "train").stems + SegmentationDataset(data, "test").stems)
+    assert sorted(p.stem for p in maps.glob("*.png")) == stems
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["fold0", "fold1"]
+    # --probs: every map (out-of-fold train, ensemble test) also gets its probabilities, whose argmax it is
+    assert sorted(p.stem for p in (data / "coarse" / "cli_oof_probs").glob("*.npy")) == stems
+    for stem in stems:
+        probs = np.load(data / "coarse" / "cli_oof_probs" / f"{stem}.npy")
+        assert probs.shape == (NUM_CLASSES, *SIZES[stem]) and np.allclose(probs.sum(0), 1, atol=1e-5)
+        assert (probs.argmax(0) == read_label(maps / f"{stem}.png")[0]).all()
+    assert json.loads((maps / "provenance.json").read_text())["settings"]["probs"] == "npy"
 
 
 def test_cli_folds_with_imagenet_encoder_weights(data, tmp_path):

@@ -6,6 +6,7 @@ then score post-processing variants on them (docs/results/strong_maps.md, sectio
         argmax argmax@s6 area:1 area:1,0.05 area:0.5 exact:1
     python scripts/experiments/area_match.py diagnose runs/p28/s0_flips --data runs/v28_base_s0/data
     python scripts/experiments/area_match.py dump runs/v30_base_t5_s0 --anchor runs/p31/ctl_t5_s0 --out runs/p33/cas_t5_s0
+    python scripts/experiments/area_match.py dump runs/s40_soft_t5_s0 --tracks runs/soft/tracks --soft --out runs/p40/soft_t5_s0
 
 ``dump --anchor`` refines another dump's labels (the cascade, section 5.6). ``score`` takes a folder pattern with
 ``{seed}`` (seeds 0 and 1 averaged) and variants: ``argmax``; ``margin:P`` (the flip margin alone); ``area:A[,P]``
@@ -34,27 +35,37 @@ TRACKS = ["deeplabv3plus_pretrained", "unet_pretrained", "deeplabv3plus_converge
 WEAK = ["weak_deeplabv3plus", "weak_unet"]
 
 
-def dump(run: Path, tta: str, out: Path, anchor: Path | None = None) -> None:
+def dump(run: Path, tta: str, out: Path, anchor: Path | None = None, tracks: Path | None = None,
+         soft: bool = False) -> None:
     """The refined probabilities of the held-out images, raw (no post-processing). With ``anchor`` (another run's dump
     folder, e.g. the control's) the refiner reads that run's labels at the class reach 8 as its coarse map (the
-    cascade: the control first, the diffusion refiner on its output); the saved ``coarse`` stays the original."""
+    cascade: the control first, the diffusion refiner on its output); the saved ``coarse`` stays the original.
+    ``tracks``: a folder holding ``<track>/`` map folders to read instead of the run's own links (the soft-input
+    trial's regenerated strong tracks); ``soft``: give the refiner a track's probabilities (``<track>_probs/``)
+    where it has them."""
     import torch
 
-    from idgbr.data.dataset import IGNORE_INDEX, SegmentationDataset
+    from idgbr.data.dataset import IGNORE_INDEX, SegmentationDataset, probs_folder
     from idgbr.inference.pipeline import Refiner
     from idgbr.inference.postprocess import within_reach
 
     torch.set_num_threads(1)
     refiner = Refiner.from_pretrained(next((run / "models").glob("*/config.json")).parent, device="cpu")
-    for track in TRACKS + [w for w in WEAK if (run / "data" / "coarse" / f"trk_{w}").is_dir()]:
+    weak = [w for w in WEAK if (run / "data" / "coarse" / f"trk_{w}").is_dir() if tracks is None or (tracks / w).is_dir()]
+    for track in TRACKS + weak:
         name = "val_coarse" if track == TRACKS[0] else f"trk_{track}"
+        if tracks is not None:
+            name = str((tracks / track).resolve())
         dataset = SegmentationDataset(run / "data", "test", coarse=name, load_mask=False)
+        with_probs = soft and probs_folder(dataset.coarse_dir).is_dir()
         for index, stem in enumerate(dataset.stems):
             target = out / track / f"{stem}.npz"
             if target.exists():
                 continue
             sample = dataset[index]
             given = sample["coarse"]
+            if with_probs:
+                given = dataset.read_coarse_probs(stem, given.shape)
             if anchor is not None:
                 first = np.load(anchor / track / f"{stem}.npz")["probs"].astype(np.float32)
                 given = within_reach(first, sample["coarse"], 8).argmax(0).astype(np.uint8)
@@ -189,6 +200,8 @@ def main() -> int:
     p.add_argument("--tta", default="none", choices=["none", "flips"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--anchor", type=Path, help="another run's dump folder: refine its labels (reach 8) instead")
+    p.add_argument("--tracks", type=Path, help="a folder of <track>/ map folders to read instead of the run's links")
+    p.add_argument("--soft", action="store_true", help="give the refiner the tracks' probabilities where they exist")
     p = sub.add_parser("score")
     p.add_argument("pattern", help="dump folder with {seed}")
     p.add_argument("--data", type=Path, required=True)
@@ -199,7 +212,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "dump":
-        dump(args.run, args.tta, args.out, args.anchor)
+        dump(args.run, args.tta, args.out, args.anchor, args.tracks, args.soft)
     elif args.command == "score":
         score(args.pattern, args.data, args.variants, args.partner)
     else:

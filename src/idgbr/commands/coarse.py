@@ -125,11 +125,10 @@ def run_predict_oof(args: argparse.Namespace) -> int:
         raise IdgbrError("--folds trains its own fold models; drop --model (give the training flags instead)")
     if args.split not in (None, "train"):
         raise IdgbrError(f"--folds predicts the train split only; drop --split {args.split}")
-    if args.probs is not None:
-        raise IdgbrError("--probs is not supported with --folds; drop it")
     out = predict_coarse_oof(args.data, args.arch, args.name, args.folds, args.work, iters=args.iters,
                              encoder=args.encoder, encoder_weights=args.encoder_weights, batch=args.train_batch, crop=args.crop, lr=args.lr, seed=args.seed,
-                             tile=args.tile, overlap=args.overlap, group=args.fold_group, progress=not args.no_progress,
+                             tile=args.tile, overlap=args.overlap, group=args.fold_group, probs=args.probs,
+                             progress=not args.no_progress,
                              val_every=args.val_every, test=args.with_test, command=args.command_line,
                              device=args.device)
     extra = " + test maps from the fold-model ensemble" if args.with_test else ""

@@ -177,7 +177,7 @@ def _read_inputs(args: argparse.Namespace, num_classes: int, channels: int):
     model so that every error names the file."""
     import numpy as np
 
-    from ..data.dataset import read_index_map
+    from ..data.dataset import read_index_map, read_probs
     from ..errors import file_error
     from ..data.io import read_image
 
@@ -190,18 +190,7 @@ def _read_inputs(args: argparse.Namespace, num_classes: int, channels: int):
                          "(NaN pixels become nodata)")
     coarse_path = Path(args.coarse)
     if coarse_path.suffix.lower() == ".npy":
-        if not coarse_path.exists():
-            raise file_error(coarse_path, "file not found", "check the path")
-        try:
-            coarse = np.load(coarse_path, allow_pickle=False)
-        except (ValueError, EOFError, OSError) as exc:
-            raise file_error(coarse_path, f"unreadable .npy ({str(exc)[:100] or type(exc).__name__})",
-                             "save a float (K, H, W) array with numpy.save") from None
-        if (coarse.ndim != 3 or coarse.shape != (num_classes, *image.shape[:2])) or coarse.dtype.kind != "f":
-            raise file_error(coarse_path, f"expected float probabilities ({num_classes}, {image.shape[0]}, {image.shape[1]}), "
-                             f"got {coarse.dtype} {coarse.shape}", "save class probabilities of the image's size")
-        if not np.isfinite(coarse).all() or coarse.min() < 0:
-            raise file_error(coarse_path, "NaN/inf or negative probabilities", "give finite class probabilities >= 0")
+        coarse = read_probs(coarse_path, num_classes, image.shape[:2])
     else:
         coarse = read_index_map(coarse_path, num_classes, image.shape[:2])
     return (image, coarse), geo

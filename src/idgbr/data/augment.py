@@ -2,7 +2,9 @@
 
 A sample is ``{"image": (H, W, C) array, "mask": (H, W) uint8, "coarse": (H, W) uint8 (optional), ...}``.
 Geometric transforms move ``image`` bilinearly and every label key (``mask``, ``coarse``) with nearest
-neighbour, so label values are never invented; they drop ``geo`` because the pixels no longer match it.
+neighbour, so label values are never invented; they drop ``geo`` because the pixels no longer match it. A
+``coarse_probs`` (H, W, K) map (soft coarse input) moves bilinearly with :class:`RandomResizedCrop`, the flip and the
+rotation (0 outside the image).
 
 Every transform is called as ``transform(sample, rng)`` with a :class:`numpy.random.Generator`; nothing touches
 global random state. :class:`Compose` can own a generator so that it also works as a one-argument
@@ -27,11 +29,19 @@ from ..metrics import label_edges
 
 Sample = dict[str, Any]
 LABEL_KEYS = ("mask", "coarse")
+# Per-pixel float maps that move with the labels but resample like the image (linear; 0 outside it): the coarse
+# model's (H, W, K) class probabilities for soft coarse input.
+SOFT_KEYS = ("coarse_probs",)
 _CV2_DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
 
 
 def _label_keys(sample: Sample) -> list[str]:
     return [key for key in LABEL_KEYS if sample.get(key) is not None]
+
+
+def _moved_keys(sample: Sample) -> list[str]:
+    """Every key a flip or rotation moves with the image: the labels and the soft maps."""
+    return _label_keys(sample) + [key for key in SOFT_KEYS if sample.get(key) is not None]
 
 
 def _cast_back(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -204,6 +214,9 @@ class RandomResizedCrop:
         for key in keys:
             if key != "mask":
                 out[key] = _warp(sample[key], matrix, size, True, fill)
+        for key in SOFT_KEYS:
+            if sample.get(key) is not None:
+                out[key] = _warp(sample[key], matrix, size, False, 0)
         out["image"] = _warp(sample["image"], matrix, size, False, 0)
         return out
 
@@ -227,7 +240,7 @@ class RandomHorizontalFlip:
         out = dict(sample)
         out.pop("geo", None)
         out["image"] = np.ascontiguousarray(sample["image"][:, ::-1])
-        for key in _label_keys(sample):
+        for key in _moved_keys(sample):
             out[key] = np.ascontiguousarray(sample[key][:, ::-1])
         return out
 
@@ -243,7 +256,7 @@ class RandomRotate90:
         out = dict(sample)
         out.pop("geo", None)
         out["image"] = np.ascontiguousarray(np.rot90(sample["image"], k, axes=(0, 1)))
-        for key in _label_keys(sample):
+        for key in _moved_keys(sample):
             out[key] = np.ascontiguousarray(np.rot90(sample[key], k, axes=(0, 1)))
         return out
 

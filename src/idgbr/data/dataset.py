@@ -287,6 +287,17 @@ class SegmentationDataset:
         path = self.coarse_path(stem)
         return read_index_map(path, self.classes.num_classes, shape)
 
+    def read_coarse_probs(self, stem: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """The coarse map's (K, H, W) float32 probabilities, from :func:`probs_folder` of the coarse folder."""
+        assert self.coarse_dir is not None
+        folder = probs_folder(self.coarse_dir)
+        path = next((folder / f"{stem}{ext}" for ext in (".npy", ".tif", ".tiff") if (folder / f"{stem}{ext}").exists()),
+                    None)
+        if path is None:
+            raise file_error(folder / f"{stem}.npy", "coarse probabilities missing",
+                             "write them with 'idgbr predict-coarse --probs npy' (or train with soft_coarse off)")
+        return read_probs(path, self.classes.num_classes, shape)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         stem = self.stems[index]
         image_path = self.image_path(stem)
@@ -305,6 +316,38 @@ class SegmentationDataset:
         if self.transform is not None:
             sample = self.transform(sample)
         return sample
+
+
+def probs_folder(coarse_dir: str | Path) -> Path:
+    """Where the probabilities of a coarse-map folder live: ``<folder>_probs/`` beside it (symbolic links resolved,
+    so a linked track finds its own), as ``idgbr predict-coarse --probs`` writes them."""
+    folder = Path(coarse_dir).resolve()
+    return folder.with_name(f"{folder.name}_probs")
+
+
+def read_probs(path: str | Path, num_classes: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read (K, H, W) class probabilities: a float ``.npy`` (K, H, W) or a K-band float GeoTIFF; checked for shape,
+    class count and finite values >= 0. Returns float32."""
+    path = Path(path)
+    if not path.exists():
+        raise file_error(path, "file not found", "check the path")
+    if path.suffix.lower() == ".npy":
+        try:
+            probs = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
+            raise file_error(path, f"unreadable .npy ({str(exc)[:100] or type(exc).__name__})",
+                             "save a float (K, H, W) array with numpy.save") from None
+    else:
+        raw, _ = read_image(path)
+        probs = np.moveaxis(raw, -1, 0) if raw.ndim == 3 else raw
+    want = (num_classes, *shape) if shape is not None else None
+    if probs.ndim != 3 or probs.shape[0] != num_classes or (want and probs.shape != want) or probs.dtype.kind != "f":
+        size = f"({num_classes}, {shape[0]}, {shape[1]})" if shape is not None else f"({num_classes}, H, W)"
+        raise file_error(path, f"expected float probabilities {size}, got {probs.dtype} {probs.shape}",
+                         "save class probabilities of the image's size")
+    if not np.isfinite(probs).all() or probs.min() < 0:
+        raise file_error(path, "NaN/inf or negative probabilities", "give finite class probabilities >= 0")
+    return probs.astype(np.float32, copy=False)
 
 
 def read_index_map(path: str | Path, num_classes: int, shape: tuple[int, int] | None = None) -> np.ndarray:

@@ -133,6 +133,10 @@ class RefinerConfig:
     # Share of the synthetic coarse maps that then over-paint some of their smaller classes: closed over the
     # gaps between their segments and grown 1-4 px (synthetic.overpaint), as a strong coarse model paints a block.
     overpaint: float = 0.0
+    # Soft coarse input: train on the coarse models' class probabilities (``<maps>_probs/`` beside each pooled train
+    # map folder, from ``predict-coarse --probs``) instead of their labels, so the refiner sees where the coarse model
+    # was unsure. Synthetic maps stay one-hot. At inference give probabilities (a (K, H, W) .npy) or labels.
+    soft_coarse: bool = False
     # Strength of those synthetic degradations (synthetic.degrade_mask's ``strength``), drawn uniformly per sample
     # from [corruption_min_strength, 1]: below 1 the refiner also sees nearly right coarse maps, whose boundaries it
     # should leave alone. 1 = always full strength (the earlier behaviour, and no extra random draw).

@@ -42,23 +42,24 @@ class CropSampler:
         self.pin_memory = pin_memory
         self.samples = []
         for sample in samples:  # padded once; boundary pixels found once
-            image, mask, coarse = _pad_to(sample, self.crop)
-            padded = {"image": image, "mask": mask, **({"coarse": coarse} if coarse is not None else {})}
+            padded = _pad_to(sample, self.crop)
             if config.boundary_crops > 0:
-                padded["boundary"] = boundary_pixels(mask, coarse)
+                padded["boundary"] = boundary_pixels(padded["mask"], padded.get("coarse"))
             self.samples.append(padded)
         self.transform = paper_train_transform(self.crop, ratio_range=config.augment_scale_range,
                                                boundary_share=config.boundary_crops, dihedral=config.augment_dihedral)
 
     def __call__(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long."""
+        """A batch: ``image`` (B, C, S, S) uint8, ``mask`` and ``coarse`` (B, S, S) long; with
+        ``config.soft_coarse`` also ``coarse_soft`` (B, K, S, S) float32 (:func:`soft_crop`)."""
         from ..data.synthetic import degrade_mask, degrade_regions, overpaint
 
-        images, masks, coarses = [], [], []
+        images, masks, coarses, softs = [], [], [], []
         for _ in range(self.config.batch_size):
             out = self.transform(self.samples[int(rng.integers(len(self.samples)))], rng)
-            mask, coarse = out["mask"], out.get("coarse")
+            mask, coarse, probs = out["mask"], out.get("coarse"), out.get("coarse_probs")
             if coarse is None or rng.random() < self.config.coarse_corruption:
+                probs = None
                 low = self.config.corruption_min_strength
                 strength = 1.0 if low >= 1 else float(rng.uniform(low, 1.0))
                 coarse = degrade_mask(mask, rng, self.config.num_classes, strength=strength)
@@ -70,10 +71,13 @@ class CropSampler:
             images.append(out["image"].transpose(2, 0, 1))
             masks.append(mask)
             coarses.append(coarse)
+            if self.config.soft_coarse:
+                softs.append(soft_crop(coarse, probs, self.config.num_classes))
         batch = {
             "image": torch.from_numpy(np.stack(images)),
             "mask": torch.from_numpy(np.stack(masks).astype(np.int64)),
             "coarse": torch.from_numpy(np.stack(coarses).astype(np.int64)),
+            **({"coarse_soft": torch.from_numpy(np.stack(softs))} if softs else {}),
         }
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
@@ -200,15 +204,28 @@ class WorkerBatches:
             shutdown()
 
 
-def _pad_to(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Pad image (reflect), mask (ignore) and coarse (edge) so both sides are at least ``size``."""
-    image, mask, coarse = sample["image"], sample["mask"], sample.get("coarse")
-    ph, pw = max(0, size - mask.shape[0]), max(0, size - mask.shape[1])
+def soft_crop(coarse: np.ndarray, probs: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """(K, S, S) float32 soft coarse input of one crop: the coarse model's probabilities ``probs`` ((S, S, K) uint8,
+    255 = 1) renormalised, or the one-hot ``coarse`` labels where there are none (synthetic maps, and pixels the crop
+    took from outside the image, whose probabilities are 0)."""
+    onehot = np.eye(num_classes, dtype=np.float32)[coarse].transpose(2, 0, 1)
+    if probs is None:
+        return onehot
+    soft = probs.transpose(2, 0, 1).astype(np.float32)
+    total = soft.sum(0, keepdims=True)
+    return np.where(total > 127.5, soft / np.maximum(total, 1.0), onehot)
+
+
+def _pad_to(sample: dict[str, Any], size: int) -> dict[str, np.ndarray]:
+    """Pad image (reflect), mask (ignore), coarse and its probabilities (edge) so both sides are at least ``size``."""
+    out = {key: sample[key] for key in ("image", "mask", "coarse", "coarse_probs") if sample.get(key) is not None}
+    ph, pw = max(0, size - out["mask"].shape[0]), max(0, size - out["mask"].shape[1])
     if ph or pw:
-        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-        mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
-        coarse = None if coarse is None else np.pad(coarse, ((0, ph), (0, pw)), mode="edge")
-    return image, mask, coarse
+        for key, value in out.items():
+            pads = ((0, ph), (0, pw)) + ((0, 0),) * (value.ndim - 2)
+            out[key] = (np.pad(value, pads, constant_values=IGNORE_INDEX) if key == "mask"
+                        else np.pad(value, pads, mode="reflect" if key == "image" else "edge"))
+    return out
 
 
 def coarse_sources(coarse: str | Sequence[str] | None) -> list[str]:
@@ -225,19 +242,27 @@ def _stored_sources(coarse: str | Sequence[str] | None) -> str | list[str] | Non
     return None if not sources else sources[0] if len(sources) == 1 else sources
 
 
-def load_training_samples(data_root: str | Path, coarse: str | Sequence[str] | None
+def load_training_samples(data_root: str | Path, coarse: str | Sequence[str] | None, soft: bool = False
                           ) -> tuple[list[dict[str, Any]], SegmentationDataset]:
     """Decode the whole training split once (the datasets this targets fit in memory).
 
     With several coarse sources (e.g. the out-of-fold train maps of several coarse models: their real errors,
-    pooled), every training image appears once per source, sharing its decoded image and mask."""
+    pooled), every training image appears once per source, sharing its decoded image and mask. ``soft`` also reads
+    each map's probabilities (``SegmentationDataset.read_coarse_probs``) as ``coarse_probs`` (H, W, K) uint8, 255 = 1
+    (a quarter of float32's memory)."""
     sources = coarse_sources(coarse)
     dataset = SegmentationDataset(data_root, "train", coarse=sources[0] if sources else None)
     samples = [{k: v for k, v in dataset[i].items() if k in ("image", "mask", "coarse")} for i in range(len(dataset))]
+    first = samples
     for source in sources[1:]:
         other = SegmentationDataset(data_root, "train", coarse=source, load_mask=False)
-        samples += [{"image": s["image"], "mask": s["mask"],
-                     "coarse": other.read_coarse(stem, s["mask"].shape)} for stem, s in zip(other.stems, samples)]
+        samples = samples + [{"image": s["image"], "mask": s["mask"], "coarse": other.read_coarse(stem, s["mask"].shape)}
+                             for stem, s in zip(other.stems, first)]
+    if soft and sources:
+        for index, sample in enumerate(samples):
+            other = SegmentationDataset(data_root, "train", coarse=sources[index // len(first)], load_mask=False)
+            probs = other.read_coarse_probs(other.stems[index % len(first)], sample["mask"].shape)
+            sample["coarse_probs"] = np.rint(np.moveaxis(probs, 0, -1).clip(0, 1) * 255).astype(np.uint8)
     return samples, dataset
 
 

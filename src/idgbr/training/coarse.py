@@ -336,7 +336,7 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
                        iters: int = 20000, encoder: str | None = None, batch: int = 8, crop: int = 512,
                        lr: float | None = None, seed: int = 0, tile: int = 512, overlap: int = 64,
                        encoder_weights: str | Path | None = None,
-                       group: str | None = None, progress: bool = True,
+                       group: str | None = None, probs: Literal["npy", "tif"] | None = None, progress: bool = True,
                        device: str | torch.device | None = None, val_every: int = 0, test: bool = False,
                        command: str | None = None) -> Path:
     """Out-of-fold coarse maps of the train split: ``DATA/coarse/<name>/<stem>.png`` from models that never saw ``stem``.
@@ -350,7 +350,8 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
     ``val_every`` N > 0 scores each fold model on its held-out fold every N iterations (a validation curve that
     never touches the test split; recorded per fold in the provenance). ``test=True`` also writes the test split's
     maps into the same folder, from the mean probabilities of the K fold models, so that the folder is a complete
-    coarse track (train out-of-fold + test).
+    coarse track (train out-of-fold + test). ``probs`` also writes each map's probabilities (its fold model's, or
+    the ensemble's mean for test) under ``DATA/coarse/<name>_probs/``, as :func:`predict_coarse` does.
     """
     data_root, work_dir = Path(data_root), Path(work_dir)
     dataset = SegmentationDataset(data_root, "train", load_mask=False)
@@ -360,7 +361,7 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
     settings = {"data": str(data_root), "arch": canonical_arch(arch), "encoder": encoder or get_arch(arch).default_encoder,
                 "encoder_weights": str(encoder_weights) if encoder_weights else None, "iters": iters, "batch": batch, "crop": crop,
                 "lr": get_arch(arch).default_lr if lr is None else lr, "seed": seed, "tile": tile, "overlap": overlap,
-                "fold_group": group}
+                "fold_group": group, **({"probs": probs} if probs else {})}
     records = []
     for index, held_out in enumerate(groups):
         trained_on = sorted(s for k, group in enumerate(groups) if k != index for s in group)
@@ -370,8 +371,8 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
         train_coarse(data_root, arch, model_dir, iters=iters, batch=batch, crop=crop, lr=lr, encoder=encoder,
                      encoder_weights=encoder_weights, seed=seed, progress=progress, device=device, stems=trained_on, val_stems=held_out,
                      val_every=val_every)
-        predict_coarse(model_dir, data_root, "train", name=name, tile=tile, overlap=overlap, progress=progress,
-                       device=device, stems=held_out)
+        predict_coarse(model_dir, data_root, "train", name=name, probs=probs, tile=tile, overlap=overlap,
+                       progress=progress, device=device, stems=held_out)
         training = json.loads((model_dir / TRAINING_FILE).read_text())
         records.append({"fold": index, "model_dir": str(model_dir), "seed": seed, "iters": iters,
                         "seconds": training.get("seconds"), "held_out": held_out, "trained_on": trained_on,
@@ -380,8 +381,8 @@ def predict_coarse_oof(data_root: str | Path, arch: str, name: str, folds: int, 
     if test:
         if progress:
             print(f"test split: mean probabilities of the {folds} fold models")
-        predict_coarse([r["model_dir"] for r in records], data_root, "test", name=name, tile=tile, overlap=overlap,
-                       progress=progress, device=device)
+        predict_coarse([r["model_dir"] for r in records], data_root, "test", name=name, probs=probs, tile=tile,
+                       overlap=overlap, progress=progress, device=device)
         test_record = {"split": "test", "method": f"argmax of the mean probabilities of the {folds} fold models",
                        "stems": SegmentationDataset(data_root, "test", load_mask=False).stems}
     provenance = {"kind": "idgbr-coarse-oof", "split": "train", "folds": folds,

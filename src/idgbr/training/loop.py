@@ -227,7 +227,10 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
     if mixed != config.mixed_precision:
         log(f"mixed precision {config.mixed_precision} needs a GPU; training in fp32")
 
-    samples, dataset = load_training_samples(data_root, coarse)
+    if config.soft_coarse and not coarse:
+        raise IdgbrError("soft_coarse trains on coarse models' probabilities: give --coarse maps written with "
+                         "'idgbr predict-coarse --probs npy', or drop soft_coarse")
+    samples, dataset = load_training_samples(data_root, coarse, soft=config.soft_coarse)
     config = resolve_config(config, dataset, samples)
     check_sample_labels(samples, config.num_classes)
     if coarse is None and config.use_coarse:
@@ -308,7 +311,8 @@ def train_refiner(config: RefinerConfig, data_root: str | Path, coarse: str | Se
             elif dinov2 is not None:
                 dinov2 = None  # free the DINOv2 teacher once REPA is over
                 log(f"REPA finished at step {step}; teacher freed")
-            losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens)
+            losses = objective(batch["image"], batch["mask"], batch["coarse"], gen, teacher=tokens,
+                               coarse_soft=batch.get("coarse_soft"))
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(clip_params, config.max_grad_norm)

@@ -29,7 +29,8 @@ class RefinerObjective(nn.Module):
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor, coarse: torch.Tensor, generator: torch.Generator,
                 teacher: torch.Tensor | None = None,
-                mark: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+                mark: Callable[[str], None] | None = None,
+                coarse_soft: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Losses for one batch.
 
         Args:
@@ -39,6 +40,7 @@ class RefinerObjective(nn.Module):
             generator: CPU generator for t, noise and dropout.
             teacher: (B, N, D) REPA teacher tokens, or None.
             mark: called with "encode", "condition" and "forward" as each phase ends (the profiler's timer).
+            coarse_soft: (B, K, H, W) float coarse probabilities (soft coarse input), embedded in place of ``coarse``.
         Returns:
             ``{"loss", "main", "ce", "repa"}`` scalar tensors.
         """
@@ -49,7 +51,8 @@ class RefinerObjective(nn.Module):
             z0 = model.encode_labels(target)
             x = model.normalize_image(image)
             z_img = model.encode_image(x)
-            z_c = model.encode_labels(coarse) if cfg.use_coarse else torch.zeros_like(z0)
+            given = coarse if coarse_soft is None else coarse_soft
+            z_c = model.encode_labels(given) if cfg.use_coarse else torch.zeros_like(z0)
         mark = mark or (lambda phase: None)
         mark("encode")
         cond = model.condition(z_img, z_c, coarse, image=x)  # once per batch: the features do not depend on t
