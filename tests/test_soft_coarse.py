@@ -122,11 +122,41 @@ def test_the_objective_embeds_the_soft_input():
     assert abs(loss() - loss(coarse_soft=torch.full_like(onehot, 1 / K))) > 1e-4
 
 
-def test_training_with_soft_coarse_needs_and_reads_probabilities(data, tmp_path):
+@pytest.fixture(scope="module")
+def soft_run(data, tmp_path_factory) -> Path:
     from idgbr.training.loop import train_refiner
 
+    run = tmp_path_factory.mktemp("softrun") / "run"
     config = RefinerConfig.preset_config("tiny", steps=1, checkpoint_every=1, soft_coarse=True, coarse_corruption=0.0)
-    train_refiner(config, data, "c1", tmp_path / "run", progress=False)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["soft_coarse"] is True
+    train_refiner(config, data, "c1", run, progress=False)
+    return run
+
+
+def test_training_with_soft_coarse_needs_and_reads_probabilities(data, soft_run, tmp_path):
+    from idgbr.training.loop import train_refiner
+
+    assert json.loads((soft_run / "config.json").read_text())["soft_coarse"] is True
+    config = RefinerConfig.preset_config("tiny", steps=1, soft_coarse=True)
     with pytest.raises(IdgbrError, match="soft_coarse trains on coarse models' probabilities"):
         train_refiner(config, data, None, tmp_path / "none", progress=False)
+
+
+@pytest.mark.parametrize("soft", [True, False])
+def test_folder_mode_gives_a_soft_model_the_probabilities(data, soft_run, soft, tmp_path, monkeypatch):
+    """``refine_folder`` hands a soft model each map's probabilities, and a hard one the labels; nodata stays."""
+    from idgbr.inference.pipeline import Refiner
+
+    refiner = Refiner.from_pretrained(soft_run, device="cpu")
+    refiner.model.config = refiner.config.replace(soft_coarse=soft)  # the same weights, read as a hard model too
+    given = []
+    prepare = refiner._prepare
+    monkeypatch.setattr(refiner, "_prepare", lambda image, coarse, *a, **k: given.append(coarse) or prepare(image, coarse, *a, **k))
+    out = refiner.refine_folder(data, "test", "c1", tmp_path / "out", progress=False)
+    dataset = SegmentationDataset(data, "test", coarse="c1")
+    (stem,) = dataset.stems
+    (coarse,) = given
+    if soft:
+        assert coarse.dtype == np.float32 and np.array_equal(coarse, dataset.read_coarse_probs(stem))
+    else:
+        assert np.array_equal(coarse, dataset.read_coarse(stem))
+    assert [p.name for p in out] == [f"{stem}.png"]

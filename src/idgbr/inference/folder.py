@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from ..data.dataset import SegmentationDataset
+from ..data.dataset import IGNORE_INDEX, SegmentationDataset, probs_folder
 from ..data.io import write_label
 from ..errors import IdgbrError
 
@@ -28,7 +28,9 @@ def refine_folder(refiner: "Refiner", data_root: str | Path, split: str | None, 
     batched arithmetic). Reading and tiling run ``read_ahead`` images ahead in a thread, labelling, sieving and
     writing in another (0: reading in series with the compute). ``kw``: ``refine``'s sampling settings.
 
-    ``coarse_name`` may be None only for an image-only model (``use_coarse=False``, the paper's Experiment A).
+    ``coarse_name`` may be None only for an image-only model (``use_coarse=False``, the paper's Experiment A). A
+    model trained on soft coarse input (``soft_coarse``) reads the maps' probabilities where the folder has them
+    (``<coarse>_probs/``, as ``idgbr predict-coarse --probs npy`` writes them), else the labels.
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,7 @@ def refine_folder(refiner: "Refiner", data_root: str | Path, split: str | None, 
         raise IdgbrError(f"refine_folder: unknown options {sorted(kw)}")
     post = refiner._post(settings)
     dataset = SegmentationDataset(data_root, split, coarse=coarse_name, load_mask=False)
+    soft = bool(coarse_name) and refiner.config.soft_coarse and probs_folder(dataset.coarse_dir).is_dir()
     out_dir = Path(out_dir)
     targets = [out_dir / f"{stem}.png" for stem in dataset.stems]
     todo = [index for index, target in enumerate(targets) if not (skip_existing and target.exists())]
@@ -58,8 +61,12 @@ def refine_folder(refiner: "Refiner", data_root: str | Path, split: str | None, 
             sample = dataset[index]
             coarse = sample["coarse"] if coarse_name else np.zeros(sample["image"].shape[:2], np.uint8)
             try:
-                yield refiner._prepare(sample["image"], coarse, torch.Generator().manual_seed(seed),
-                                    settings["batch_size"], settings["samples"], key=index)
+                given = dataset.read_coarse_probs(dataset.stems[index], coarse.shape) if soft else coarse
+                job = refiner._prepare(sample["image"], given, torch.Generator().manual_seed(seed),
+                                       settings["batch_size"], settings["samples"], key=index)
+                if soft:  # the labels' nodata stays nodata
+                    job.nodata = coarse == IGNORE_INDEX
+                yield job
             except IdgbrError as exc:  # name the offending image
                 raise IdgbrError(f"{dataset.image_path(dataset.stems[index])}: {exc}") from None
 
