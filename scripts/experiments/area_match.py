@@ -14,7 +14,9 @@ then score post-processing variants on them (docs/results/strong_maps.md, sectio
 until they are, with steps that double while a class's gap keeps its sign: the negative row); ``reach:R`` (the class
 reach, :func:`idgbr.inference.postprocess.within_reach`), alone or before another variant (``reach:8+area:1,0.05``);
 ``mix:W`` (the probabilities averaged with the ``--partner`` dumps', e.g. the deterministic control's, weight W on
-the partner), alone or before another (``mix:0.5+reach:8``); any of them with ``@sN`` for the N-px sieve. One line
+the partner), alone or before another (``mix:0.5+reach:8``); ``cmix:W`` and ``cgate:P`` (the same with the coarse
+model's own probabilities from ``--coarse-probs``, averaged in or taken wherever its confidence is P or more; tracks
+without probabilities print n/a); any of them with ``@sN`` for the N-px sieve. One line
 per variant: per track ΔWFm3 / ΔmIoU / IoU_RTm, then the strong and the all-track means. ``diagnose`` counts, per
 class, the correct coarse pixels the refiner lost, the ones it gained, the false ones it added and the false ones it
 removed.
@@ -107,6 +109,15 @@ def variant(name: str, probs: np.ndarray, coarse: np.ndarray, labels: np.ndarray
             partner: np.ndarray | None = None) -> np.ndarray:
     from idgbr.inference.postprocess import keep_unsure, match_areas, sieve_labels
 
+    if name.startswith(("cmix", "cgate")):  # the coarse model's own probabilities (``partner`` here), then VARIANT
+        head, _, name = name.partition("+")
+        value = float(head.split(":")[1])
+        if head.startswith("cmix"):  # cmix:W: (1 - W) x these probabilities + W x the coarse model's
+            probs = (1 - value) * probs + value * partner
+        else:  # cgate:P: the coarse model's probabilities where its confidence is P or more (its label kept there)
+            probs = np.where(partner.max(0, keepdims=True) >= value, partner, probs)
+        labels = probs.argmax(0).astype(np.uint8)
+        name = name or "argmax"
     if name.startswith("mix"):  # mix:W[+VARIANT]: (1 - W) x these probabilities + W x the --partner run's
         head, _, name = name.partition("+")
         if partner is None:
@@ -144,7 +155,7 @@ def load(folder: Path, track: str, stems: list[str]):
         yield stem, z["probs"].astype(np.float32), z["coarse"], z["labels"]
 
 
-def score(pattern: str, data: Path, names: list[str], partner: str | None = None) -> None:
+def score(pattern: str, data: Path, names: list[str], partner: str | None = None, coarse_probs: Path | None = None) -> None:
     from idgbr.data.dataset import SegmentationDataset
     from idgbr.metrics import evaluate_maps
 
@@ -156,9 +167,15 @@ def score(pattern: str, data: Path, names: list[str], partner: str | None = None
         tracks = TRACKS + [w for w in WEAK if Path(pattern.format(seed=0), w).is_dir()]
         for track in tracks:
             per_seed = []
+            own = name.startswith(("cmix", "cgate"))
+            if own and (coarse_probs is None or not (coarse_probs / f"{track}_probs").is_dir()):
+                rows.append(None)  # no probabilities for this track
+                continue
             for seed in (0, 1):
                 mixed = ({stem: p for stem, p, _, _ in load(Path(partner.format(seed=seed)), track, dataset.stems)}
                          if partner and name.startswith("mix") else {})
+                if own:
+                    mixed = {stem: np.load(coarse_probs / f"{track}_probs" / f"{stem}.npy") for stem in dataset.stems}
                 pairs = [(masks[stem], variant(name, probs, coarse, labels, mixed.get(stem)), coarse)
                          for stem, probs, coarse, labels in load(Path(pattern.format(seed=seed)), track, dataset.stems)]
                 result = evaluate_maps(pairs, k, class_names=dataset.classes.names)
@@ -166,8 +183,12 @@ def score(pattern: str, data: Path, names: list[str], partner: str | None = None
                 per_seed.append((100 * (result["wfm"]["3"] - base["wfm"]["3"]), 100 * (result["miou"] - base["miou"]),
                                  100 * result["repair"]["iou_rtm"]))
             rows.append([statistics.mean(values) for values in zip(*per_seed)])
-        cells = " | ".join(f"{w:+.2f} / {m:+.2f} / {r:.1f}" for w, m, r in rows)
-        mean = lambda sel: " / ".join(f"{statistics.mean(row[i] for row in sel):+.2f}" for i in (0, 1))  # noqa: E731
+        cells = " | ".join("n/a" if row is None else f"{row[0]:+.2f} / {row[1]:+.2f} / {row[2]:.1f}" for row in rows)
+
+        def mean(sel: list) -> str:
+            sel = [row for row in sel if row is not None]
+            return " / ".join(f"{statistics.mean(row[i] for row in sel):+.2f}" for i in (0, 1)) if sel else "n/a"
+
         print(f"| {name} | {cells} | {mean(rows[:2])} | {mean(rows[:4])} |"
               + (f" {mean(rows[4:])} |" if len(rows) > 4 else ""), flush=True)
 
@@ -206,6 +227,8 @@ def main() -> int:
     p.add_argument("pattern", help="dump folder with {seed}")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--partner", help="a second dump folder with {seed} (e.g. the control's), for mix:W")
+    p.add_argument("--coarse-probs", type=Path,
+                   help="a folder of <track>_probs/ (the coarse models' probabilities), for cmix:W and cgate:P")
     p.add_argument("variants", nargs="+")
     p = sub.add_parser("diagnose")
     p.add_argument("folder", type=Path)
@@ -214,7 +237,7 @@ def main() -> int:
     if args.command == "dump":
         dump(args.run, args.tta, args.out, args.anchor, args.tracks, args.soft)
     elif args.command == "score":
-        score(args.pattern, args.data, args.variants, args.partner)
+        score(args.pattern, args.data, args.variants, args.partner, args.coarse_probs)
     else:
         diagnose(args.folder, args.data)
     return 0
