@@ -259,9 +259,10 @@ def load_training_samples(data_root: str | Path, coarse: str | Sequence[str] | N
         samples = samples + [{"image": s["image"], "mask": s["mask"], "coarse": other.read_coarse(stem, s["mask"].shape)}
                              for stem, s in zip(other.stems, first)]
     if soft and sources:
+        readers = [SegmentationDataset(data_root, "train", coarse=source, load_mask=False) for source in sources]
         for index, sample in enumerate(samples):
-            other = SegmentationDataset(data_root, "train", coarse=sources[index // len(first)], load_mask=False)
-            probs = other.read_coarse_probs(other.stems[index % len(first)], sample["mask"].shape)
+            reader = readers[index // len(first)]
+            probs = reader.read_coarse_probs(reader.stems[index % len(first)], sample["mask"].shape)
             sample["coarse_probs"] = np.rint(np.moveaxis(probs, 0, -1).clip(0, 1) * 255).astype(np.uint8)
     return samples, dataset
 
