@@ -121,6 +121,29 @@ def test_sdedit_starts_from_the_coarse_latent() -> None:
     assert (full == coarse).mean() < 0.8
 
 
+def test_sdedit_can_start_from_another_map() -> None:
+    """``sample(start=...)``: SDEdit starts from that map's latent (the identity x0-predictor keeps it at a low
+    strength), the coarse map still the condition; without ``start`` it starts from the coarse latent."""
+    from idgbr.inference.pipeline import _one_hot
+    from idgbr.nn.labelembed import train_label_embedding
+
+    config = RefinerConfig.preset_config("tiny", num_classes=K, prediction_type="sample")
+    model = IDGBRModel(config)
+    model.set_label_embedding(train_label_embedding(K, 150, 0.15, hidden=16, progress=False))
+    model.forward = lambda z, t, cond, drop=None, return_aux=False: z  # identity x0 prediction
+    refiner = Refiner(model)
+    image, coarse = inputs()
+    other = np.roll(coarse, 8, axis=0)
+    tiles = torch.from_numpy(image).permute(2, 0, 1)[None]
+    prior = _one_hot(torch.from_numpy(coarse)[None].long(), K)
+    start = _one_hot(torch.from_numpy(other)[None].long(), K)
+    noise = torch.randn((1, *refiner._latent_shape((32, 32))), generator=gen())
+    from_other = refiner.sample(tiles, prior, 10, 1.0, 0.1, noise, start=start).argmax(1)[0].numpy()
+    from_coarse = refiner.sample(tiles, prior, 10, 1.0, 0.1, noise).argmax(1)[0].numpy()
+    assert (from_other == other).mean() > 0.95 and (from_other == coarse).mean() < 0.8
+    assert (from_coarse == coarse).mean() > 0.95
+
+
 def test_soft_coarse_and_nodata(refiner: Refiner) -> None:
     image, coarse = inputs(40, 36)
     one_hot = np.eye(K, dtype=np.float32)[coarse].transpose(2, 0, 1)

@@ -7,8 +7,10 @@ then score post-processing variants on them (docs/results/strong_maps.md, sectio
     python scripts/experiments/area_match.py diagnose runs/p28/s0_flips --data runs/v28_base_s0/data
     python scripts/experiments/area_match.py dump runs/v30_base_t5_s0 --anchor runs/p31/ctl_t5_s0 --out runs/p33/cas_t5_s0
     python scripts/experiments/area_match.py dump runs/s40_soft_t5_s0 --tracks runs/soft/tracks --soft --out runs/p40/soft_t5_s0
+    python scripts/experiments/area_match.py dump runs/v30_base_t5_s0 --start runs/p31/ctl_t5_s0 --strength 0.5 --out X
 
-``dump --anchor`` refines another dump's labels (the cascade, section 5.6). ``score`` takes a folder pattern with
+``dump --anchor`` refines another dump's labels (the cascade, section 5.6); ``dump --start --strength`` runs SDEdit
+from another dump's labels, the coarse map still the condition (section 5.9). ``score`` takes a folder pattern with
 ``{seed}`` (seeds 0 and 1 averaged) and variants: ``argmax``; ``margin:P`` (the flip margin alone); ``area:A[,P]``
 (:func:`idgbr.inference.postprocess.match_areas` at strength A, then the flip margin P); ``exact:A`` (areas matched
 until they are, with steps that double while a class's gap keeps its sign: the negative row); ``reach:R`` (the class
@@ -37,14 +39,44 @@ TRACKS = ["deeplabv3plus_pretrained", "unet_pretrained", "deeplabv3plus_converge
 WEAK = ["weak_deeplabv3plus", "weak_unet"]
 
 
+def from_start(refiner, image: np.ndarray, coarse: np.ndarray, start: np.ndarray, strength: float) -> np.ndarray:
+    """(K, H, W) probabilities of SDEdit from the ``start`` labels (another model's map) at ``strength``, conditioned
+    on ``coarse``: the tiles, their order, their noise and their blending as ``Refiner.refine`` does them for one
+    image (at strength 1 it gives ``refine``'s probabilities; ``dump`` checks that on its first image)."""
+    import torch
+
+    from idgbr.inference.pipeline import _one_hot
+    from idgbr.nn.tiling import sliding_window
+
+    cfg, k = refiner.config, refiner.config.num_classes
+    bands = image.shape[-1]
+    stacked = np.concatenate([np.moveaxis(image, -1, 0).astype(np.float32), coarse[None].astype(np.float32),
+                              start[None].astype(np.float32)])
+    generator = torch.Generator().manual_seed(0)
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        tiles = batch[:, :bands].to(torch.from_numpy(np.empty(0, dtype=image.dtype)).dtype)
+        z_shape = refiner._latent_shape(tiles.shape[-2:])
+        noise = torch.stack([torch.randn(z_shape, generator=generator) for _ in range(len(tiles))])
+        prior, begin = _one_hot(batch[:, bands].long(), k), _one_hot(batch[:, bands + 1].long(), k)
+        logits = refiner.sample(tiles, prior, cfg.sample_steps, cfg.guidance_scale, strength, noise, None,
+                                cfg.noise_scale, "none", start=begin)
+        probs = torch.softmax(logits.float(), dim=1)
+        return torch.cat([probs, torch.ones_like(probs[:, :1])], 1)
+
+    return sliding_window(predict, stacked, k + 1, tile=cfg.tile_size, overlap=cfg.tile_overlap, batch_size=4,
+                          multiple=cfg.size_multiple)[:k]
+
+
 def dump(run: Path, tta: str, out: Path, anchor: Path | None = None, tracks: Path | None = None,
-         soft: bool = False) -> None:
+         soft: bool = False, start: Path | None = None, strength: float = 1.0) -> None:
     """The refined probabilities of the held-out images, raw (no post-processing). With ``anchor`` (another run's dump
     folder, e.g. the control's) the refiner reads that run's labels at the class reach 8 as its coarse map (the
     cascade: the control first, the diffusion refiner on its output); the saved ``coarse`` stays the original.
     ``tracks``: a folder holding ``<track>/`` map folders to read instead of the run's own links (the soft-input
     trial's regenerated strong tracks); ``soft``: give the refiner a track's probabilities (``<track>_probs/``)
-    where it has them."""
+    where it has them. ``start`` (another run's dump folder) and ``strength``: SDEdit from that run's labels at the
+    class reach 8 (section 5.9), the coarse map still the condition."""
     import torch
 
     from idgbr.data.dataset import IGNORE_INDEX, SegmentationDataset, probs_folder
@@ -68,13 +100,21 @@ def dump(run: Path, tta: str, out: Path, anchor: Path | None = None, tracks: Pat
             given = sample["coarse"]
             if with_probs:
                 given = dataset.read_coarse_probs(stem, given.shape)
-            if anchor is not None:
-                first = np.load(anchor / track / f"{stem}.npz")["probs"].astype(np.float32)
-                given = within_reach(first, sample["coarse"], 8).argmax(0).astype(np.uint8)
-                given[sample["coarse"] == IGNORE_INDEX] = IGNORE_INDEX
+            other = anchor if anchor is not None else start
+            if other is not None:
+                first = np.load(other / track / f"{stem}.npz")["probs"].astype(np.float32)
+                first = within_reach(first, sample["coarse"], 8).argmax(0).astype(np.uint8)
+                first[sample["coarse"] == IGNORE_INDEX] = IGNORE_INDEX
+                given = first if anchor is not None else given
             labels, probs = refiner.refine(sample["image"], given, generator=torch.Generator().manual_seed(0),
                                            tta=tta, return_probs=True, sieve=0, flip_margin=0, area_match=0,
                                            class_reach=0)  # raw: the variants post-process them
+            if start is not None:
+                if index == 0 and not np.allclose(from_start(refiner, sample["image"], given, first, 1.0), probs,
+                                                  atol=1e-4):
+                    raise SystemExit("from_start at strength 1 does not reproduce Refiner.refine")
+                probs = from_start(refiner, sample["image"], given, first, strength)
+                labels = probs.argmax(0).astype(np.uint8)
             target.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(target, probs=probs.astype(np.float16), coarse=sample["coarse"], labels=labels)
             print(track, stem, flush=True)
@@ -223,6 +263,8 @@ def main() -> int:
     p.add_argument("--anchor", type=Path, help="another run's dump folder: refine its labels (reach 8) instead")
     p.add_argument("--tracks", type=Path, help="a folder of <track>/ map folders to read instead of the run's links")
     p.add_argument("--soft", action="store_true", help="give the refiner the tracks' probabilities where they exist")
+    p.add_argument("--start", type=Path, help="another run's dump folder: SDEdit from its labels (reach 8)")
+    p.add_argument("--strength", type=float, default=1.0, help="the SDEdit strength with --start")
     p = sub.add_parser("score")
     p.add_argument("pattern", help="dump folder with {seed}")
     p.add_argument("--data", type=Path, required=True)
@@ -235,7 +277,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "dump":
-        dump(args.run, args.tta, args.out, args.anchor, args.tracks, args.soft)
+        dump(args.run, args.tta, args.out, args.anchor, args.tracks, args.soft, args.start, args.strength)
     elif args.command == "score":
         score(args.pattern, args.data, args.variants, args.partner, args.coarse_probs)
     else:

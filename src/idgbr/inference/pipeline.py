@@ -35,6 +35,8 @@ from .postprocess import check_area_match, check_class_reach, check_flip_margin,
 from ..errors import IdgbrError, file_error
 from .tta import TTA_TRANSFORMS, _agreement, _repeat_batch, check_noise_for_samples, check_tta
 
+Callback = Callable[[int, int, torch.Tensor], None]  # callback(step, t, x0_hat), see Refiner.sample
+
 
 class Refiner:
     """Sampling pipeline around an ``IDGBRModel`` (``refiner.model``); ``refiner.last_nfe`` counts network
@@ -94,16 +96,17 @@ class Refiner:
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
-               noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None = None,
-               noise_scale: float = 1.0, tta: str | None = None) -> torch.Tensor:
+               noise: torch.Tensor, callback: Callback | None = None,
+               noise_scale: float = 1.0, tta: str | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (S B, K, H, W) for image tiles (B, C, H, W) and coarse probabilities (B, K, H, W).
 
         ``noise`` (S B, C_lat, H/f, W/f) is the starting noise of S samples per tile (sample-major: rows s B .. s B
         + B - 1 are sample s); the t-independent conditioning is computed once for the B tiles and shared.
         ``noise_scale`` multiplies it (0: a deterministic start from the zero latent, or from the coarse latent
         itself when ``strength`` < 1). ``strength`` < 1 starts from the coarse latent noised to the first kept
-        timestep and runs only the remaining ``round(steps * strength)`` steps. ``callback(step, t, x0_hat)`` sees
-        the predicted clean latent after every step (for analyses).
+        timestep and runs only the remaining ``round(steps * strength)`` steps (``start``, (B, K, H, W) probabilities:
+        another map to start from instead, e.g. another model's; the condition stays ``coarse``). ``callback(step,
+        t, x0_hat)`` sees the predicted clean latent after every step (for analyses).
 
         ``tta`` ("none", "flips", "d4"; default ``config.tta``) samples the tiles (and their noise) under each
         transform of that group, maps the outputs back and returns the log of the mean probability, so a softmax of
@@ -112,11 +115,12 @@ class Refiner:
         """
         transforms = TTA_TRANSFORMS[check_tta(self.config.tta if tta is None else tta)]
         if len(transforms) == 1:
-            return self._sample_dtype(image, coarse, steps, guidance, strength, noise * noise_scale, callback)
+            return self._sample_dtype(image, coarse, steps, guidance, strength, noise * noise_scale, callback, start)
         probs, nfe = None, 0
         for forward, inverse in transforms:
             logits = self._sample_dtype(forward(image), forward(coarse), steps, guidance, strength,
-                                        forward(noise) * noise_scale, callback)
+                                        forward(noise) * noise_scale, callback,
+                                        None if start is None else forward(start))
             p = torch.softmax(inverse(logits).float(), dim=1)
             probs = p if probs is None else probs + p
             nfe += self.last_nfe
@@ -124,14 +128,14 @@ class Refiner:
         return torch.log((probs / len(transforms)).clamp_min(1e-12))
 
     def _sample_dtype(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
-                      noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None) -> torch.Tensor:
+                      noise: torch.Tensor, callback: Callback | None, start: torch.Tensor | None) -> torch.Tensor:
         if self.autocast_dtype is not None and self.device.type != "cpu":
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                return self._sample(image, coarse, steps, guidance, strength, noise, callback).float()
-        return self._sample(image, coarse, steps, guidance, strength, noise, callback)
+                return self._sample(image, coarse, steps, guidance, strength, noise, callback, start).float()
+        return self._sample(image, coarse, steps, guidance, strength, noise, callback, start)
 
     def _sample(self, image: torch.Tensor, coarse: torch.Tensor, steps: int, guidance: float, strength: float,
-                noise: torch.Tensor, callback: Callable[[int, int, torch.Tensor], None] | None) -> torch.Tensor:
+                noise: torch.Tensor, callback: Callback | None, start: torch.Tensor | None) -> torch.Tensor:
         model, cfg = self.model, self.config
         self.last_nfe = 0
         if len(noise) % len(image):
@@ -145,14 +149,15 @@ class Refiner:
         if cfg.objective == "deterministic":  # one pass, no noise
             logits = model.decode_logits(self._denoise(torch.zeros_like(z_coarse), cfg.num_train_timesteps - 1, cond, 1.0))
             return _repeat_batch(logits, samples)
+        z_start = z_coarse if start is None else model.encode_labels(start)
         if samples > 1:
-            cond, z_coarse = _repeat_batch(cond, samples), _repeat_batch(z_coarse, samples)
+            cond, z_start = _repeat_batch(cond, samples), _repeat_batch(z_start, samples)
         scheduler = model.make_scheduler()
         scheduler.set_timesteps(steps)
         timesteps = scheduler.timesteps
-        if strength < 1:  # SDEdit: noise the coarse latent to the first kept timestep
+        if strength < 1:  # SDEdit: noise the coarse latent (or ``start``'s) to the first kept timestep
             timesteps = timesteps[steps - max(1, round(steps * strength)):]
-            z = scheduler.add_noise(z_coarse, noise, timesteps[:1].repeat(len(noise)))
+            z = scheduler.add_noise(z_start, noise, timesteps[:1].repeat(len(noise)))
         else:
             z = noise * scheduler.init_noise_sigma
         x0_hat = z
@@ -183,10 +188,9 @@ class Refiner:
     def refine(self, image: np.ndarray | Sequence[np.ndarray], coarse: np.ndarray | Sequence[np.ndarray],
                steps: int | None = None, guidance: float | None = None, strength: float | None = None,
                generator: torch.Generator | None = None, return_probs: bool = False, batch_size: int = 4,
-               callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int | None = None,
-               noise_scale: float | None = None, return_agreement: bool = False, tta: str | None = None,
-               sieve: int | None = None, flip_margin: float | None = None, area_match: float | None = None,
-               class_reach: int | None = None):
+               callback: Callback | None = None, samples: int | None = None, noise_scale: float | None = None,
+               return_agreement: bool = False, tta: str | None = None, sieve: int | None = None,
+               flip_margin: float | None = None, area_match: float | None = None, class_reach: int | None = None):
         """Refine one image or a list of images.
 
         Args:
@@ -276,9 +280,8 @@ class Refiner:
         return (labels, *extra) if extra else labels
 
     def _refine_one(self, image: np.ndarray, coarse: np.ndarray, steps: int, guidance: float, strength: float,
-                    generator: torch.Generator | None, batch_size: int,
-                    callback: Callable[[int, int, torch.Tensor], None] | None = None, samples: int = 1,
-                    noise_scale: float = 1.0, tta: str | None = None) -> np.ndarray:
+                    generator: torch.Generator | None, batch_size: int, callback: Callback | None = None,
+                    samples: int = 1, noise_scale: float = 1.0, tta: str | None = None) -> np.ndarray:
         """Blended (K + 1, H, W) for one image, tile by tile: the class probabilities (the mean over ``samples``)
         and, last, the share of samples agreeing with the mean's label.
 
@@ -345,7 +348,7 @@ class Refiner:
 
     def _refine_stream(self, jobs: Iterable["_Job"], steps: int, guidance: float, strength: float, batch_size: int,
                        samples: int, noise_scale: float, tta: str | None,
-                       callback: Callable[[int, int, torch.Tensor], None] | None = None) -> Iterator["_Job"]:
+                       callback: Callback | None = None) -> Iterator["_Job"]:
         """Sample the tiles of a stream of prepared images in batches of ``batch_size`` taken across images; yield
         each image (its ``blender`` complete) in input order once all its tiles are blended.
 
