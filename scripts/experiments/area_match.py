@@ -110,6 +110,8 @@ def dump(run: Path, tta: str, out: Path, anchor: Path | None = None, tracks: Pat
                                            tta=tta, return_probs=True, sieve=0, flip_margin=0, area_match=0,
                                            class_reach=0)  # raw: the variants post-process them
             if start is not None:
+                if with_probs:
+                    raise SystemExit("--start reads label maps: leave out --soft")
                 if index == 0 and not np.allclose(from_start(refiner, sample["image"], given, first, 1.0), probs,
                                                   atol=1e-4):
                     raise SystemExit("from_start at strength 1 does not reproduce Refiner.refine")
