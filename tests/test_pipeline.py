@@ -105,15 +105,20 @@ def test_repeat_batch_handles_guidance_features() -> None:
     assert isinstance(doubled, GuidanceFeatures) and [f.shape[0] for f in doubled.levels] == [4, 4]
 
 
-def test_sdedit_starts_from_the_coarse_latent() -> None:
-    """With an x0-predictor that returns its input, a low strength keeps the coarse map; strength 1 does not."""
+@pytest.fixture(scope="module")
+def identity_refiner() -> Refiner:
+    """A refiner whose network returns its input as the x0 prediction, with a trained label embedding."""
     from idgbr.nn.labelembed import train_label_embedding
 
-    config = RefinerConfig.preset_config("tiny", num_classes=K, prediction_type="sample")
-    model = IDGBRModel(config)
+    model = IDGBRModel(RefinerConfig.preset_config("tiny", num_classes=K, prediction_type="sample"))
     model.set_label_embedding(train_label_embedding(K, 150, 0.15, hidden=16, progress=False))
     model.forward = lambda z, t, cond, drop=None, return_aux=False: z  # identity x0 prediction
-    refiner = Refiner(model)
+    return Refiner(model)
+
+
+def test_sdedit_starts_from_the_coarse_latent(identity_refiner: Refiner) -> None:
+    """With an x0-predictor that returns its input, a low strength keeps the coarse map; strength 1 does not."""
+    refiner = identity_refiner
     image, coarse = inputs()
     low = refiner.refine(image, coarse, steps=10, strength=0.1, guidance=1.0, generator=gen())
     full = refiner.refine(image, coarse, steps=10, strength=1.0, guidance=1.0, generator=gen())
@@ -121,17 +126,12 @@ def test_sdedit_starts_from_the_coarse_latent() -> None:
     assert (full == coarse).mean() < 0.8
 
 
-def test_sdedit_can_start_from_another_map() -> None:
+def test_sdedit_can_start_from_another_map(identity_refiner: Refiner) -> None:
     """``sample(start=...)``: SDEdit starts from that map's latent (the identity x0-predictor keeps it at a low
     strength), the coarse map still the condition; without ``start`` it starts from the coarse latent."""
     from idgbr.inference.pipeline import _one_hot
-    from idgbr.nn.labelembed import train_label_embedding
 
-    config = RefinerConfig.preset_config("tiny", num_classes=K, prediction_type="sample")
-    model = IDGBRModel(config)
-    model.set_label_embedding(train_label_embedding(K, 150, 0.15, hidden=16, progress=False))
-    model.forward = lambda z, t, cond, drop=None, return_aux=False: z  # identity x0 prediction
-    refiner = Refiner(model)
+    refiner = identity_refiner
     image, coarse = inputs()
     other = np.roll(coarse, 8, axis=0)
     tiles = torch.from_numpy(image).permute(2, 0, 1)[None]

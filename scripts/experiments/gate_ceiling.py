@@ -36,13 +36,9 @@ REACH = 8
 
 
 def distance_to_boundary(labels: np.ndarray) -> np.ndarray:
-    edge = np.zeros(labels.shape, bool)
-    vertical, horizontal = labels[:-1] != labels[1:], labels[:, :-1] != labels[:, 1:]
-    edge[:-1] |= vertical
-    edge[1:] |= vertical
-    edge[:, :-1] |= horizontal
-    edge[:, 1:] |= horizontal
-    return ndimage.distance_transform_edt(~edge)
+    from idgbr.metrics.boundary import label_edges
+
+    return ndimage.distance_transform_edt(~label_edges(labels, ignore_index=None))
 
 
 def images(tile: int, seed: int, track: str, proposer: str, refiner_dumps: str | None = None):
