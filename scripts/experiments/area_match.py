@@ -106,9 +106,10 @@ def dump(run: Path, tta: str, out: Path, anchor: Path | None = None, tracks: Pat
                 first = within_reach(first, sample["coarse"], 8).argmax(0).astype(np.uint8)
                 first[sample["coarse"] == IGNORE_INDEX] = IGNORE_INDEX
                 given = first if anchor is not None else given
-            labels, probs = refiner.refine(sample["image"], given, generator=torch.Generator().manual_seed(0),
-                                           tta=tta, return_probs=True, sieve=0, flip_margin=0, area_match=0,
-                                           class_reach=0)  # raw: the variants post-process them
+            if start is None or index == 0:  # with --start: only to check from_start against it
+                labels, probs = refiner.refine(sample["image"], given, generator=torch.Generator().manual_seed(0),
+                                               tta=tta, return_probs=True, sieve=0, flip_margin=0, area_match=0,
+                                               class_reach=0)  # raw: the variants post-process them
             if start is not None:
                 if with_probs:
                     raise SystemExit("--start reads label maps: leave out --soft")
